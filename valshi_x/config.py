@@ -1,0 +1,235 @@
+"""Settings: read once from the environment (and an optional .env) at the edge, validated all at once.
+
+Every setting is declared in `SETTINGS` with its default and a one-line description; `.env.example` and the
+README's table are written from the same facts. A bad value never raises half-way: `load_settings` collects
+one line per bad key and raises `ConfigError` with all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from valshi_x.errors import ConfigError
+
+KALSHI_WS_URL = "wss://external-api-ws.kalshi.com/trade-api/ws/v2"
+KALSHI_API_URL = "https://external-api.kalshi.com/trade-api/v2"
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """One environment key: its default (as written in .env.example), what it means, how to parse it."""
+
+    key: str  # the environment name; the Settings field is the same name in lower case
+    default: str
+    doc: str
+    parse: Callable[[str], Any]
+    secret: bool = False
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def _path(raw: str) -> Path:
+    if not raw:
+        raise ValueError("must not be empty")
+    return Path(raw).expanduser()
+
+
+def _positive_decimal(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw.replace("_", "").replace(",", ""))
+    except InvalidOperation:
+        raise ValueError(f"must be a number of dollars, got {raw!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"must be a positive number of dollars, got {raw!r}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if value < low:
+            raise ValueError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError(f"must be a {' or '.join(schemes)} URL, got {raw!r}")
+        return raw.rstrip("/")
+
+    return parse
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("KALSHI_API_KEY_ID", "", "Kalshi API key id; signs the WebSocket handshake.", _text),
+    SettingSpec(
+        "KALSHI_PRIVATE_KEY_PATH", "", "Path to the Kalshi RSA private key (PEM, PKCS#1 or PKCS#8).", _optional_path
+    ),
+    SettingSpec(
+        "KALSHI_PRIVATE_KEY", "", "The PEM itself, inline, instead of KALSHI_PRIVATE_KEY_PATH.", _text, secret=True
+    ),
+    SettingSpec("X_API_KEY", "", "X app consumer key (OAuth 1.0a). Not needed with --dry-run.", _text, secret=True),
+    SettingSpec("X_API_SECRET", "", "X app consumer secret.", _text, secret=True),
+    SettingSpec("X_ACCESS_TOKEN", "", "X access token of the posting account (Read and write).", _text, secret=True),
+    SettingSpec("X_ACCESS_TOKEN_SECRET", "", "X access token secret.", _text, secret=True),
+    SettingSpec(
+        "WHALE_THRESHOLD_DOLLARS",
+        "100000",
+        "A sweep worth this much or more (inclusive) is a whale.",
+        _positive_decimal,
+    ),
+    SettingSpec(
+        "SWEEP_WINDOW_MS",
+        "1000",
+        "Fills of one ticker and side within this many ms of the first are one order; 0 turns grouping off.",
+        _int_at_least(0),
+    ),
+    SettingSpec("KALSHI_WS_URL", KALSHI_WS_URL, "Kalshi WebSocket URL.", _url("wss", "ws")),
+    SettingSpec("KALSHI_API_URL", KALSHI_API_URL, "Kalshi REST base URL.", _url("https", "http")),
+    SettingSpec(
+        "WS_IDLE_TIMEOUT_S", "30", "Reconnect when nothing (no frame, no ping) arrives for this long.", _seconds
+    ),
+    SettingSpec("STATS_INTERVAL_S", "60", "How often the stats line is logged.", _seconds),
+    SettingSpec(
+        "FRAME_QUEUE_SIZE", "20000", "Frames buffered between the socket reader and the pipeline.", _int_at_least(1)
+    ),
+    SettingSpec("STATE_DIR", "./state", "Where the SQLite state (outbox, ledger, checkpoint) lives.", _path),
+    SettingSpec(
+        "X_POSTS_PER_15MIN", "100", "Own cap on posts per 15 minutes (X allows 100 per user).", _int_at_least(1)
+    ),
+    SettingSpec(
+        "X_POSTS_PER_24H", "17", "Own cap on posts per 24 hours (17 is the smallest X plan's).", _int_at_least(1)
+    ),
+    SettingSpec(
+        "MAX_ALERT_AGE_S",
+        "900",
+        "A whale older than this when its turn to post comes is skipped, not posted.",
+        _seconds,
+    ),
+    SettingSpec(
+        "POST_LINKS", "false", "Add a kalshi.com link to each post (X charges 13x for posts with links).", _bool
+    ),
+    SettingSpec("POST_TEMPLATE", "", "The post's text template; empty means the built-in one (see README).", _text),
+    SettingSpec("X_TIMEOUT_S", "20", "Timeout of one request to X.", _seconds),
+    SettingSpec(
+        "BACKFILL_MAX_S", "1800", "At start-up, fetch missed trades from REST back at most this far.", _seconds
+    ),
+    SettingSpec(
+        "STALL_RESUBSCRIBE_S", "300", "Resubscribe (then reconnect) when no trade arrives for this long.", _seconds
+    ),
+    SettingSpec("SHUTDOWN_DRAIN_S", "10", "On stop, how long an in-flight post may take to finish.", _seconds),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon needs, parsed and checked; passed down as explicit arguments."""
+
+    kalshi_api_key_id: str = ""
+    kalshi_private_key_path: Path | None = None
+    kalshi_private_key: str = field(default="", repr=False)
+    x_api_key: str = field(default="", repr=False)
+    x_api_secret: str = field(default="", repr=False)
+    x_access_token: str = field(default="", repr=False)
+    x_access_token_secret: str = field(default="", repr=False)
+    whale_threshold_dollars: Decimal = Decimal(100000)
+    sweep_window_ms: int = 1000
+    kalshi_ws_url: str = KALSHI_WS_URL
+    kalshi_api_url: str = KALSHI_API_URL
+    ws_idle_timeout_s: float = 30.0
+    stats_interval_s: float = 60.0
+    frame_queue_size: int = 20000
+    state_dir: Path = Path("./state")
+    x_posts_per_15min: int = 100
+    x_posts_per_24h: int = 17
+    max_alert_age_s: float = 900.0
+    post_links: bool = False
+    post_template: str = ""
+    x_timeout_s: float = 20.0
+    backfill_max_s: float = 1800.0
+    stall_resubscribe_s: float = 300.0
+    shutdown_drain_s: float = 10.0
+
+    @property
+    def has_kalshi_key(self) -> bool:
+        return bool(self.kalshi_api_key_id)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value set, for the log redactor."""
+        values = (
+            self.kalshi_private_key,
+            self.x_api_key,
+            self.x_api_secret,
+            self.x_access_token,
+            self.x_access_token_secret,
+        )
+        return tuple(v for v in values if v)
+
+
+_X_KEYS = ("X_API_KEY", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET")
+
+
+def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
+    """Parse every known key from `env`; raise `ConfigError` listing each bad key, one line each."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        raw = env.get(spec.key, spec.default).strip()
+        try:
+            values[spec.key.lower()] = spec.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{spec.key}: {exc}")
+
+    key_id = values.get("kalshi_api_key_id", "")
+    key_path = values.get("kalshi_private_key_path")
+    key_pem = values.get("kalshi_private_key", "")
+    if key_path is not None and key_pem:
+        problems.append("KALSHI_PRIVATE_KEY: set either KALSHI_PRIVATE_KEY or KALSHI_PRIVATE_KEY_PATH, not both")
+    if key_id and key_path is None and not key_pem:
+        problems.append("KALSHI_PRIVATE_KEY_PATH: required when KALSHI_API_KEY_ID is set")
+    if not key_id and (key_path is not None or key_pem):
+        problems.append("KALSHI_API_KEY_ID: required when a Kalshi private key is set")
+    if need_x:
+        problems.extend(f"{key}: required to post to X (or run with --dry-run)" for key in _X_KEYS if not env.get(key))
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)

@@ -1,0 +1,214 @@
+"""The trade record and the normalizer: raw Kalshi frames and REST trades in, one typed `Trade` out.
+
+Pure: no asyncio, no I/O. Everything that can go wrong with input raises `MalformedTrade` with a short
+reason; callers count it, log it once and move on, so the daemon never dies on input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import orjson
+
+Side = Literal["yes", "no"]
+
+_ZERO = Decimal(0)
+_ONE = Decimal(1)
+_CENT = Decimal("0.01")
+# No market holds anywhere near this many contracts; the bound keeps later sums finite and exact.
+_MAX_COUNT = Decimal(10) ** 12
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_BOOK_SIDE_TO_OUTCOME: dict[str, Side] = {"bid": "yes", "ask": "no"}
+_OUTCOMES: dict[str, Side] = {"yes": "yes", "no": "no"}
+
+
+class MalformedTrade(ValueError):
+    """A frame or REST trade that cannot be turned into a `Trade`; `reason` is a short snake_case tag."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class Trade:
+    """One maker fill, in the shape of Kalshi's REST trade schema (fixed-point fields as `Decimal`)."""
+
+    trade_id: str
+    ticker: str
+    yes_price_dollars: Decimal
+    no_price_dollars: Decimal
+    count_fp: Decimal
+    taker_side: Side
+    is_block_trade: bool
+    ts_ms: int  # trade time, Unix milliseconds; `created_time` is derived from it
+
+    @property
+    def created_time(self) -> datetime:
+        return datetime.fromtimestamp(self.ts_ms / 1000, tz=UTC)
+
+    @property
+    def price_dollars(self) -> Decimal:
+        """What the taker paid per contract: the price of the side it bought."""
+        return self.yes_price_dollars if self.taker_side == "yes" else self.no_price_dollars
+
+    @property
+    def value_usd(self) -> Decimal:
+        """What the taker paid for this fill: contracts x the taker side's price, exact."""
+        return self.count_fp * self.price_dollars
+
+
+def parse_frame(raw: str | bytes) -> dict[str, Any]:
+    """Decode one WebSocket text frame into its JSON object."""
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedTrade("not_json", str(exc)[:80]) from None
+    if not isinstance(frame, dict):
+        raise MalformedTrade("not_an_object", type(frame).__name__)
+    return frame
+
+
+def trade_from_frame(frame: dict[str, Any]) -> Trade:
+    """Normalize the `msg` of a WebSocket frame of type `trade`."""
+    msg = frame.get("msg")
+    if not isinstance(msg, dict):
+        raise MalformedTrade("msg_not_an_object", type(msg).__name__)
+    return trade_from_fields(msg)
+
+
+def trade_from_fields(msg: dict[str, Any]) -> Trade:
+    """Normalize a trade object: a WebSocket `msg` or a REST trade (`ticker`, `created_time`) alike."""
+    trade_id = msg.get("trade_id")
+    if not isinstance(trade_id, str) or not trade_id:
+        raise MalformedTrade("missing_trade_id")
+    ticker = msg.get("market_ticker")
+    if ticker is None:
+        ticker = msg.get("ticker")
+    if not isinstance(ticker, str) or not ticker:
+        raise MalformedTrade("missing_ticker")
+
+    side = _taker_side(msg)
+    yes_price, no_price = _prices(msg)
+    count = _count(msg)
+    block = msg.get("is_block_trade", False)
+    if not isinstance(block, bool):
+        raise MalformedTrade("bad_is_block_trade", repr(block)[:40])
+    return Trade(trade_id, ticker, yes_price, no_price, count, side, block, _ts_ms(msg))
+
+
+def _taker_side(msg: dict[str, Any]) -> Side:
+    # Canonical field first; the book side and the deprecated `taker_side` are fallbacks. Never default.
+    outcome = msg.get("taker_outcome_side")
+    if outcome is not None:
+        if isinstance(outcome, str) and outcome in _OUTCOMES:
+            return _OUTCOMES[outcome]
+        raise MalformedTrade("bad_side", repr(outcome)[:40])
+    book = msg.get("taker_book_side")
+    if book is not None:
+        if isinstance(book, str) and book in _BOOK_SIDE_TO_OUTCOME:
+            return _BOOK_SIDE_TO_OUTCOME[book]
+        raise MalformedTrade("bad_side", repr(book)[:40])
+    legacy = msg.get("taker_side")
+    if legacy is not None:
+        if isinstance(legacy, str) and legacy in _OUTCOMES:
+            return _OUTCOMES[legacy]
+        raise MalformedTrade("bad_side", repr(legacy)[:40])
+    raise MalformedTrade("missing_side")
+
+
+def _decimal(value: object, field: str) -> Decimal:
+    # Fixed-point fields are strings on the wire; a JSON number is tolerated but never a bool.
+    if isinstance(value, str):
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise MalformedTrade("bad_number", f"{field}={value[:40]!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    else:
+        raise MalformedTrade("bad_number", f"{field}={value!r}"[:60])
+    if not number.is_finite():
+        raise MalformedTrade("bad_number", f"{field}={value!r}"[:60])
+    return number
+
+
+def _legacy_cents(value: object, field: str) -> Decimal:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedTrade("bad_number", f"{field}={value!r}"[:60])
+    return Decimal(value) * _CENT
+
+
+def _prices(msg: dict[str, Any]) -> tuple[Decimal, Decimal]:
+    yes_raw = msg.get("yes_price_dollars")
+    no_raw = msg.get("no_price_dollars")
+    if yes_raw is not None:
+        yes = _decimal(yes_raw, "yes_price_dollars")
+        no = _decimal(no_raw, "no_price_dollars") if no_raw is not None else _ONE - yes
+    elif no_raw is not None:
+        no = _decimal(no_raw, "no_price_dollars")
+        yes = _ONE - no
+    elif "yes_price" in msg or "no_price" in msg:
+        # Captures from before 2026-03-12 carry integer cents.
+        if "yes_price" in msg:
+            yes = _legacy_cents(msg["yes_price"], "yes_price")
+            no = _legacy_cents(msg["no_price"], "no_price") if "no_price" in msg else _ONE - yes
+        else:
+            no = _legacy_cents(msg["no_price"], "no_price")
+            yes = _ONE - no
+    else:
+        raise MalformedTrade("missing_price")
+    if not (_ZERO <= yes <= _ONE and _ZERO <= no <= _ONE):
+        raise MalformedTrade("price_out_of_range", f"yes={yes} no={no}")
+    return yes, no
+
+
+def _count(msg: dict[str, Any]) -> Decimal:
+    raw = msg.get("count_fp")
+    if raw is not None:
+        count = _decimal(raw, "count_fp")
+    elif "count" in msg:
+        # Captures from before 2026-03-12 carry a whole number of contracts.
+        legacy = msg["count"]
+        if not isinstance(legacy, int) or isinstance(legacy, bool):
+            raise MalformedTrade("bad_number", f"count={legacy!r}"[:60])
+        count = Decimal(legacy)
+    else:
+        raise MalformedTrade("missing_count")
+    if count <= _ZERO:
+        raise MalformedTrade("count_not_positive", str(count))
+    if count > _MAX_COUNT:
+        raise MalformedTrade("count_too_large", str(count)[:40])
+    return count
+
+
+def _ts_ms(msg: dict[str, Any]) -> int:
+    ts_ms = msg.get("ts_ms")
+    if ts_ms is not None:
+        if isinstance(ts_ms, int) and not isinstance(ts_ms, bool) and ts_ms > 0:
+            return ts_ms
+        raise MalformedTrade("bad_time", f"ts_ms={ts_ms!r}"[:60])
+    ts = msg.get("ts")
+    if ts is not None:
+        if isinstance(ts, int | float) and not isinstance(ts, bool) and ts > 0:
+            return int(ts * 1000)
+        raise MalformedTrade("bad_time", f"ts={ts!r}"[:60])
+    created = msg.get("created_time")
+    if created is not None:
+        if not isinstance(created, str):
+            raise MalformedTrade("bad_time", f"created_time={created!r}"[:60])
+        try:
+            when = datetime.fromisoformat(created)
+        except ValueError:
+            raise MalformedTrade("bad_time", f"created_time={created[:40]!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return (when - _EPOCH) // _ONE_MS
+    raise MalformedTrade("missing_time")

@@ -1,0 +1,231 @@
+"""Whale detection: fills of one taker order grouped into sweeps, then the dollar threshold.
+
+Pure: no asyncio, no I/O, no clock of its own. Time is trade time in Unix milliseconds, passed in by the
+caller, so the same code serves live streams, replays and tests.
+
+A sweep is a run of fills on the same ticker and taker side whose trade times lie within `sweep_window_ms`
+of the group's first fill. Kalshi gives no order id, so this is the best link there is. Block trades are
+negotiated off-book and always stand alone.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from valshi_x.trades import Side, Trade
+
+_TWO_PLACES = Decimal("0.01")
+
+
+@dataclass(slots=True, frozen=True)
+class Alert:
+    """A whale: one group of fills whose total value reached the threshold."""
+
+    trade_ids: tuple[str, ...]
+    ticker: str
+    side: Side
+    contracts: Decimal
+    value_usd: Decimal  # exact sum of count x taker-side price over the fills
+    fills: int
+    price_low: Decimal  # taker-side price range over the fills, dollars
+    price_high: Decimal
+    is_block_trade: bool
+    first_ts_ms: int
+    last_ts_ms: int
+
+    @property
+    def alert_id(self) -> str:
+        """Stable key of the alert: its first fill's trade id."""
+        return self.trade_ids[0]
+
+    @property
+    def created_time(self) -> datetime:
+        """Time of the first fill, UTC."""
+        return datetime.fromtimestamp(self.first_ts_ms / 1000, tz=UTC)
+
+    @property
+    def value_usd_2dp(self) -> str:
+        return str(self.value_usd.quantize(_TWO_PLACES))
+
+    @property
+    def payout_usd(self) -> Decimal:
+        """What the contracts pay if the side bought is right: $1 each."""
+        return self.contracts
+
+
+class _OpenGroup:
+    """Fills collected so far for one (ticker, side); mutable while the window is open."""
+
+    __slots__ = ("closed", "first_ts_ms", "trades", "value_usd")
+
+    def __init__(self, trade: Trade) -> None:
+        self.first_ts_ms = trade.ts_ms
+        self.trades = [trade]
+        self.value_usd = trade.value_usd
+        self.closed = False
+
+    def add(self, trade: Trade) -> None:
+        self.trades.append(trade)
+        self.value_usd += trade.value_usd
+
+
+def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
+    # Report fills in trade-time order; ids break ties so the alert id is stable across regrouping.
+    fills = sorted(trades, key=lambda t: (t.ts_ms, t.trade_id))
+    prices = [t.price_dollars for t in fills]
+    first = fills[0]
+    return Alert(
+        trade_ids=tuple(t.trade_id for t in fills),
+        ticker=first.ticker,
+        side=first.taker_side,
+        contracts=sum((t.count_fp for t in fills), Decimal(0)),
+        value_usd=value_usd,
+        fills=len(fills),
+        price_low=min(prices),
+        price_high=max(prices),
+        is_block_trade=first.is_block_trade,
+        first_ts_ms=first.ts_ms,
+        last_ts_ms=fills[-1].ts_ms,
+    )
+
+
+class SeenTradeIds:
+    """Trade ids seen lately, to count a re-delivered trade once, with bounded memory.
+
+    Ids are forgotten once they are `horizon_ms` older (in trade time) than the newest trade seen, or when more
+    than `max_ids` are held. Overlap older than that is the durable store's job.
+    """
+
+    def __init__(self, horizon_ms: int, max_ids: int) -> None:
+        self._horizon_ms = horizon_ms
+        self._max_ids = max_ids
+        self._ids: set[str] = set()
+        self._order: deque[tuple[int, str]] = deque()
+        self._newest_ms = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, trade_id: str, ts_ms: int) -> bool:
+        """Remember the id; False if it was already known."""
+        if trade_id in self._ids:
+            return False
+        self._ids.add(trade_id)
+        self._order.append((ts_ms, trade_id))
+        if ts_ms > self._newest_ms:
+            self._newest_ms = ts_ms
+        order, ids = self._order, self._ids
+        oldest_kept = self._newest_ms - self._horizon_ms
+        # Insertion order is close to time order; anything out of order leaves with the next eviction.
+        while order and (order[0][0] < oldest_kept or len(order) > self._max_ids):
+            ids.discard(order.popleft()[1])
+        return True
+
+
+class WhaleDetector:
+    """Groups fills into sweeps and yields an `Alert` for every group whose value reaches the threshold.
+
+    `add` closes groups whose window has passed in stream time (a later trade beyond it); `close_due` closes
+    them on the caller's clock when the stream goes quiet; `flush` closes everything (end of replay, shutdown).
+    """
+
+    def __init__(
+        self,
+        threshold_usd: Decimal,
+        sweep_window_ms: int,
+        *,
+        dedup_horizon_ms: int = 35 * 60 * 1000,
+        dedup_max_ids: int = 1_000_000,
+    ) -> None:
+        self.threshold_usd = threshold_usd
+        self.sweep_window_ms = sweep_window_ms
+        self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
+        self._open: dict[tuple[str, Side], _OpenGroup] = {}
+        self._deadlines: list[tuple[int, int, _OpenGroup]] = []  # (first_ts_ms, tiebreak, group)
+        self._tiebreak = 0
+        self.watermark_ms = 0  # newest trade time seen
+        self.duplicates = 0
+        self.groups_closed = 0
+        self.alerts = 0
+
+    @property
+    def open_groups(self) -> int:
+        return len(self._open)
+
+    def add(self, trade: Trade) -> list[Alert]:
+        """Take one trade; return the alerts of any groups this closes (possibly its own)."""
+        if not self.seen.add(trade.trade_id, trade.ts_ms):
+            self.duplicates += 1
+            return []
+        alerts: list[Alert] = []
+        if trade.ts_ms > self.watermark_ms:
+            self.watermark_ms = trade.ts_ms
+            if self._deadlines and self._deadlines[0][0] + self.sweep_window_ms < trade.ts_ms:
+                self._close_until(trade.ts_ms - self.sweep_window_ms - 1, alerts)
+
+        if trade.is_block_trade or self.sweep_window_ms <= 0:
+            self._close_group([trade], trade.value_usd, alerts)
+            return alerts
+
+        key = (trade.ticker, trade.taker_side)
+        group = self._open.get(key)
+        if group is not None:
+            # Fills reach us nearly in order; one a little early or late within the window still belongs.
+            if abs(trade.ts_ms - group.first_ts_ms) <= self.sweep_window_ms:
+                group.add(trade)
+                return alerts
+            if trade.ts_ms < group.first_ts_ms:
+                # A straggler from before the open group's window: it stands alone rather than split a sweep.
+                self._close_group([trade], trade.value_usd, alerts)
+                return alerts
+            self._finish(key, group, alerts)
+        group = _OpenGroup(trade)
+        self._open[key] = group
+        self._tiebreak += 1
+        heapq.heappush(self._deadlines, (group.first_ts_ms, self._tiebreak, group))
+        return alerts
+
+    def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
+        alerts: list[Alert] = []
+        for trade in trades:
+            alerts.extend(self.add(trade))
+        return alerts
+
+    def close_due(self, now_ms: int) -> list[Alert]:
+        """Close groups whose window ended before `now_ms` (stream time, from the caller's clock)."""
+        alerts: list[Alert] = []
+        self._close_until(now_ms - self.sweep_window_ms - 1, alerts)
+        return alerts
+
+    def flush(self) -> list[Alert]:
+        """Close every open group."""
+        alerts: list[Alert] = []
+        for key, group in list(self._open.items()):
+            self._finish(key, group, alerts)
+        self._deadlines.clear()
+        return alerts
+
+    def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= first_ts_ms_at_most:
+            group = heapq.heappop(deadlines)[2]
+            if not group.closed:
+                trade = group.trades[0]
+                self._finish((trade.ticker, trade.taker_side), group, alerts)
+
+    def _finish(self, key: tuple[str, Side], group: _OpenGroup, alerts: list[Alert]) -> None:
+        group.closed = True
+        if self._open.get(key) is group:
+            del self._open[key]
+        self._close_group(group.trades, group.value_usd, alerts)
+
+    def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> None:
+        self.groups_closed += 1
+        if value_usd >= self.threshold_usd:
+            self.alerts += 1
+            alerts.append(_alert_from(trades, value_usd))
