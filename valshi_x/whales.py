@@ -229,3 +229,20 @@ class WhaleDetector:
         if value_usd >= self.threshold_usd:
             self.alerts += 1
             alerts.append(_alert_from(trades, value_usd))
+
+
+def alert_log_fields(alert: Alert) -> dict[str, object]:
+    """The fields of an alert as logged (`would_post`, `whale_detected`): plain JSON types, decimals as strings."""
+    return {
+        "alert_id": alert.alert_id,
+        "trade_ids": list(alert.trade_ids),
+        "ticker": alert.ticker,
+        "side": alert.side,
+        "contracts": str(alert.contracts),
+        "value_usd": alert.value_usd_2dp,
+        "fills": alert.fills,
+        "price_low": str(alert.price_low),
+        "price_high": str(alert.price_high),
+        "is_block_trade": alert.is_block_trade,
+        "created_time": alert.created_time.isoformat().replace("+00:00", "Z"),
+    }
