@@ -50,7 +50,7 @@ class Trade:
 
     @property
     def created_time(self) -> datetime:
-        return datetime.fromtimestamp(self.ts_ms / 1000, tz=UTC)
+        return utc_from_ms(self.ts_ms)
 
     @property
     def price_dollars(self) -> Decimal:
@@ -61,6 +61,11 @@ class Trade:
     def value_usd(self) -> Decimal:
         """What the taker paid for this fill: contracts x the taker side's price, exact."""
         return self.count_fp * self.price_dollars
+
+
+def utc_from_ms(ts_ms: int) -> datetime:
+    """Unix milliseconds as an exact, timezone-aware UTC datetime."""
+    return _EPOCH + timedelta(milliseconds=ts_ms)
 
 
 def parse_frame(raw: str | bytes) -> dict[str, Any]:

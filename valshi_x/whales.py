@@ -14,10 +14,10 @@ import heapq
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
-from valshi_x.trades import Side, Trade
+from valshi_x.trades import Side, Trade, utc_from_ms
 
 _TWO_PLACES = Decimal("0.01")
 
@@ -46,7 +46,7 @@ class Alert:
     @property
     def created_time(self) -> datetime:
         """Time of the first fill, UTC."""
-        return datetime.fromtimestamp(self.first_ts_ms / 1000, tz=UTC)
+        return utc_from_ms(self.first_ts_ms)
 
     @property
     def value_usd_2dp(self) -> str:

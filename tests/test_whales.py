@@ -1,0 +1,182 @@
+"""Sweep grouping and the threshold: boundaries, sweeps, sides, block trades, duplicates, closing rules."""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+
+import pytest
+
+from valshi_x.trades import Side, Trade
+from valshi_x.whales import SeenTradeIds, WhaleDetector, alert_log_fields
+
+T0 = 1_793_000_000_000
+_ids = itertools.count(1)
+
+
+def fill(
+    count: str,
+    price: str,
+    *,
+    at: int = 0,
+    ticker: str = "KXBTC-26DEC31-T100000",
+    side: Side = "yes",
+    block: bool = False,
+    trade_id: str | None = None,
+) -> Trade:
+    yes = Decimal(price) if side == "yes" else 1 - Decimal(price)
+    return Trade(
+        trade_id=trade_id or f"t{next(_ids)}",
+        ticker=ticker,
+        yes_price_dollars=yes,
+        no_price_dollars=1 - yes,
+        count_fp=Decimal(count),
+        taker_side=side,
+        is_block_trade=block,
+        ts_ms=T0 + at,
+    )
+
+
+def detector(window_ms: int = 1000) -> WhaleDetector:
+    return WhaleDetector(Decimal(100000), window_ms)
+
+
+@pytest.mark.parametrize(
+    ("count", "price", "whale"),
+    [
+        ("200000.00", "0.5000", True),  # exactly $100,000.00 is a whale
+        ("199999.98", "0.5000", False),  # $99,999.99
+        ("100000.00", "1.0000", True),
+        ("1000000", "0.0999", False),  # $99,900
+        ("147.53", "0.6200", False),
+    ],
+)
+def test_threshold_is_inclusive_and_exact(count: str, price: str, whale: bool) -> None:
+    d = detector()
+    alerts = d.add(fill(count, price)) + d.flush()
+    assert bool(alerts) is whale
+
+
+def test_value_uses_the_taker_sides_price() -> None:
+    d = detector()
+    (alert,) = d.add(fill("250000", "0.40", side="no")) + d.flush()
+    assert alert.side == "no"
+    assert alert.value_usd == Decimal("100000.00")  # 250k contracts x $0.40 for NO
+    assert alert.price_low == alert.price_high == Decimal("0.40")
+
+
+def test_sweep_of_small_fills_is_one_whale_with_the_full_value() -> None:
+    d = detector()
+    fills = [fill("80000", p, at=i * 100) for i, p in enumerate(["0.40", "0.41", "0.42", "0.43"])]
+    alerts = [a for f in fills for a in d.add(f)] + d.flush()
+    (alert,) = alerts
+    assert alert.fills == 4
+    assert alert.value_usd == Decimal("132800.00")
+    assert alert.contracts == Decimal("320000")
+    assert (alert.price_low, alert.price_high) == (Decimal("0.40"), Decimal("0.43"))
+    assert alert.trade_ids == tuple(f.trade_id for f in fills)
+    assert alert.first_ts_ms == T0 and alert.last_ts_ms == T0 + 300
+
+
+def test_fill_exactly_at_the_window_edge_joins_and_one_past_it_does_not() -> None:
+    d = detector(window_ms=1000)
+    assert d.add(fill("120000", "0.50")) == []
+    assert d.add(fill("80000", "0.50", at=1000)) == []  # joins: within 1000 ms of the first fill
+    (alert,) = d.add(fill("10", "0.50", at=1001))  # starts a new group and closes the first
+    assert alert.fills == 2 and alert.value_usd == Decimal("100000.00")
+
+
+def test_later_trade_in_another_market_closes_the_group_on_stream_time() -> None:
+    d = detector()
+    d.add(fill("250000", "0.50"))
+    (alert,) = d.add(fill("1", "0.5", at=1001, ticker="OTHER"))
+    assert alert.value_usd == Decimal(125000)
+    assert d.open_groups == 1
+
+
+def test_opposite_sides_are_never_grouped() -> None:
+    d = detector()
+    d.add(fill("150000", "0.40", side="yes"))
+    d.add(fill("150000", "0.40", side="no", at=10))
+    assert d.flush() == []  # $60k each
+
+
+def test_other_tickers_are_never_grouped() -> None:
+    d = detector()
+    d.add(fill("150000", "0.40"))
+    d.add(fill("150000", "0.40", ticker="KXETH-26DEC31-T5000", at=10))
+    assert d.flush() == []
+
+
+def test_block_trade_is_not_merged_with_fills_around_it() -> None:
+    d = detector()
+    d.add(fill("150000", "0.40"))  # $60k
+    assert d.add(fill("100000", "0.50", at=5, block=True)) == []  # $50k block, alone
+    d.add(fill("10000", "0.40", at=10))  # $4k joins the open $60k group, not the block
+    assert d.flush() == []
+    (alert,) = d.add(fill("300000", "0.50", at=20, block=True))  # $150k block: alerts immediately
+    assert alert.is_block_trade and alert.fills == 1
+
+
+def test_duplicate_trade_id_counts_once() -> None:
+    d = detector()
+    first = fill("150000", "0.40", trade_id="dup")
+    d.add(first)
+    d.add(fill("150000", "0.40", at=5, trade_id="dup"))  # re-delivered: would make $120k
+    assert d.flush() == []
+    assert d.duplicates == 1
+
+
+def test_window_zero_turns_grouping_off() -> None:
+    d = detector(window_ms=0)
+    assert d.add(fill("150000", "0.40")) == []
+    assert d.add(fill("150000", "0.40")) == []
+    (alert,) = d.add(fill("250000", "0.40"))
+    assert alert.fills == 1
+
+
+def test_close_due_uses_the_callers_clock() -> None:
+    d = detector()
+    d.add(fill("250000", "0.50", at=0))
+    assert d.close_due(T0 + 1000) == []
+    (alert,) = d.close_due(T0 + 1001)
+    assert alert.value_usd == Decimal(125000)
+    assert d.open_groups == 0
+
+
+def test_out_of_order_fill_within_the_window_still_joins() -> None:
+    d = detector()
+    d.add(fill("100000", "0.50", at=500))
+    d.add(fill("100000", "0.50", at=400))
+    (alert,) = d.flush()
+    assert alert.fills == 2 and alert.first_ts_ms == T0 + 400  # reported in trade-time order
+
+
+def test_straggler_from_before_the_window_stands_alone() -> None:
+    d = detector()
+    d.add(fill("250000", "0.50", at=5000))
+    assert d.add(fill("150000", "0.50", at=1000)) == []  # $75k alone: it neither joins nor splits the sweep
+    (alert,) = d.flush()
+    assert alert.fills == 1
+
+
+def test_alert_log_fields_are_plain_and_exact() -> None:
+    d = detector()
+    (alert,) = d.add(fill("200000.00", "0.5000", trade_id="abc")) + d.flush()
+    fields = alert_log_fields(alert)
+    assert fields["value_usd"] == "100000.00"
+    assert fields["trade_ids"] == ["abc"]
+    assert fields["created_time"] == "2026-10-26T07:33:20Z"
+    assert fields["side"] == "yes" and fields["contracts"] == "200000.00"
+
+
+def test_seen_ids_forget_by_horizon_and_by_size() -> None:
+    seen = SeenTradeIds(horizon_ms=1000, max_ids=3)
+    assert seen.add("a", T0)
+    assert not seen.add("a", T0)
+    seen.add("b", T0 + 500)
+    seen.add("c", T0 + 1500)  # "a" is now beyond the horizon
+    assert seen.add("a", T0 + 1500)
+    seen.add("d", T0 + 1500)
+    seen.add("e", T0 + 1500)
+    assert len(seen) == 3
