@@ -6,10 +6,9 @@ reason; callers count it, log it once and move on, so the daemon never dies on i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -35,9 +34,12 @@ class MalformedTrade(ValueError):
         self.detail = detail
 
 
-@dataclass(slots=True, frozen=True)
-class Trade:
-    """One maker fill, in the shape of Kalshi's REST trade schema (fixed-point fields as `Decimal`)."""
+class Trade(NamedTuple):
+    """One maker fill, in the shape of Kalshi's REST trade schema (fixed-point fields as `Decimal`).
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and about three times cheaper to build on the
+    hot path of a replay.
+    """
 
     trade_id: str
     ticker: str
@@ -89,6 +91,42 @@ def trade_from_frame(frame: dict[str, Any]) -> Trade:
 
 def trade_from_fields(msg: dict[str, Any]) -> Trade:
     """Normalize a trade object: a WebSocket `msg` or a REST trade (`ticker`, `created_time`) alike."""
+    # Fast path for today's well-formed frame; anything unusual takes the careful path, which names the reason.
+    trade_id = msg.get("trade_id")
+    ticker = msg.get("market_ticker")
+    yes_raw = msg.get("yes_price_dollars")
+    no_raw = msg.get("no_price_dollars")
+    count_raw = msg.get("count_fp")
+    ts_ms = msg.get("ts_ms")
+    side = msg.get("taker_outcome_side")
+    block = msg.get("is_block_trade", False)
+    if (
+        type(trade_id) is str
+        and type(ticker) is str
+        and type(yes_raw) is str
+        and type(no_raw) is str
+        and type(count_raw) is str
+        and type(ts_ms) is int
+        and type(side) is str
+        and side in _OUTCOMES
+        and (block is False or block is True)
+        and trade_id
+        and ticker
+        and ts_ms > 0
+    ):
+        try:
+            yes = Decimal(yes_raw)
+            no = Decimal(no_raw)
+            count = Decimal(count_raw)
+            # NaN makes these comparisons raise; infinities and out-of-range values fail them.
+            if _ZERO <= yes <= _ONE and _ZERO <= no <= _ONE and _ZERO < count <= _MAX_COUNT:
+                return Trade(trade_id, ticker, yes, no, count, side, block, ts_ms)
+        except InvalidOperation:
+            pass
+    return _trade_from_fields_checked(msg)
+
+
+def _trade_from_fields_checked(msg: dict[str, Any]) -> Trade:
     trade_id = msg.get("trade_id")
     if not isinstance(trade_id, str) or not trade_id:
         raise MalformedTrade("missing_trade_id")

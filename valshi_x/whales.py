@@ -10,7 +10,6 @@ negotiated off-book and always stand alone.
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,17 +60,14 @@ class Alert:
 class _OpenGroup:
     """Fills collected so far for one (ticker, side); mutable while the window is open."""
 
-    __slots__ = ("closed", "first_ts_ms", "trades", "value_usd")
+    __slots__ = ("closed", "first_ts_ms", "key", "trades", "value_usd")
 
-    def __init__(self, trade: Trade) -> None:
+    def __init__(self, key: tuple[str, Side], trade: Trade, value_usd: Decimal) -> None:
+        self.key = key
         self.first_ts_ms = trade.ts_ms
         self.trades = [trade]
-        self.value_usd = trade.value_usd
+        self.value_usd = value_usd
         self.closed = False
-
-    def add(self, trade: Trade) -> None:
-        self.trades.append(trade)
-        self.value_usd += trade.value_usd
 
 
 def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
@@ -146,8 +142,9 @@ class WhaleDetector:
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
         self._open: dict[tuple[str, Side], _OpenGroup] = {}
-        self._deadlines: list[tuple[int, int, _OpenGroup]] = []  # (first_ts_ms, tiebreak, group)
-        self._tiebreak = 0
+        # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
+        # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
+        self._opened: deque[_OpenGroup] = deque()
         self.watermark_ms = 0  # newest trade time seen
         self.duplicates = 0
         self.groups_closed = 0
@@ -159,35 +156,40 @@ class WhaleDetector:
 
     def add(self, trade: Trade) -> list[Alert]:
         """Take one trade; return the alerts of any groups this closes (possibly its own)."""
-        if not self.seen.add(trade.trade_id, trade.ts_ms):
+        ts_ms = trade.ts_ms
+        if not self.seen.add(trade.trade_id, ts_ms):
             self.duplicates += 1
             return []
         alerts: list[Alert] = []
-        if trade.ts_ms > self.watermark_ms:
-            self.watermark_ms = trade.ts_ms
-            if self._deadlines and self._deadlines[0][0] + self.sweep_window_ms < trade.ts_ms:
-                self._close_until(trade.ts_ms - self.sweep_window_ms - 1, alerts)
+        window = self.sweep_window_ms
+        if ts_ms > self.watermark_ms:
+            self.watermark_ms = ts_ms
+            opened = self._opened
+            if opened and opened[0].first_ts_ms + window < ts_ms:
+                self._close_until(ts_ms - window - 1, alerts)
 
-        if trade.is_block_trade or self.sweep_window_ms <= 0:
-            self._close_group([trade], trade.value_usd, alerts)
+        side = trade.taker_side
+        value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
+        if trade.is_block_trade or window <= 0:
+            self._close_group([trade], value_usd, alerts)
             return alerts
 
-        key = (trade.ticker, trade.taker_side)
+        key = (trade.ticker, side)
         group = self._open.get(key)
         if group is not None:
             # Fills reach us nearly in order; one a little early or late within the window still belongs.
-            if abs(trade.ts_ms - group.first_ts_ms) <= self.sweep_window_ms:
-                group.add(trade)
+            if abs(ts_ms - group.first_ts_ms) <= window:
+                group.trades.append(trade)
+                group.value_usd += value_usd
                 return alerts
-            if trade.ts_ms < group.first_ts_ms:
+            if ts_ms < group.first_ts_ms:
                 # A straggler from before the open group's window: it stands alone rather than split a sweep.
-                self._close_group([trade], trade.value_usd, alerts)
+                self._close_group([trade], value_usd, alerts)
                 return alerts
-            self._finish(key, group, alerts)
-        group = _OpenGroup(trade)
+            self._finish(group, alerts)
+        group = _OpenGroup(key, trade, value_usd)
         self._open[key] = group
-        self._tiebreak += 1
-        heapq.heappush(self._deadlines, (group.first_ts_ms, self._tiebreak, group))
+        self._opened.append(group)
         return alerts
 
     def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
@@ -205,23 +207,22 @@ class WhaleDetector:
     def flush(self) -> list[Alert]:
         """Close every open group."""
         alerts: list[Alert] = []
-        for key, group in list(self._open.items()):
-            self._finish(key, group, alerts)
-        self._deadlines.clear()
+        for group in list(self._open.values()):
+            self._finish(group, alerts)
+        self._opened.clear()
         return alerts
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= first_ts_ms_at_most:
-            group = heapq.heappop(deadlines)[2]
+        opened = self._opened
+        while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
+            group = opened.popleft()
             if not group.closed:
-                trade = group.trades[0]
-                self._finish((trade.ticker, trade.taker_side), group, alerts)
+                self._finish(group, alerts)
 
-    def _finish(self, key: tuple[str, Side], group: _OpenGroup, alerts: list[Alert]) -> None:
+    def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
-        if self._open.get(key) is group:
-            del self._open[key]
+        if self._open.get(group.key) is group:
+            del self._open[group.key]
         self._close_group(group.trades, group.value_usd, alerts)
 
     def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> None:
