@@ -120,7 +120,7 @@ def trade_from_fields(msg: dict[str, Any]) -> Trade:
             count = Decimal(count_raw)
             # NaN makes these comparisons raise; infinities and out-of-range values fail them.
             if _ZERO <= yes <= _ONE and _ZERO <= no <= _ONE and _ZERO < count <= _MAX_COUNT:
-                return Trade(trade_id, ticker, yes, no, count, side, block, ts_ms)
+                return Trade(trade_id, ticker, yes, no, count, _OUTCOMES[side], block, ts_ms)
         except InvalidOperation:
             pass
     return _trade_from_fields_checked(msg)
