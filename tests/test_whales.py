@@ -180,3 +180,28 @@ def test_seen_ids_forget_by_horizon_and_by_size() -> None:
     seen.add("d", T0 + 1500)
     seen.add("e", T0 + 1500)
     assert len(seen) == 3
+
+
+def test_held_sweep_gets_its_late_fills_and_alerts_once_with_the_full_value() -> None:
+    d = detector()
+    d.add(fill("60000", "0.50", at=0))  # two fills before the drop: $60k
+    d.add(fill("60000", "0.50", at=100))
+    token = d.hold(from_ms=T0 + 100)  # the socket dropped; a backfill from here is pending
+    assert d.add(fill("1", "0.50", at=5000, ticker="LIVE")) == []  # live again: would close the sweep, but held
+    assert d.close_due(T0 + 60_000) == []
+    d.add(fill("60000", "0.50", at=200))  # the backfill brings the fills of the outage
+    d.add(fill("60000", "0.50", at=300))
+    d.release(token)
+    (alert,) = d.close_due(T0 + 60_000)
+    assert alert.fills == 4 and alert.value_usd == Decimal(120000)
+
+
+def test_late_fill_finds_its_own_sweep_among_several_of_the_same_key() -> None:
+    d = detector()
+    token = d.hold(from_ms=T0)
+    d.add(fill("150000", "0.50", at=0))  # $75k
+    d.add(fill("150000", "0.50", at=5000))  # a later sweep of the same market and side: $75k
+    d.add(fill("60000", "0.50", at=4900))  # late: belongs to the second (within its window), not the first
+    d.release(token)
+    (alert,) = d.flush()
+    assert alert.first_ts_ms == T0 + 4900 and alert.value_usd == Decimal(105000)

@@ -128,6 +128,9 @@ class WhaleDetector:
 
     `add` closes groups whose window has passed in stream time (a later trade beyond it); `close_due` closes
     them on the caller's clock when the stream goes quiet; `flush` closes everything (end of replay, shutdown).
+
+    Late fills (a backfill after a gap) still find their sweep: a key may have several open groups, and
+    `hold(from_ms)` keeps every group that could still receive fills from `from_ms` on open until `release`.
     """
 
     def __init__(
@@ -141,10 +144,14 @@ class WhaleDetector:
         self.threshold_usd = threshold_usd
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
-        self._open: dict[tuple[str, Side], _OpenGroup] = {}
+        # Open groups per (ticker, side), oldest first; almost always one.
+        self._open: dict[tuple[str, Side], list[_OpenGroup]] = {}
+        self._open_count = 0
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
+        self._holds: dict[int, int] = {}  # hold token -> trade time from which late fills are expected
+        self._next_hold = 0
         self.watermark_ms = 0  # newest trade time seen
         self.duplicates = 0
         self.groups_closed = 0
@@ -152,7 +159,16 @@ class WhaleDetector:
 
     @property
     def open_groups(self) -> int:
-        return len(self._open)
+        return self._open_count
+
+    def hold(self, from_ms: int) -> int:
+        """Keep groups that may still get fills at or after `from_ms` open; returns a token for `release`."""
+        self._next_hold += 1
+        self._holds[self._next_hold] = from_ms
+        return self._next_hold
+
+    def release(self, token: int) -> None:
+        self._holds.pop(token, None)
 
     def add(self, trade: Trade) -> list[Alert]:
         """Take one trade; return the alerts of any groups this closes (possibly its own)."""
@@ -175,20 +191,21 @@ class WhaleDetector:
             return alerts
 
         key = (trade.ticker, side)
-        group = self._open.get(key)
-        if group is not None:
-            # Fills reach us nearly in order; one a little early or late within the window still belongs.
-            if abs(ts_ms - group.first_ts_ms) <= window:
-                group.trades.append(trade)
-                group.value_usd += value_usd
-                return alerts
-            if ts_ms < group.first_ts_ms:
-                # A straggler from before the open group's window: it stands alone rather than split a sweep.
-                self._close_group([trade], value_usd, alerts)
-                return alerts
-            self._finish(group, alerts)
+        groups = self._open.get(key)
+        if groups is not None:
+            # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
+            for group in reversed(groups):
+                if -window <= ts_ms - group.first_ts_ms <= window:
+                    group.trades.append(trade)
+                    group.value_usd += value_usd
+                    return alerts
         group = _OpenGroup(key, trade, value_usd)
-        self._open[key] = group
+        if groups is None:
+            self._open[key] = [group]
+        else:
+            groups.append(group)
+            groups.sort(key=_first_ts)
+        self._open_count += 1
         self._opened.append(group)
         return alerts
 
@@ -205,14 +222,19 @@ class WhaleDetector:
         return alerts
 
     def flush(self) -> list[Alert]:
-        """Close every open group."""
+        """Close every open group, held or not."""
         alerts: list[Alert] = []
-        for group in list(self._open.values()):
-            self._finish(group, alerts)
-        self._opened.clear()
+        while self._opened:
+            group = self._opened.popleft()
+            if not group.closed:
+                self._finish(group, alerts)
         return alerts
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
+        if self._holds:
+            # A group whose window reaches into a pending backfill may still grow: keep it.
+            held_from = min(self._holds.values()) - self.sweep_window_ms
+            first_ts_ms_at_most = min(first_ts_ms_at_most, held_from - 1)
         opened = self._opened
         while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
             group = opened.popleft()
@@ -221,8 +243,12 @@ class WhaleDetector:
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
-        if self._open.get(group.key) is group:
-            del self._open[group.key]
+        groups = self._open.get(group.key)
+        if groups is not None and group in groups:
+            groups.remove(group)
+            self._open_count -= 1
+            if not groups:
+                del self._open[group.key]
         self._close_group(group.trades, group.value_usd, alerts)
 
     def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> None:
@@ -230,6 +256,10 @@ class WhaleDetector:
         if value_usd >= self.threshold_usd:
             self.alerts += 1
             alerts.append(_alert_from(trades, value_usd))
+
+
+def _first_ts(group: _OpenGroup) -> int:
+    return group.first_ts_ms
 
 
 def alert_log_fields(alert: Alert) -> dict[str, object]:
