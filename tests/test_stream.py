@@ -1,0 +1,687 @@
+"""The trade-channel consumer against the fake Kalshi on loopback: connect, subscribe, deliver, and every way a
+connection can go wrong (drops, 1011, accept-then-drop, stalls, refused keys, error frames, sequence gaps)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.fake_kalshi import (
+    Attempt,
+    FakeKalshi,
+    FakeSession,
+    KeyPair,
+    accept_then_drop,
+    dumps,
+    kalshi_keys,  # noqa: F401  # fixture
+    rsa_private_key,  # noqa: F401  # fixture
+    send_errors,
+    send_then_close,
+    send_then_drop,
+    send_then_stall,
+    trade_msg,
+)
+from valshi_x.kalshi.auth import KalshiSigner
+from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream
+from valshi_x.trades import MalformedTrade
+
+UNIT = 0.05  # seconds; every timing below is a small multiple of it
+
+
+def always(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+class Client:
+    """A TradeStream wired to plain recorders, plus ways to wait on what it saw."""
+
+    def __init__(
+        self,
+        url: str,
+        signer: KalshiSigner | None,
+        *,
+        real_sleep: bool = True,
+        idle_timeout_s: float = 40 * UNIT,
+        backoff: Backoff | None = None,
+        slow_backoff: Backoff | None = None,
+        stable_after_s: float = 60.0,
+    ) -> None:
+        self.delivered: list[dict[str, Any]] = []
+        self.bad: list[tuple[str | bytes, MalformedTrade]] = []
+        self.recorded: list[str] = []
+        self.sids: list[int] = []
+        self.gaps: list[SeqGap] = []
+        self.disconnects = 0
+        self.delays: list[float] = []
+        self._real_sleep = real_sleep
+        self._changed = asyncio.Event()
+        self.stream = TradeStream(
+            url=url,
+            signer=signer,
+            deliver=self._deliver,
+            on_bad_frame=self._on_bad,
+            record=self.recorded.append,
+            idle_timeout_s=idle_timeout_s,
+            backoff=backoff or Backoff(initial_s=UNIT, factor=2.0, cap_s=8 * UNIT, rand=always(1.0)),
+            slow_backoff=slow_backoff or Backoff(initial_s=40 * UNIT, factor=2.0, cap_s=160 * UNIT, rand=always(1.0)),
+            on_subscribed=self._on_subscribed,
+            on_disconnect=self._on_disconnect,
+            on_gap=self._on_gap,
+            stable_after_s=stable_after_s,
+            open_timeout_s=20 * UNIT,
+            close_timeout_s=4 * UNIT,
+            sleep=self._sleep,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _deliver(self, frame: dict[str, Any]) -> None:
+        self.delivered.append(frame)
+        self._notify()
+
+    def _on_bad(self, raw: str | bytes, exc: MalformedTrade) -> None:
+        self.bad.append((raw, exc))
+        self._notify()
+
+    def _on_subscribed(self, sid: int) -> None:
+        self.sids.append(sid)
+        self._notify()
+
+    def _on_disconnect(self) -> None:
+        self.disconnects += 1
+        self._notify()
+
+    def _on_gap(self, gap: SeqGap) -> None:
+        self.gaps.append(gap)
+
+    async def _sleep(self, delay_s: float) -> None:
+        self.delays.append(delay_s)
+        self._notify()
+        # Recorded-only sleeps still yield, so the loop under test cannot starve the server.
+        await asyncio.sleep(delay_s if self._real_sleep else 0)
+
+    async def wait_for(self, condition: Callable[[], bool], timeout_s: float = 100 * UNIT) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await self._changed.wait()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.stream.run())
+
+    async def stop(self) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
+
+
+@contextmanager
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+def events(captured: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in captured if entry["event"] == name]
+
+
+def signer_for(keys: KeyPair) -> KalshiSigner:
+    return KalshiSigner(keys.key_id, keys.private_key)
+
+
+def server_for(keys: KeyPair, **kwargs: Any) -> FakeKalshi:
+    return FakeKalshi(public_key=keys.public_key, key_id=keys.key_id, require_auth=True, **kwargs)
+
+
+def msgs(n: int, **fields: Any) -> list[dict[str, Any]]:
+    return [trade_msg(**fields) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ backoff
+
+
+def test_backoff_doubles_to_its_cap_with_a_jitter_floor_and_resets() -> None:
+    rolls = iter([0.0, 1.0, 0.5, 0.0, 1.0, 0.0, 0.0])
+    backoff = Backoff(initial_s=1.0, factor=2.0, cap_s=6.0, rand=lambda: next(rolls))
+    delays = [backoff.next_delay() for _ in range(5)]
+    # Steps 1, 2, 4, 6, 6; each delay lies in [step/2, step].
+    assert delays == [0.5, 2.0, 3.0, 3.0, 6.0]
+    assert backoff.failures == 5
+    backoff.reset()
+    assert backoff.failures == 0
+    assert backoff.next_delay() == 0.5
+
+
+def test_backoff_defaults_never_retry_sooner_than_their_floor() -> None:
+    normal, slow = Backoff.normal(), Backoff.slow()
+    normal._rand = slow._rand = always(0.0)  # the worst roll
+    assert normal.next_delay() == 0.5
+    assert slow.next_delay() == 30.0
+    for _ in range(20):
+        normal_delay, slow_delay = normal.next_delay(), slow.next_delay()
+    assert 30.0 <= normal_delay <= 60.0
+    assert 300.0 <= slow_delay <= 600.0
+
+
+@pytest.mark.parametrize(("initial_s", "factor", "cap_s"), [(0.0, 2.0, 1.0), (1.0, 0.5, 2.0), (2.0, 2.0, 1.0)])
+def test_backoff_rejects_settings_that_could_hot_loop(initial_s: float, factor: float, cap_s: float) -> None:
+    with pytest.raises(ValueError, match="backoff needs"):
+        Backoff(initial_s=initial_s, factor=factor, cap_s=cap_s)
+
+
+# ------------------------------------------------------------------------------------------------ happy path
+
+
+async def test_first_connect_subscribes_signed_and_delivers_trades(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    sent = msgs(3, count="2500.00")
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(sent)
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url + "?ignored=1", signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 3)
+            await client.stop()
+            await kalshi.wait_for(lambda: kalshi.sessions[0].ws.close_code is not None)
+
+    (handshake,) = kalshi.handshakes
+    assert handshake.signature_ok  # verified with the public key, over the path without the query
+    assert handshake.status == 101
+    (session,) = kalshi.sessions
+    assert session.commands == [{"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}]
+    assert session.ws.close_code == 1000  # cancelled: a clean close
+    assert [frame["msg"] for frame in client.delivered] == sent
+    assert client.delivered == kalshi.tape
+    assert client.sids == [1]
+    assert client.recorded[0] == dumps({"id": 1, "type": "subscribed", "msg": {"channel": "trade", "sid": 1}})
+    assert client.recorded[1:] == [dumps(frame) for frame in kalshi.tape]
+    stream = client.stream
+    assert (stream.connects, stream.reconnects, stream.frames, stream.error_frames) == (1, 0, 4, 0)
+    assert stream.last_frame_monotonic is not None
+    assert stream.connected_since is None  # stopped
+    (connected,) = events(captured, "ws_connected")
+    assert connected["url"] == kalshi.url  # no query string in logs
+    assert connected["attempt"] == 1
+    assert connected["signed"] is True
+    assert events(captured, "ws_subscribed")[0]["sid"] == 1
+    assert events(captured, "ws_stopping")
+    assert not events(captured, "ws_disconnected")
+    assert client.delays == []
+
+
+async def test_connected_since_and_seq_state_are_exposed_while_connected(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(2))
+
+    async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys))
+        client.start()
+        await client.wait_for(lambda: len(client.delivered) == 2)
+        stream = client.stream
+        assert stream.connected_since is not None
+        assert stream.connected_since.tzinfo is not None
+        assert stream.sid == 1
+        assert stream.last_seq == {1: 2}
+        await client.stop()
+
+
+# ------------------------------------------------------------------------------------------------ reconnects
+
+
+async def test_abrupt_drop_and_close_1011_reconnect_and_resubscribe_with_new_sid(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    first, second, third = msgs(2), msgs(1), msgs(2)
+
+    async def last(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(third)
+
+    attempts = [send_then_drop(first), send_then_close(second, code=1011), last]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 5)
+            await client.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == first + second + third
+    assert client.sids == [1, 2, 3]
+    # Command ids are per connection; every connection subscribed again.
+    assert [s.commands for s in kalshi.sessions] == [
+        [{"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}]
+    ] * 3
+    assert all(h.signature_ok for h in kalshi.handshakes)
+    disconnected = events(captured, "ws_disconnected")
+    assert [(e["cause"], e["code"]) for e in disconnected] == [("closed", 1006), ("closed", 1011)]
+    assert disconnected[1]["reason"] == "internal error"
+    assert all(e["uptime_s"] >= 0 for e in disconnected)
+    assert [e["attempt"] for e in events(captured, "ws_connected")] == [1, 2, 3]
+    stream = client.stream
+    assert (stream.connects, stream.reconnects, client.disconnects) == (3, 2, 2)
+    # A new sid starts again at seq 1: that is not a gap.
+    assert stream.gaps == 0
+    assert not events(captured, "ws_seq_gap")
+    # Short-lived connections: the delays kept growing.
+    assert client.delays == [UNIT, 2 * UNIT]
+
+
+async def test_accept_then_drop_server_makes_delays_grow_to_the_cap(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    with logs() as captured:
+        async with server_for(kalshi_keys, default=accept_then_drop()) as kalshi:
+            client = Client(
+                kalshi.url,
+                signer_for(kalshi_keys),
+                real_sleep=False,
+                backoff=Backoff(initial_s=UNIT, factor=2.0, cap_s=8 * UNIT, rand=always(0.5)),
+            )
+            client.start()
+            await client.wait_for(lambda: len(client.delays) >= 7)
+            await client.stop()
+
+    # Equal jitter at 0.5: three quarters of each step; steps 1, 2, 4, 8, 8... units.
+    assert client.delays[:7] == pytest.approx([f * 0.75 * UNIT for f in (1, 2, 4, 8, 8, 8, 8)])
+    # Each attempt either failed the handshake or was dropped right after it: logged once each, never silently.
+    failures = [e for e in captured if e["event"] in ("ws_connect_failed", "ws_disconnected")]
+    assert [e["retry_in_s"] for e in failures] == [round(delay, 3) for delay in client.delays]
+    assert len(kalshi.handshakes) >= 7
+
+
+async def test_accept_then_drop_server_cannot_cause_a_hot_loop_in_real_time(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async with server_for(kalshi_keys, default=accept_then_drop()) as kalshi:
+        client = Client(
+            kalshi.url,
+            signer_for(kalshi_keys),
+            backoff=Backoff(initial_s=2 * UNIT, factor=2.0, cap_s=8 * UNIT, rand=always(1.0)),
+        )
+        started = time.monotonic()
+        client.start()
+        await asyncio.sleep(16 * UNIT)
+        await client.stop()
+        elapsed_units = (time.monotonic() - started) / UNIT
+
+    # Delays of 2, 4, 8, 8 units leave room for at most 4 attempts in 16 units (plus one in flight at the end).
+    assert 3 <= len(kalshi.handshakes) <= 5, (len(kalshi.handshakes), elapsed_units)
+
+
+async def test_backoff_resets_only_after_a_connection_stayed_up(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def stay_then_drop(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await asyncio.sleep(4 * UNIT)
+        await session.drop()
+
+    attempts = [accept_then_drop(), accept_then_drop(), stay_then_drop, accept_then_drop()]
+    async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False, stable_after_s=2 * UNIT)
+        client.start()
+        await client.wait_for(lambda: len(client.delays) >= 4)
+        await client.stop()
+
+    # 1, 2 units while failing; the stable third connection resets; the fourth failure starts again at 1, 2.
+    assert client.delays[:4] == pytest.approx([UNIT, 2 * UNIT, UNIT, 2 * UNIT])
+
+
+async def test_connection_refused_and_5xx_use_the_normal_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async with FakeKalshi(default=Attempt(reject_status=503)) as kalshi:
+        port = kalshi.port
+        with logs() as captured:
+            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.delays) >= 2)
+            await client.stop()
+    failed = events(captured, "ws_connect_failed")
+    assert [e["status"] for e in failed[:2]] == [503, 503]
+    assert client.delays[:2] == pytest.approx([UNIT, 2 * UNIT])
+    assert not events(captured, "ws_handshake_rejected")
+
+    # The server is gone now: nothing listens on that port any more.
+    with logs() as captured:
+        client = Client(f"ws://127.0.0.1:{port}/trade-api/ws/v2", signer_for(kalshi_keys), real_sleep=False)
+        client.start()
+        await client.wait_for(lambda: len(client.delays) >= 2)
+        await client.stop()
+    failed = events(captured, "ws_connect_failed")
+    assert failed[0]["error"] == "ConnectionRefusedError"
+    assert failed[0]["retry_in_s"] == pytest.approx(UNIT)
+
+
+# ------------------------------------------------------------------------------------------------ stalls
+
+
+async def test_stall_reconnects_within_the_idle_timeout(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    idle_s = 6 * UNIT
+    stalled_at: list[float] = []
+
+    async def stall(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(1))
+        stalled_at.append(time.monotonic())
+        await session.stall()
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[stall], ping_interval_s=UNIT) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), idle_timeout_s=idle_s)
+            client.start()
+            await kalshi.wait_for(lambda: len(kalshi.sessions) == 2)
+            reconnected_at = kalshi.handshakes[1].received_monotonic
+            await client.stop()
+
+    # Silence began at the last frame or heartbeat (at most one ping interval before the stall).
+    waited = reconnected_at - stalled_at[0]
+    assert idle_s - UNIT <= waited <= idle_s + 6 * UNIT, waited
+    (idle,) = events(captured, "ws_idle_timeout")
+    assert idle["idle_timeout_s"] == idle_s
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "idle_timeout"
+    assert client.stream.idle_timeouts == 1
+    assert kalshi.sessions[0].ws.close_code == 1000  # we closed it, cleanly
+
+
+async def test_a_deaf_stall_is_also_left_in_time(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    idle_s = 6 * UNIT
+    attempts = [send_then_stall(msgs(1), answer_pings=False, deaf_s=14 * UNIT)]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts, ping_interval_s=UNIT) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), idle_timeout_s=idle_s)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 2)
+            await client.stop()
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "idle_timeout"
+    # No close frame came back from the deaf server: the close timed out and the link was cut.
+    assert disconnected["code"] == 1006
+
+
+async def test_server_pings_alone_keep_a_quiet_connection(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    # No trades for three idle periods, but Kalshi-style heartbeats every unit: that is a live connection.
+    with logs() as captured:
+        async with server_for(kalshi_keys, ping_interval_s=UNIT) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), idle_timeout_s=4 * UNIT)
+            client.start()
+            await kalshi.wait_for(lambda: bool(kalshi.sessions) and kalshi.sessions[0].pings_sent >= 12, 40 * UNIT)
+            await client.stop()
+    assert len(kalshi.handshakes) == 1
+    assert not events(captured, "ws_idle_timeout")
+
+
+# ------------------------------------------------------------------------------------------------ auth
+
+
+async def test_wrong_key_is_rejected_once_with_one_line_and_the_slow_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with logs() as captured:
+        async with server_for(kalshi_keys) as kalshi:
+            client = Client(kalshi.url, KalshiSigner(kalshi_keys.key_id, other_key), real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.delays) >= 1)
+            await client.stop()
+
+    (handshake,) = kalshi.handshakes
+    assert handshake.signed and not handshake.signature_ok and handshake.status == 401
+    (rejected,) = events(captured, "ws_handshake_rejected")
+    assert rejected["status"] == 401
+    assert rejected["log_level"] == "error"
+    assert "KALSHI_API_KEY_ID" in rejected["hint"]
+    assert [e["event"] for e in captured if e["log_level"] in ("warning", "error")] == ["ws_handshake_rejected"]
+    assert client.delays == [40 * UNIT]  # the slow backoff, not the normal one
+    assert rejected["retry_in_s"] == pytest.approx(40 * UNIT)
+    assert client.stream.handshake_rejections == 1
+    assert client.stream.connects == 0
+
+
+async def test_rejected_handshakes_keep_backing_off_slowly(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    async with server_for(kalshi_keys) as kalshi:
+        client = Client(kalshi.url, KalshiSigner(kalshi_keys.key_id, other_key), real_sleep=False)
+        client.start()
+        await client.wait_for(lambda: len(client.delays) >= 4)
+        await client.stop()
+    assert client.delays[:4] == pytest.approx([40 * UNIT, 80 * UNIT, 160 * UNIT, 160 * UNIT])
+
+
+async def test_unsigned_client_is_warned_once_and_told_what_to_configure(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    with logs() as captured:
+        async with server_for(kalshi_keys) as kalshi:
+            client = Client(kalshi.url, None, real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.delays) >= 2)
+            await client.stop()
+    assert [h.signed for h in kalshi.handshakes[:2]] == [False, False]
+    assert len(events(captured, "ws_unsigned")) == 1
+    rejected = events(captured, "ws_handshake_rejected")
+    assert rejected[0]["signed"] is False
+    assert "KALSHI_PRIVATE_KEY_PATH" in rejected[0]["hint"]
+
+
+async def test_unsigned_client_works_where_auth_is_optional() -> None:
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(1))
+
+    async with FakeKalshi(attempts=[script]) as kalshi:
+        client = Client(kalshi.url, None)
+        client.start()
+        await client.wait_for(lambda: len(client.delivered) == 1)
+        await client.stop()
+    assert kalshi.handshakes[0].signed is False
+
+
+async def test_every_attempt_is_signed_with_a_fresh_timestamp(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    attempts = [accept_then_drop(), accept_then_drop(), accept_then_drop()]
+    async with server_for(kalshi_keys, attempts=attempts, max_skew_ms=1000) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys))
+        client.start()
+        await client.wait_for(lambda: len(client.sids) == 1)
+        await client.stop()
+
+    assert [h.status for h in kalshi.handshakes] == [101, 101, 101, 101]
+    assert all(h.signature_ok for h in kalshi.handshakes)
+    stamps = [h.timestamp_ms or 0 for h in kalshi.handshakes]
+    assert all(stamps)
+    assert stamps == sorted(set(stamps))  # strictly increasing: signed again for each attempt
+    for handshake in kalshi.handshakes:
+        assert handshake.timestamp_ms is not None
+        assert abs(handshake.received_ms - handshake.timestamp_ms) < 1000
+
+
+# ------------------------------------------------------------------------------------------------ error frames
+
+
+async def test_error_9_auth_required_reconnects_on_the_slow_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    attempts = [Attempt(subscribe_error=(9, "Authentication required"))]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 1)
+            await client.stop()
+
+    (error,) = events(captured, "ws_error_frame")
+    assert (error["code"], error["msg"], error["log_level"]) == (9, "Authentication required", "error")
+    assert "KALSHI_API_KEY_ID" in error["hint"]
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "auth_required"
+    assert client.delays == [40 * UNIT]
+    assert client.stream.error_frames == 1
+    assert len(kalshi.sessions) == 2
+
+
+async def test_error_25_buffer_overflow_warns_and_reconnects(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    attempts = [send_errors([(25, "Subscription buffer overflow")], on_sid=True)]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 2)
+            await client.stop()
+
+    (error,) = events(captured, "ws_error_frame")
+    assert (error["code"], error["log_level"]) == (25, "warning")
+    assert "too slowly" in error["hint"]
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "buffer_overflow"
+    assert client.delays == [UNIT]  # the normal backoff
+
+
+async def test_error_6_already_subscribed_is_ignored(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    after = msgs(1)
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_error(6, "Already subscribed", command_id=1)
+        await session.send_trades(after)
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            await client.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == after
+    assert client.stream.error_frames == 1
+    assert len(kalshi.handshakes) == 1
+    assert not [e for e in captured if e["log_level"] in ("warning", "error")]
+
+
+async def test_other_error_frames_are_logged_and_a_refused_subscribe_reconnects(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    attempts = [
+        send_errors([(17, "Internal error")]),  # unrelated to our command: logged, connection kept
+    ]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+            client.start()
+            await kalshi.wait_for(lambda: len(kalshi.sessions[0].sent) == 2 if kalshi.sessions else False)
+            await asyncio.sleep(2 * UNIT)
+            assert len(kalshi.handshakes) == 1
+            await client.stop()
+    (error,) = events(captured, "ws_error_frame")
+    assert (error["code"], error["msg"], error["log_level"]) == (17, "Internal error", "warning")
+
+    attempts2 = [Attempt(subscribe_error=(17, "Internal error"))]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts2) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 1)
+            await client.stop()
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "subscribe_failed"
+    assert client.delays == [UNIT]
+
+
+async def test_malformed_and_unknown_frames_are_reported_not_fatal(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    good = msgs(1)
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send("{not json")
+        await session.send("[1, 2]")
+        await session.send({"type": "ticker_v3", "msg": {}})
+        await session.send({"type": "ticker_v3", "msg": {}})
+        await session.send({"id": 9, "type": "ok", "msg": []})
+        await session.send_trades(good)
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            await client.stop()
+
+    assert [(raw, exc.reason) for raw, exc in client.bad] == [("{not json", "not_json"), ("[1, 2]", "not_an_object")]
+    assert [frame["msg"] for frame in client.delivered] == good
+    (unknown,) = events(captured, "ws_unknown_frame_type")
+    assert unknown["type"] == "ticker_v3"
+    assert len(client.recorded) == 7  # every frame is recorded as received, even the bad ones
+    assert client.stream.frames == 7
+    assert len(kalshi.handshakes) == 1
+
+
+# ------------------------------------------------------------------------------------------------ sequence
+
+
+async def test_seq_gaps_are_logged_counted_and_reported(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(2))  # seq 1, 2
+        await session.send_error(17, "Internal error", on_sid=True)  # seq 3: error frames count too
+        session.skip_seq(3)  # 4, 5, 6 lost
+        await session.send_trades(msgs(2))  # seq 7, 8
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 4)
+            await client.stop()
+
+    assert client.gaps == [SeqGap(sid=1, expected=4, got=7)]
+    assert client.gaps[0].missing == 3
+    (gap,) = events(captured, "ws_seq_gap")
+    assert (gap["sid"], gap["expected"], gap["got"], gap["missing"]) == (1, 4, 7, 3)
+    assert (client.stream.gaps, client.stream.frames_missing) == (1, 3)
+    assert len(client.delivered) == 4  # the frame after the gap is still delivered
+
+
+async def test_frames_without_seq_turn_gap_detection_off_for_that_sid(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trade(with_seq=False)
+        await session.send_trade(with_seq=False)
+        session.skip_seq(5)
+        await session.send_trade()
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 3)
+            await client.stop()
+
+    (missing,) = events(captured, "ws_seq_missing")
+    assert missing["sid"] == 1
+    assert client.gaps == []
+    assert client.stream.gaps == 0
+
+
+# ------------------------------------------------------------------------------------------------ control
+
+
+async def test_resubscribe_and_requested_reconnect(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    with logs() as captured:
+        async with server_for(kalshi_keys) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            assert await client.stream.resubscribe() is False  # not connected yet
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 1)
+
+            assert await client.stream.resubscribe() is True
+            await client.wait_for(lambda: len(client.sids) == 2)
+            assert kalshi.sessions[0].commands[1:] == [
+                {"id": 2, "cmd": "unsubscribe", "params": {"sids": [1]}},
+                {"id": 3, "cmd": "subscribe", "params": {"channels": ["trade"]}},
+            ]
+            assert client.stream.sid == 2
+
+            await client.stream.reconnect("watchdog: no trades")
+            await client.wait_for(lambda: len(client.sids) == 3)
+            await client.stop()
+
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert (disconnected["cause"], disconnected["code"], disconnected["log_level"]) == ("requested", 1000, "info")
+    assert kalshi.sessions[0].ws.close_code == 1000
+    assert len(kalshi.sessions) == 2

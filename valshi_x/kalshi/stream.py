@@ -1,0 +1,501 @@
+"""The Kalshi `trade` channel consumer: one WebSocket session after another, for as long as the daemon runs.
+
+Each session: sign the handshake afresh, connect, subscribe to `trade`, then read frames and hand each trade
+frame to `deliver` (synchronous, never blocking: the daemon puts it on a bounded queue). The loop owns its
+retries: every way a session ends is classified in `_end_of_session` / `_connect_failure`, and the next
+delay comes from a jittered, capped `Backoff` that is reset only after a connection stayed up a while, so a
+server that accepts and drops at once cannot cause a hot reconnect loop.
+
+Liveness: Kalshi pings every 10 s. A connection that delivers neither a frame nor a server ping for
+`idle_timeout_s` is treated as stalled and replaced. Our own keepalive pings (`ping_interval_s`) notice a dead
+TCP link from our side.
+
+Sequence numbers: Kalshi numbers the frames of each subscription (`sid`) 1, 2, 3... The stream tracks the last
+`seq` per `sid` for the current connection, logs and counts jumps, and calls `on_gap` so a backfill can fill
+them. A `sid` whose frames carry no `seq` has gap detection turned off (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
+
+from valshi_x.kalshi.auth import KalshiSigner
+from valshi_x.trades import MalformedTrade, parse_frame
+
+log = structlog.get_logger(__name__)
+
+# Error codes Kalshi sends in `error` frames (kalshi-api.md section 3).
+ERR_ALREADY_SUBSCRIBED: Final = 6
+ERR_AUTH_REQUIRED: Final = 9
+ERR_BUFFER_OVERFLOW: Final = 25
+
+# Frames that prove the server is alive: data, and the server's own pings. Pongs only answer our pings.
+_ALIVE_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING})
+_MAX_LOGGED_TYPES: Final = 64
+
+_UNSIGNED_HINT = "set KALSHI_API_KEY_ID and KALSHI_PRIVATE_KEY_PATH: Kalshi may require a signed handshake"
+_REJECTED_HINT = (
+    "check that KALSHI_API_KEY_ID belongs to this private key and to this environment (demo or production), "
+    "and that the system clock is right"
+)
+
+# Why a session ended; decides the log level, the backoff used and the fields logged.
+Cause = Literal[
+    "closed",  # the server or the network closed the connection
+    "idle_timeout",  # nothing arrived for idle_timeout_s
+    "auth_required",  # error frame 9
+    "buffer_overflow",  # error frame 25
+    "subscribe_failed",  # our subscribe command was refused
+    "requested",  # reconnect() was called
+]
+
+
+class Backoff:
+    """Delays between connection attempts: geometric, capped, with equal jitter (never below half the step)."""
+
+    def __init__(
+        self,
+        initial_s: float = 1.0,
+        factor: float = 2.0,
+        cap_s: float = 60.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if initial_s <= 0 or factor < 1 or cap_s < initial_s:
+            raise ValueError("backoff needs initial_s > 0, factor >= 1 and cap_s >= initial_s")
+        self.initial_s = initial_s
+        self.factor = factor
+        self.cap_s = cap_s
+        self._rand = rand
+        self._step_s = initial_s
+        self.failures = 0  # delays handed out since the last reset
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call raises the step until the cap."""
+        step = self._step_s
+        self._step_s = min(self.cap_s, step * self.factor)
+        self.failures += 1
+        # Half fixed, half random: spreads clients apart yet keeps a floor, so no attempt comes too soon.
+        return step / 2 + self._rand() * step / 2
+
+    def reset(self) -> None:
+        self._step_s = self.initial_s
+        self.failures = 0
+
+    @classmethod
+    def normal(cls) -> Backoff:
+        """For transient failures: about 1 s, doubling, at most 60 s."""
+        return cls(initial_s=1.0, factor=2.0, cap_s=60.0)
+
+    @classmethod
+    def slow(cls) -> Backoff:
+        """For refused credentials: at least 30 s, doubling, at most 10 min (retrying sooner cannot help)."""
+        return cls(initial_s=60.0, factor=2.0, cap_s=600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap:
+    """Frames of one subscription that never arrived: seq `expected` up to `got - 1`."""
+
+    sid: int
+    expected: int
+    got: int
+
+    @property
+    def missing(self) -> int:
+        return self.got - self.expected
+
+
+class ObservedConnection(ClientConnection):
+    """A client connection that notes (loop time) when the server last sent a data frame or a ping."""
+
+    last_heard: float = 0.0
+    pings_received: int = 0
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        # The handshake response comes through here too; only frames count as life.
+        if isinstance(event, Frame) and event.opcode in _ALIVE_OPCODES:
+            self.last_heard = self.loop.time()
+            if event.opcode is Opcode.PING:
+                self.pings_received += 1
+
+
+def public_url(url: str) -> str:
+    """The URL without query or fragment, safe to log."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+class TradeStream:
+    """Reconnecting consumer of Kalshi's `trade` channel; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        signer: KalshiSigner | None,
+        deliver: Callable[[dict[str, Any]], None],
+        on_bad_frame: Callable[[str | bytes, MalformedTrade], None],
+        record: Callable[[str], None] | None = None,
+        idle_timeout_s: float = 30.0,
+        backoff: Backoff | None = None,
+        on_subscribed: Callable[[int], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        on_gap: Callable[[SeqGap], None] | None = None,
+        slow_backoff: Backoff | None = None,
+        stable_after_s: float = 60.0,
+        open_timeout_s: float = 10.0,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
+        close_timeout_s: float = 3.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._path = urlsplit(url).path or "/"
+        self._public_url = public_url(url)
+        self._signer = signer
+        self._deliver = deliver
+        self._on_bad_frame = on_bad_frame
+        self._record = record
+        self.idle_timeout_s = idle_timeout_s
+        self._backoff = backoff or Backoff.normal()
+        self._slow_backoff = slow_backoff or Backoff.slow()
+        self._on_subscribed = on_subscribed
+        self._on_disconnect = on_disconnect
+        self._on_gap = on_gap
+        self.stable_after_s = stable_after_s
+        self._open_timeout_s = open_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._ping_timeout_s = ping_timeout_s
+        self._close_timeout_s = close_timeout_s
+        self._sleep = sleep
+        self._clock = clock
+
+        # Counters for the stats line (never reset).
+        self.attempts = 0
+        self.connects = 0
+        self.reconnects = 0
+        self.frames = 0
+        self.last_frame_monotonic: float | None = None
+        self.connected_since: datetime | None = None
+        self.handshake_rejections = 0
+        self.error_frames = 0
+        self.idle_timeouts = 0
+        self.gaps = 0
+        self.frames_missing = 0
+
+        # State of the current connection (reset on each connect).
+        self.sid: int | None = None
+        self.last_seq: dict[int, int] = {}
+        self._seq_off: set[int] = set()
+        self._next_id = 1
+        self._pending_subscribes: set[int] = set()
+        self._ws: ObservedConnection | None = None
+        self._end: Cause | None = None
+
+        self._unknown_types: set[str] = set()
+        self._warned_unsigned = False
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        """Connect, read, reconnect, forever. Cancel to stop: the socket is closed with code 1000."""
+        while True:
+            self.attempts += 1
+            try:
+                ws = await self._connect()
+            except InvalidStatus as exc:
+                await self._sleep(self._connect_failure_delay(exc, exc.response.status_code))
+                continue
+            # InvalidURI and ValueError are left to propagate: a settings problem that retrying cannot fix.
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                await self._sleep(self._connect_failure_delay(exc, None))
+                continue
+
+            started = self._clock()
+            try:
+                self._begin_session(ws)
+                cause = await self._read(ws)
+            except ConnectionClosed:
+                cause = self._end or "closed"
+            except asyncio.CancelledError:
+                log.info("ws_stopping", uptime_s=round(self._clock() - started, 3))
+                raise
+            finally:
+                # Idempotent; on cancellation this is the clean 1000 close, then CancelledError propagates.
+                await ws.close()
+                self._ws = None
+                self.connected_since = None
+                self.sid = None
+
+            uptime_s = self._clock() - started
+            delay_s = self._end_of_session(ws, cause, uptime_s)
+            if self._on_disconnect is not None:
+                self._on_disconnect()
+            await self._sleep(delay_s)
+
+    async def _connect(self) -> ObservedConnection:
+        if self._signer is not None:
+            headers = self._signer.headers("GET", self._path)  # fresh timestamp on every attempt
+        else:
+            headers = {}
+            if not self._warned_unsigned:
+                self._warned_unsigned = True
+                log.warning("ws_unsigned", url=self._public_url, hint=_UNSIGNED_HINT)
+        ws = await connect(
+            self.url,
+            additional_headers=headers,
+            create_connection=ObservedConnection,
+            open_timeout=self._open_timeout_s,
+            ping_interval=self._ping_interval_s,
+            ping_timeout=self._ping_timeout_s,
+            close_timeout=self._close_timeout_s,
+        )
+        assert isinstance(ws, ObservedConnection)  # create_connection above
+        return ws
+
+    def _begin_session(self, ws: ObservedConnection) -> None:
+        self._ws = ws
+        self._end = None
+        self.connects += 1
+        if self.connects > 1:
+            self.reconnects += 1
+        self.connected_since = datetime.now(UTC)
+        self.sid = None
+        self.last_seq = {}
+        self._seq_off = set()
+        self._next_id = 1
+        self._pending_subscribes = set()
+        log.info("ws_connected", url=self._public_url, attempt=self.attempts, signed=self._signer is not None)
+
+    async def _read(self, ws: ObservedConnection) -> Cause:
+        """Subscribe, then read until the connection ends or asks to be replaced; returns why it ended."""
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        await self._subscribe(ws)
+        handle = self._handle
+        while True:
+            deadline = max(ws.last_heard, opened) + self.idle_timeout_s
+            if loop.time() >= deadline:
+                self.idle_timeouts += 1
+                log.warning(
+                    "ws_idle_timeout",
+                    idle_timeout_s=self.idle_timeout_s,
+                    silent_s=round(loop.time() - max(ws.last_heard, opened), 3),
+                    pings_received=ws.pings_received,
+                )
+                return "idle_timeout"
+            # One timer per quiet spell rather than per frame: when it fires, the loop re-checks last_heard.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while True:
+                        handle(await ws.recv())
+                        end = self._end
+                        if end is not None:
+                            return end
+            except TimeoutError:
+                continue
+
+    async def _subscribe(self, ws: ObservedConnection) -> None:
+        command_id = self._command_id()
+        self._pending_subscribes.add(command_id)
+        command = {"id": command_id, "cmd": "subscribe", "params": {"channels": ["trade"]}}
+        await ws.send(orjson.dumps(command).decode())
+
+    def _command_id(self) -> int:
+        command_id = self._next_id
+        self._next_id += 1
+        return command_id
+
+    # ------------------------------------------------------------------ frames
+
+    def _handle(self, raw: str | bytes) -> None:
+        """One received frame: record it, parse it, dispatch on its type. Never blocks, never awaits."""
+        self.frames += 1
+        self.last_frame_monotonic = self._clock()
+        if isinstance(raw, bytes):
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                self._on_bad_frame(raw, MalformedTrade("not_utf8"))
+                return
+        else:
+            text = raw
+        if self._record is not None:
+            self._record(text)
+        try:
+            frame = parse_frame(text)
+        except MalformedTrade as exc:
+            self._on_bad_frame(raw, exc)
+            return
+
+        kind = frame.get("type")
+        if kind == "trade":
+            self._track_seq(frame)
+            self._deliver(frame)
+        elif kind == "subscribed":
+            self._handle_subscribed(frame)
+        elif kind == "error":
+            self._handle_error(frame)
+        elif kind in ("ok", "unsubscribed"):
+            if "seq" in frame:
+                self._track_seq(frame)
+            log.debug("ws_control_frame", type=kind, id=frame.get("id"), sid=frame.get("sid"))
+        else:
+            name = kind if isinstance(kind, str) else repr(kind)[:40]
+            if name not in self._unknown_types and len(self._unknown_types) < _MAX_LOGGED_TYPES:
+                self._unknown_types.add(name)
+                log.warning("ws_unknown_frame_type", type=name)
+
+    def _handle_subscribed(self, frame: dict[str, Any]) -> None:
+        msg = frame.get("msg")
+        sid = msg.get("sid") if isinstance(msg, dict) else None
+        if sid is None:
+            sid = frame.get("sid")
+        channel = msg.get("channel") if isinstance(msg, dict) else None
+        command_id = frame.get("id")
+        if isinstance(command_id, int):
+            self._pending_subscribes.discard(command_id)
+        if not isinstance(sid, int) or isinstance(sid, bool):
+            log.warning("ws_subscribed_without_sid", id=frame.get("id"), channel=channel)
+            return
+        self.sid = sid
+        self.last_seq[sid] = 0  # Kalshi numbers a new subscription's frames from 1
+        log.info("ws_subscribed", sid=sid, channel=channel)
+        if self._on_subscribed is not None:
+            self._on_subscribed(sid)
+
+    def _handle_error(self, frame: dict[str, Any]) -> None:
+        self.error_frames += 1
+        if "seq" in frame:
+            self._track_seq(frame)  # error frames on a sid use up sequence numbers too
+        msg = frame.get("msg")
+        code = msg.get("code") if isinstance(msg, dict) else None
+        text = msg.get("msg") if isinstance(msg, dict) else None
+        command_id = frame.get("id")
+        if code == ERR_ALREADY_SUBSCRIBED:
+            log.debug("ws_error_frame", code=code, msg=text, id=command_id)
+        elif code == ERR_AUTH_REQUIRED:
+            log.error("ws_error_frame", code=code, msg=text, id=command_id, hint=_UNSIGNED_HINT)
+            self._end = "auth_required"
+        elif code == ERR_BUFFER_OVERFLOW:
+            log.warning(
+                "ws_error_frame",
+                code=code,
+                msg=text,
+                id=command_id,
+                hint="Kalshi dropped frames because this client read too slowly; reconnecting",
+            )
+            self._end = "buffer_overflow"
+        elif command_id in self._pending_subscribes:
+            log.warning("ws_error_frame", code=code, msg=text, id=command_id, hint="subscribe refused; reconnecting")
+            self._end = "subscribe_failed"
+        else:
+            log.warning("ws_error_frame", code=code, msg=text, id=command_id)
+
+    def _track_seq(self, frame: dict[str, Any]) -> None:
+        sid = frame.get("sid")
+        seq = frame.get("seq")
+        if not isinstance(sid, int) or sid in self._seq_off:
+            return
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            self._seq_off.add(sid)
+            self.last_seq.pop(sid, None)
+            log.warning("ws_seq_missing", sid=sid, hint="frames without seq: gap detection is off for this sid")
+            return
+        last = self.last_seq.get(sid)
+        self.last_seq[sid] = seq
+        if last is None or seq == last + 1:
+            return
+        expected = last + 1
+        if seq > expected:
+            gap = SeqGap(sid=sid, expected=expected, got=seq)
+            self.gaps += 1
+            self.frames_missing += gap.missing
+            log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
+            if self._on_gap is not None:
+                self._on_gap(gap)
+        else:
+            log.warning("ws_seq_out_of_order", sid=sid, expected=expected, got=seq)
+
+    # ------------------------------------------------------------------ control for the daemon / watchdog
+
+    async def resubscribe(self) -> bool:
+        """Unsubscribe the current sid (if any) and subscribe again on the open connection; False if none."""
+        ws = self._ws
+        if ws is None:
+            return False
+        if self.sid is not None:
+            command = {"id": self._command_id(), "cmd": "unsubscribe", "params": {"sids": [self.sid]}}
+            await ws.send(orjson.dumps(command).decode())
+        log.info("ws_resubscribe", sid=self.sid)
+        await self._subscribe(ws)
+        return True
+
+    async def reconnect(self, reason: str) -> None:
+        """Close the current connection (if any); `run()` then reconnects after the usual short delay."""
+        ws = self._ws
+        if ws is None:
+            return
+        log.info("ws_reconnect_requested", reason=reason)
+        self._end = "requested"
+        await ws.close(1000, reason[:100])
+
+    # ------------------------------------------------------------------ classification and delays
+
+    def _connect_failure_delay(self, exc: Exception, status: int | None) -> float:
+        if status in (401, 403):
+            self.handshake_rejections += 1
+            delay_s = self._slow_backoff.next_delay()
+            log.error(
+                "ws_handshake_rejected",
+                status=status,
+                url=self._public_url,
+                signed=self._signer is not None,
+                retry_in_s=round(delay_s, 3),
+                hint=_REJECTED_HINT if self._signer is not None else _UNSIGNED_HINT,
+            )
+            return delay_s
+        delay_s = self._backoff.next_delay()
+        log.warning(
+            "ws_connect_failed",
+            url=self._public_url,
+            attempt=self.attempts,
+            status=status,
+            error=type(exc).__name__,
+            reason=str(exc)[:200],
+            retry_in_s=round(delay_s, 3),
+        )
+        return delay_s
+
+    def _end_of_session(self, ws: ObservedConnection, cause: Cause, uptime_s: float) -> float:
+        if uptime_s >= self.stable_after_s:
+            self._backoff.reset()
+            self._slow_backoff.reset()
+        backoff = self._slow_backoff if cause == "auth_required" else self._backoff
+        delay_s = backoff.next_delay()
+        log_method = log.info if cause == "requested" else log.warning
+        log_method(
+            "ws_disconnected",
+            cause=cause,
+            code=ws.close_code,
+            reason=ws.close_reason or None,
+            uptime_s=round(uptime_s, 3),
+            retry_in_s=round(delay_s, 3),
+        )
+        return delay_s
