@@ -163,8 +163,7 @@ def test_backoff_doubles_to_its_cap_with_a_jitter_floor_and_resets() -> None:
 
 
 def test_backoff_defaults_never_retry_sooner_than_their_floor() -> None:
-    normal, slow = Backoff.normal(), Backoff.slow()
-    normal._rand = slow._rand = always(0.0)  # the worst roll
+    normal, slow = Backoff.normal(rand=always(0.0)), Backoff.slow(rand=always(0.0))  # the worst roll
     assert normal.next_delay() == 0.5
     assert slow.next_delay() == 30.0
     for _ in range(20):

@@ -2,7 +2,7 @@
 
 Each session: sign the handshake afresh, connect, subscribe to `trade`, then read frames and hand each trade
 frame to `deliver` (synchronous, never blocking: the daemon puts it on a bounded queue). The loop owns its
-retries: every way a session ends is classified in `_end_of_session` / `_connect_failure`, and the next
+retries: every way a session ends is classified in `_end_of_session` / `_connect_failure_delay`, and the next
 delay comes from a jittered, capped `Backoff` that is reset only after a connection stayed up a while, so a
 server that accepts and drops at once cannot cause a hot reconnect loop.
 
@@ -96,14 +96,14 @@ class Backoff:
         self.failures = 0
 
     @classmethod
-    def normal(cls) -> Backoff:
+    def normal(cls, rand: Callable[[], float] = random.random) -> Backoff:
         """For transient failures: about 1 s, doubling, at most 60 s."""
-        return cls(initial_s=1.0, factor=2.0, cap_s=60.0)
+        return cls(initial_s=1.0, factor=2.0, cap_s=60.0, rand=rand)
 
     @classmethod
-    def slow(cls) -> Backoff:
+    def slow(cls, rand: Callable[[], float] = random.random) -> Backoff:
         """For refused credentials: at least 30 s, doubling, at most 10 min (retrying sooner cannot help)."""
-        return cls(initial_s=60.0, factor=2.0, cap_s=600.0)
+        return cls(initial_s=60.0, factor=2.0, cap_s=600.0, rand=rand)
 
 
 @dataclass(frozen=True, slots=True)
