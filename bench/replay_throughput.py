@@ -1,0 +1,285 @@
+"""Replay throughput: frames per second and peak RSS of `python -m valshi_x --dry-run --replay` on a big capture.
+
+Generates a realistic capture of 1,000,000 frames under bench/out/ (once; reused while its spec is unchanged),
+replays it through the real command line as a subprocess, checks that the alerts are exactly the planted ones,
+and reports frames/s (wall time, interpreter start included) and the child's peak RSS. Optional: the same
+pipeline in-process (no subprocess, no logging) and cProfile reports of either, for finding the hot spots.
+
+    .venv/bin/python bench/replay_throughput.py                 # 3 CLI runs, targets checked
+    .venv/bin/python bench/replay_throughput.py --inprocess --profile
+    .venv/bin/python bench/replay_throughput.py --profile-cli
+
+Targets on the reference machine: >= 300,000 frames/s, peak RSS <= 100 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+sys.path[:0] = [str(BENCH), str(REPO)]
+
+# Imported after the path is set: a sibling script, and the package from this checkout.
+import gen_capture  # noqa: E402
+import orjson  # noqa: E402
+import structlog  # noqa: E402
+
+from valshi_x.pipeline import Pipeline  # noqa: E402
+from valshi_x.trades import MalformedTrade, parse_frame, trade_from_frame  # noqa: E402
+from valshi_x.whales import WhaleDetector  # noqa: E402
+
+TARGET_FRAMES_PER_S = 300_000
+TARGET_PEAK_RSS_MB = 100.0
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """No keys and no settings from the caller's shell: the defaults, as a fresh user would run it."""
+    return {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
+
+
+def ensure_capture(path: Path, frames: int, seed: int) -> dict[str, Any]:
+    """The capture and its manifest, generated unless an identical one is already there."""
+    spec = gen_capture.CaptureSpec(frames=frames, seed=seed)
+    manifest_file = gen_capture.manifest_path(path)
+    if path.is_file() and manifest_file.is_file():
+        manifest: dict[str, Any] = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if manifest["spec"]["frames"] == frames and manifest["spec"]["seed"] == seed:
+            return manifest
+    print(f"generating {path} ({frames:,} frames, seed {seed}) ...", file=sys.stderr)
+    started = time.perf_counter()
+    manifest = gen_capture.write_capture(path, spec)
+    size_mb = path.stat().st_size / 1e6
+    print(f"  done in {time.perf_counter() - started:.1f} s, {size_mb:.0f} MB", file=sys.stderr)
+    return manifest
+
+
+def run_cli(capture: Path, log_path: Path, prefix: list[str] | None = None) -> dict[str, Any]:
+    """One replay through the command line; wall time and the child's own rusage (os.wait4)."""
+    with tempfile.TemporaryDirectory(prefix="valshi-bench-") as workdir, log_path.open("wb") as log:
+        argv = [*(prefix or [sys.executable]), "-m", "valshi_x", "--dry-run", "--replay", str(capture.resolve())]
+        argv += ["--log-format", "json"]
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, cwd=workdir, env=clean_env(Path(workdir)), stdout=log, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall_s = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stderr = child.stderr.read().decode("utf-8", "replace") if child.stderr else ""
+        if child.stderr:
+            child.stderr.close()
+    return {
+        "exit_code": child.returncode,
+        "wall_s": wall_s,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KB on Linux
+        "stderr": stderr[-2000:],
+    }
+
+
+def check_output(log_path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems with the replay's log: alerts other than the planted ones, wrong counts."""
+    problems = []
+    posted: list[dict[str, Any]] = []
+    summary: dict[str, Any] | None = None
+    with log_path.open("rb") as log:
+        for line in log:
+            event = json.loads(line)
+            if event.get("event") == "would_post":
+                posted.append(event)
+            elif event.get("event") == "daemon_stopped":
+                summary = event
+    want = {(a["alert_id"], a["value_usd"]) for a in manifest["alerts"]}
+    got = {(a["alert_id"], a["value_usd"]) for a in posted}
+    if got != want or len(posted) != len(want):
+        problems.append(f"alerts differ: {len(want - got)} missing, {len(got - want)} unexpected, {len(posted)} logged")
+    if summary is None:
+        problems.append("no daemon_stopped summary line")
+    elif summary.get("frames") != manifest["frames"]:
+        problems.append(f"summary says {summary.get('frames')} frames, the capture has {manifest['frames']}")
+    return problems
+
+
+def replay_in_process(capture: Path, manifest: dict[str, Any]) -> tuple[int, int]:
+    """The pipeline without the daemon around it: frames and alerts, for timing and profiling."""
+    # Malformed-frame warnings would go to stdout; the numbers are about the pipeline, not the terminal.
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory(), cache_logger_on_first_use=False)
+
+    settings = manifest["settings"]
+    detector = WhaleDetector(Decimal(settings["WHALE_THRESHOLD_DOLLARS"]), int(settings["SWEEP_WINDOW_MS"]))
+    pipeline = Pipeline(detector)
+    alerts = 0
+    with capture.open("rb") as handle:
+        while lines := handle.readlines(1 << 20):
+            for line in lines:
+                found = pipeline.on_raw(line)
+                if found:
+                    alerts += len(found)
+    alerts += len(pipeline.flush())
+    return pipeline.counts.frames, alerts
+
+
+def stage_costs(capture: Path, manifest: dict[str, Any], frames: int) -> dict[str, float]:
+    """Microseconds per frame of each stage, cumulatively, over the capture's first `frames` lines held in memory."""
+    with capture.open("rb") as handle:
+        lines = [line for line, _ in zip(handle, range(frames), strict=False)]
+    settings = manifest["settings"]
+
+    def read() -> None:
+        for _ in lines:
+            pass
+
+    def decode() -> None:
+        for line in lines:
+            try:  # noqa: SIM105  (contextlib.suppress would add a context manager per frame to the timing)
+                orjson.loads(line)
+            except orjson.JSONDecodeError:
+                pass
+
+    def normalize() -> None:
+        for line in lines:
+            try:
+                frame = parse_frame(line)
+                if frame.get("type") == "trade":
+                    trade_from_frame(frame)
+            except MalformedTrade:
+                pass
+
+    def detect() -> None:
+        detector = WhaleDetector(Decimal(settings["WHALE_THRESHOLD_DOLLARS"]), int(settings["SWEEP_WINDOW_MS"]))
+        pipeline = Pipeline(detector)
+        for line in lines:
+            pipeline.on_raw(line)
+        pipeline.flush()
+
+    costs = {}
+    stages = (("iterate", read), ("+ orjson.loads", decode), ("+ normalize", normalize), ("+ detect", detect))
+    for name, stage in stages:
+        best = min(_timed(stage) for _ in range(3))
+        costs[name] = best / len(lines) * 1e6
+    return costs
+
+
+def _timed(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def profile_report(run: Callable[[], object], dump: Path, top: int) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    profiler.dump_stats(dump)
+    return stats_text(dump, top)
+
+
+def stats_text(dump: Path, top: int) -> str:
+    text = io.StringIO()
+    stats = pstats.Stats(str(dump), stream=text)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--capture", type=Path, help="replay this capture (default bench/out/capture-<frames>.jsonl)")
+    parser.add_argument("--runs", type=int, default=3, help="CLI runs; the best and the median are reported")
+    parser.add_argument("--inprocess", action="store_true", help="also time the pipeline in this process")
+    parser.add_argument("--stages", action="store_true", help="cost per frame of each stage (first 300k frames)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the in-process pipeline")
+    parser.add_argument("--profile-cli", action="store_true", help="cProfile one CLI run (python -m cProfile)")
+    parser.add_argument("--top", type=int, default=25, help="functions shown in a profile")
+    args = parser.parse_args(argv)
+
+    OUT.mkdir(exist_ok=True)
+    capture = args.capture or OUT / f"capture-{args.frames}.jsonl"
+    manifest = ensure_capture(capture, args.frames, args.seed)
+    frames = manifest["frames"]
+    size_mb = capture.stat().st_size / 1e6
+    print(f"capture: {capture} ({frames:,} frames, {size_mb:.0f} MB, {len(manifest['alerts'])} planted whales)")
+    report: dict[str, Any] = {"capture": str(capture), "frames": frames, "bytes": capture.stat().st_size}
+
+    ok = True
+    runs = []
+    for i in range(args.runs):
+        result = run_cli(capture, OUT / "replay-stdout.jsonl")
+        problems = check_output(OUT / "replay-stdout.jsonl", manifest) if result["exit_code"] == 0 else []
+        if result["exit_code"] != 0:
+            problems.append(f"exit code {result['exit_code']}: {result['stderr']}")
+        result["frames_per_s"] = frames / result["wall_s"]
+        result["problems"] = problems
+        runs.append(result)
+        ok = ok and not problems
+        print(
+            f"cli run {i + 1}: {result['wall_s']:.2f} s wall, {result['cpu_s']:.2f} s cpu, "
+            f"{result['frames_per_s']:,.0f} frames/s, peak RSS {result['peak_rss_mb']:.1f} MB"
+            + (f"  PROBLEMS: {problems}" if problems else "  (alerts exactly as planted)")
+        )
+    if runs:
+        best = max(r["frames_per_s"] for r in runs)
+        median = statistics.median(r["frames_per_s"] for r in runs)
+        peak = max(r["peak_rss_mb"] for r in runs)
+        meets = best >= TARGET_FRAMES_PER_S and peak <= TARGET_PEAK_RSS_MB
+        print(
+            f"cli: best {best:,.0f} frames/s, median {median:,.0f} frames/s, peak RSS {peak:.1f} MB "
+            f"(targets >= {TARGET_FRAMES_PER_S:,} frames/s, <= {TARGET_PEAK_RSS_MB:.0f} MB: "
+            f"{'met' if meets else 'NOT met'})"
+        )
+        report["cli"] = {"runs": runs, "best_frames_per_s": best, "median_frames_per_s": median, "peak_rss_mb": peak}
+
+    if args.inprocess:
+        started = time.perf_counter()
+        seen, alerts = replay_in_process(capture, manifest)
+        elapsed = time.perf_counter() - started
+        print(
+            f"in-process pipeline: {seen:,} frames in {elapsed:.2f} s = {seen / elapsed:,.0f} frames/s, {alerts} alerts"
+        )
+        report["inprocess"] = {"seconds": elapsed, "frames_per_s": seen / elapsed, "alerts": alerts}
+        ok = ok and alerts == len(manifest["alerts"])
+
+    if args.stages:
+        structlog.configure(logger_factory=structlog.ReturnLoggerFactory(), cache_logger_on_first_use=False)
+        costs = stage_costs(capture, manifest, min(frames, 300_000))
+        print("stage costs, cumulative (us/frame, best of 3, lines in memory):")
+        for name, micros in costs.items():
+            print(f"  {name:<16} {micros:6.2f} us  -> {1e6 / micros:>12,.0f} frames/s")
+        report["stages_us_per_frame"] = costs
+
+    if args.profile:
+        dump = OUT / "replay-inprocess.prof"
+        text = profile_report(lambda: replay_in_process(capture, manifest), dump, args.top)
+        print(f"\nin-process profile (cProfile adds overhead; compare shares, not seconds), saved to {dump}:\n{text}")
+
+    if args.profile_cli:
+        dump = OUT / "replay-cli.prof"
+        result = run_cli(
+            capture, OUT / "replay-stdout.jsonl", prefix=[sys.executable, "-m", "cProfile", "-o", str(dump)]
+        )
+        print(
+            f"\nCLI profile ({result['wall_s']:.1f} s under cProfile), saved to {dump}:\n{stats_text(dump, args.top)}"
+        )
+
+    (OUT / "replay_throughput.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
