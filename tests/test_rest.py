@@ -1,0 +1,489 @@
+"""Kalshi REST client against the loopback fake: titles, cache, retries and waits, the time budget, paging."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from tests.fake_kalshi_rest import FakeKalshiRest, Fault, rest_trade
+from valshi_x.kalshi import rest as rest_module
+from valshi_x.kalshi.rest import (
+    KalshiRest,
+    KalshiRestError,
+    RateLimiter,
+    TitleLookup,
+    TTLCache,
+    _Event,
+    label_from,
+)
+from valshi_x.trades import trade_from_fields
+from valshi_x.x.text import MarketLabel
+
+UNIT = 0.05  # seconds of real time; every real wait in these tests is a multiple of it
+
+
+class FakeClock:
+    """Monotonic time that moves only when the code under test sleeps; records every sleep."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay_s: float) -> None:
+        self.sleeps.append(round(delay_s, 6))
+        self.now += delay_s
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKalshiRest]:
+    async with FakeKalshiRest() as server:
+        yield server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    # A fresh logger bound inside capture_logs, whatever logging set-up earlier tests left cached.
+    with capture_logs() as captured:
+        monkeypatch.setattr(rest_module, "log", structlog.get_logger("test_rest"))
+        yield captured
+
+
+def make_rest(session: aiohttp.ClientSession, fake: FakeKalshiRest, clock: FakeClock, **kwargs: Any) -> KalshiRest:
+    options: dict[str, Any] = {
+        "max_requests_per_s": float("inf"),  # no spacing: the fake clock stands still between requests
+        "timeout_s": 20 * UNIT,
+        "backoff_initial_s": 1.0,
+        "backoff_max_s": 8.0,
+        "clock": clock,
+        "sleep": clock.sleep,
+        "jitter": lambda: 1.0,  # the top of the jitter range: waits are exactly the backoff
+    }
+    options.update(kwargs)
+    return KalshiRest(session, fake.base_url, **options)
+
+
+def nfl(fake: FakeKalshiRest) -> None:
+    fake.add_event("KXNFLGAME-26NOV01KCBUF", "Kansas City at Buffalo Winner?", series_ticker="KXNFLGAME")
+    fake.add_market("KXNFLGAME-26NOV01KCBUF-KC", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Kansas City")
+    fake.add_market("KXNFLGAME-26NOV01KCBUF-BUF", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Buffalo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Titles
+
+
+async def test_titles_from_market_and_event(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.add_event("KXFED-26DEC", "Fed rate after the December 2026 meeting?", series_ticker="KXFED")
+    fake.add_market("KXFED-26DEC-T4.00", "KXFED-26DEC", yes_sub_title="Above 4.00%")
+    fake.add_event("KXSHUT-26", "Will the government shut down in 2026?", series_ticker="KXSHUT")
+    fake.add_market("KXSHUT-26-Y", "KXSHUT-26", yes_sub_title="Government shut down in 2026", title="x")
+    fake.add_event("KXMVESPORTS-S2026AB", "", series_ticker="KXMVESPORTS", sub_title="MVE")
+    fake.add_market(
+        "KXMVESPORTS-S2026AB-CD",
+        "KXMVESPORTS-S2026AB",
+        yes_sub_title="yes Atlas",
+        title="yes Atlas,yes Cruz Azul,no Over 2.5 goals",
+    )
+    rest = make_rest(session, fake, clock)
+
+    assert await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC") == MarketLabel(
+        "Kansas City at Buffalo Winner? — Kansas City", "KXNFLGAME"
+    )
+    assert await rest.market_label("KXFED-26DEC-T4.00") == MarketLabel(
+        "Fed rate after the December 2026 meeting? — Above 4.00%", "KXFED"
+    )
+    # A sub-title the event's title already says adds nothing.
+    assert await rest.market_label("KXSHUT-26-Y") == MarketLabel("Will the government shut down in 2026?", "KXSHUT")
+    assert await rest.market_label("KXMVESPORTS-S2026AB-CD") == MarketLabel(
+        "Combo: yes Atlas, yes Cruz Azul, no Over 2.5 goals", None
+    )
+    assert fake.counts == {"market": 4, "event": 4}
+
+
+@pytest.mark.parametrize(
+    ("market", "event", "expected"),
+    [
+        ({"yes_sub_title": "Yes"}, _Event("Will it rain?", "", "KXRAIN", 1), "Will it rain?"),
+        ({"yes_sub_title": "rain"}, _Event("Will it rain?", "", "KXRAIN", 1), "Will it rain?"),
+        ({"yes_sub_title": "Will it rain?"}, _Event("Will it rain?", "", "KXRAIN", 2), "Will it rain?"),
+        (
+            {"yes_sub_title": "Buffalo"},
+            _Event("Kansas City at Buffalo?", "", "KXG", 2),
+            "Kansas City at Buffalo? — Buffalo",
+        ),
+        (
+            {"yes_sub_title": "Buffalo"},
+            _Event("Kansas City at Buffalo?", "", "KXG", None),
+            "Kansas City at Buffalo? — Buffalo",
+        ),
+        ({"yes_sub_title": ""}, _Event("Will it rain?", "", "KXRAIN", 2), "Will it rain?"),
+        ({"yes_sub_title": "Same", "title": "Same"}, _Event("Event?", "", "KXE", 1), "Event?"),
+        (
+            {"yes_sub_title": "85° to 86°"},
+            _Event("Highest temperature in NYC?", "", "KXHIGH", 6),
+            "Highest temperature in NYC? — 85° to 86°",
+        ),
+        ({"yes_sub_title": "Alice", "title": "Old title"}, None, "Old title — Alice"),
+        ({}, None, "KXA-1"),
+        ({"yes_sub_title": "", "title": ""}, _Event("Combo", "MVE", "KXMVE", None), "Combo"),
+    ],
+)
+def test_label_rules(market: dict[str, Any], event: _Event | None, expected: str) -> None:
+    assert label_from("KXA-1", market, event).title == expected
+
+
+async def test_cache_hits_and_expiry(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    nfl(fake)
+    rest = make_rest(session, fake, clock, label_ttl_s=6 * 3600.0)
+    first = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC") == first
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # same event: only the market is asked for
+    assert fake.counts == {"market": 2, "event": 1}
+
+    clock.now += 6 * 3600 - 1
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert fake.counts == {"market": 2, "event": 1}
+    clock.now += 2
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert fake.counts == {"market": 3, "event": 2}
+
+
+async def test_failures_are_cached_briefly(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    rest = make_rest(session, fake, clock, failure_ttl_s=60.0)
+    with pytest.raises(KalshiRestError) as first:
+        await rest.market_label("KXNOPE-1")
+    assert (first.value.reason, first.value.status) == ("not_found", 404)
+    with pytest.raises(KalshiRestError, match="cached failure"):
+        await rest.market_label("KXNOPE-1")
+    assert fake.counts == {"market": 1}
+    clock.now += 61
+    nfl(fake)
+    fake.add_market("KXNOPE-1", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Now it exists")
+    assert (await rest.market_label("KXNOPE-1")).title.endswith("— Now it exists")
+    assert fake.counts["market"] == 2
+
+
+async def test_bad_tickers_never_reach_the_server(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    rest = make_rest(session, fake, clock)
+    with pytest.raises(KalshiRestError, match="bad_ticker"):
+        await rest.market_label("../portfolio/balance")
+    assert fake.counts == {}
+
+
+def test_cache_is_bounded_least_recently_used_first() -> None:
+    clock = FakeClock()
+    cache: TTLCache[str, int] = TTLCache(2, clock)
+    cache.put("a", 1, 10.0)
+    cache.put("b", 2, 10.0)
+    assert cache.get("a") == 1  # "b" is now the least recently used
+    cache.put("c", 3, 10.0)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Retries and waits
+
+
+async def test_429_backs_off_then_succeeds(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
+) -> None:
+    nfl(fake)
+    fake.script("market", 429, 429, 429)
+    rest = make_rest(session, fake, clock)
+    label = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert label.title.endswith("— Kansas City")
+    assert clock.sleeps == [1.0, 2.0, 4.0]  # doubling; jitter pinned at its top
+    assert fake.counts == {"market": 4, "event": 1}
+    retries = [e for e in logs if e["event"] == "kalshi_rest_retry"]
+    assert [(e["reason"], e["status"], e["wait_s"]) for e in retries] == [("rate_limited", 429, w) for w in (1, 2, 4)]
+
+
+async def test_hold_delays_every_later_request() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, clock=clock, sleep=clock.sleep)
+    await limiter.wait()
+    limiter.hold(3.0)  # what a 429 does: every request after it waits, not only the one retried
+    await limiter.wait()
+    await limiter.wait()
+    assert clock.sleeps == [3.0, 0.1]
+
+
+async def test_jitter_spreads_waits(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    nfl(fake)
+    fake.script("market", 503, 503)
+    rest = make_rest(session, fake, clock, jitter=lambda: 0.0, backoff_initial_s=2.0)
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert clock.sleeps == [1.0, 2.0]  # the bottom of the range: half of 2 s, half of 4 s
+
+
+async def test_503_then_success(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    nfl(fake)
+    fake.script("event", 503)
+    rest = make_rest(session, fake, clock)
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).series_ticker == "KXNFLGAME"
+    assert clock.sleeps == [1.0]
+    assert fake.counts == {"market": 1, "event": 2}
+    assert (rest.requests, rest.retries) == (3, 1)
+
+
+async def test_gives_up_after_bounded_attempts(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.script("market", *([503] * 10))
+    rest = make_rest(session, fake, clock, max_attempts=4, backoff_max_s=3.0)
+    with pytest.raises(KalshiRestError) as caught:
+        await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert (caught.value.reason, caught.value.status) == ("server_error", 503)
+    assert fake.counts == {"market": 4}
+    assert clock.sleeps == [1.0, 2.0, 3.0]  # capped
+
+
+async def test_client_errors_are_not_retried(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.script("market", 400)
+    rest = make_rest(session, fake, clock)
+    with pytest.raises(KalshiRestError, match="http_error") as caught:
+        await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert caught.value.status == 400
+    assert fake.counts == {"market": 1}
+    assert clock.sleeps == []
+
+
+async def test_dropped_connection_and_timeout_are_retried(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
+) -> None:
+    nfl(fake)
+    # aiohttp itself resends an idempotent request once when the server drops it; the second drop reaches us.
+    fake.script("market", Fault(drop=True), Fault(drop=True), Fault(delay_s=4 * UNIT))
+    rest = make_rest(session, fake, clock, timeout_s=2 * UNIT)
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).title.endswith("Kansas City")
+    reasons = [e["reason"] for e in logs if e["event"] == "kalshi_rest_retry"]
+    assert reasons == ["connection_error", "timeout"]
+    assert fake.counts["market"] == 4
+
+
+async def test_rate_limiter_spaces_requests(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    rest = make_rest(session, fake, clock, max_requests_per_s=10.0)
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")  # market + event
+    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # market (event cached)
+    assert clock.sleeps == [0.1, 0.1]
+
+
+async def test_real_spacing_on_the_wire(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+    nfl(fake)
+    rest = KalshiRest(session, fake.base_url, max_requests_per_s=1 / (2 * UNIT))
+    await asyncio.gather(*(rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC") for _ in range(4)))
+    times = [r.at_s for r in fake.requests]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 3
+    assert all(gap >= 2 * UNIT * 0.8 for gap in gaps), gaps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The time budget of a lookup
+
+
+async def test_label_for_gives_up_within_budget(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
+) -> None:
+    nfl(fake)
+    fake.delay_s["market"] = 10 * UNIT
+    rest = KalshiRest(session, fake.base_url, timeout_s=20 * UNIT, max_attempts=1)
+    lookup = TitleLookup(rest)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=2 * UNIT) is None
+    elapsed = loop.time() - started
+    assert 2 * UNIT * 0.9 <= elapsed < 5 * UNIT
+    failed = [e for e in logs if e["event"] == "title_lookup_failed"]
+    assert [(e["ticker"], e["reason"]) for e in failed] == [("KXNFLGAME-26NOV01KCBUF-KC", "timeout")]
+
+    # The lookup went on in the background; once done, its answer is cached and comes at once.
+    await asyncio.sleep(12 * UNIT)
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=2 * UNIT)
+    assert label is not None
+    assert label.title.endswith("Kansas City")
+    assert fake.counts["market"] == 1
+    await lookup.aclose()
+
+
+async def test_label_for_failure_is_none_and_logged_once(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
+) -> None:
+    fake.script("market", 503, 503)
+    rest = make_rest(session, fake, clock, max_attempts=2)
+    lookup = TitleLookup(rest)
+    assert await lookup.label_for("KXGONE-1", budget_s=40 * UNIT) is None
+    failed = [e for e in logs if e["event"] == "title_lookup_failed"]
+    assert [(e["reason"], e["status"]) for e in failed] == [("server_error", 503)]
+    assert lookup.failures == 1
+    await lookup.aclose()
+
+
+async def test_concurrent_lookups_share_one_request(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+    nfl(fake)
+    fake.delay_s["market"] = 2 * UNIT
+    lookup = TitleLookup(KalshiRest(session, fake.base_url))
+    labels = await asyncio.gather(
+        *(lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=20 * UNIT) for _ in range(5))
+    )
+    assert len(set(labels)) == 1
+    assert fake.counts == {"market": 1, "event": 1}
+    await lookup.aclose()
+
+
+async def test_disabled_lookup_asks_nothing() -> None:
+    assert await TitleLookup(None).label_for("KXA-1") is None
+
+
+async def test_aclose_cancels_background_lookups(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+    nfl(fake)
+    fake.delay_s["market"] = 100 * UNIT
+    lookup = TitleLookup(KalshiRest(session, fake.base_url, timeout_s=200 * UNIT))
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=UNIT) is None
+    await lookup.aclose()
+    assert lookup._running == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trades pager
+
+T0_S = 1_788_000_000
+
+
+def tape(count: int, *, start_s: int = T0_S, step_ms: int = 250) -> list[dict[str, Any]]:
+    return [
+        rest_trade(f"id-{n:05d}", "KXA-1" if n % 3 else "KXB-2", ts_ms=start_s * 1000 + n * step_ms, count="5.00")
+        for n in range(count)
+    ]
+
+
+async def collect(rest: KalshiRest, min_ts_s: int, max_ts_s: int, **kwargs: Any) -> list[list[dict[str, Any]]]:
+    return [page async for page in rest.iter_trades(min_ts_s, max_ts_s, **kwargs)]
+
+
+async def test_pages_over_several_cursors(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    trades = tape(2500)
+    fake.add_trades(reversed(trades))  # any order in
+    rest = make_rest(session, fake, clock)
+    pages = await collect(rest, T0_S, T0_S + 10_000, limit=1000)
+    assert [len(p) for p in pages] == [1000, 1000, 500]
+    ids = [t["trade_id"] for page in pages for t in page]
+    assert ids == [t["trade_id"] for t in reversed(trades)]  # newest first, each once
+    assert fake.counts == {"trades": 3}
+    cursors = [r.query.get("cursor") for r in fake.requests]
+    assert cursors[0] is None
+    assert all(cursors[1:]) and len(set(cursors[1:])) == 2
+    # Every page is the same trade records the live path normalizes.
+    assert trade_from_fields(pages[0][0]).ts_ms == (T0_S * 1000) + 2499 * 250
+
+
+async def test_window_bounds_are_whole_seconds(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    fake.add_trades(tape(40))  # 4 trades a second for 10 s
+    rest = make_rest(session, fake, clock)
+    pages = await collect(rest, T0_S + 2, T0_S + 4, limit=5)
+    trades = [t for page in pages for t in page]
+    assert len(trades) == 12  # seconds 2, 3 and 4
+    assert [len(p) for p in pages] == [5, 5, 2]
+
+
+async def test_ticker_filter(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    fake.add_trades(tape(30))
+    rest = make_rest(session, fake, clock)
+    pages = await collect(rest, T0_S, T0_S + 100, limit=1000, ticker="KXB-2")
+    assert {t["ticker"] for page in pages for t in page} == {"KXB-2"}
+    assert sum(len(p) for p in pages) == 10
+
+
+async def test_paging_survives_429_and_503(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    fake.add_trades(tape(2100))
+    fake.script("trades", 429, 503)
+    rest = make_rest(session, fake, clock)
+    pages = await collect(rest, T0_S, T0_S + 10_000)
+    assert sum(len(p) for p in pages) == 2100
+    assert clock.sleeps == [1.0, 2.0]
+    assert fake.counts == {"trades": 5}
+
+
+async def test_trades_added_while_paging_do_not_shift_pages(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    trades = tape(300)
+    fake.add_trades(trades)
+    rest = make_rest(session, fake, clock)
+    seen: list[str] = []
+    async for page in rest.iter_trades(T0_S, T0_S + 10_000, limit=100):
+        seen.extend(t["trade_id"] for t in page)
+        if len(seen) == 100:  # the live tape grows between two pages
+            fake.add_trades([rest_trade("late", "KXA-1", ts_ms=(T0_S + 500) * 1000)])
+    assert seen == [t["trade_id"] for t in reversed(trades)]
+
+
+async def test_pager_raises_when_a_page_cannot_be_had(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    fake.add_trades(tape(1500))
+    fake.script("trades", Fault(), *([503] * 5))  # the first page arrives, then the server fails
+    rest = make_rest(session, fake, clock, max_attempts=3)
+    pages: list[list[dict[str, Any]]] = []
+    with pytest.raises(KalshiRestError) as caught:
+        async for page in rest.iter_trades(T0_S, T0_S + 10_000):
+            pages.append(page)
+    assert [len(p) for p in pages] == [1000]
+    assert (caught.value.reason, caught.value.path) == ("server_error", "/markets/trades")
+
+
+async def test_empty_window(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    fake.add_trades(tape(10))
+    rest = make_rest(session, fake, clock)
+    assert await collect(rest, T0_S + 100, T0_S + 200) == []
+    assert fake.counts == {"trades": 1}
+
+
+async def test_bad_pager_arguments(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+    rest = make_rest(session, fake, clock)
+    with pytest.raises(ValueError, match="limit"):
+        await collect(rest, T0_S, T0_S + 1, limit=1001)
+    with pytest.raises(ValueError, match="min_ts_s"):
+        await collect(rest, T0_S + 1, T0_S)

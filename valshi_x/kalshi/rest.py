@@ -1,0 +1,389 @@
+"""Kalshi REST, public endpoints only: market titles for posts and the trades pager for backfill.
+
+One `KalshiRest` per daemon, on the daemon's `aiohttp.ClientSession`. It owns its retries: every request waits
+its turn in a rate limiter (a fixed spacing), has a timeout, and is retried on 429 (Kalshi sends no
+Retry-After: exponential backoff with jitter, during which no other request goes out either), on 5xx, timeouts
+and dropped connections, a bounded number of times; then it raises `KalshiRestError`.
+
+`TitleLookup` wraps the title lookup for the poster: it answers within a budget or gives up (None), so a slow
+or failing Kalshi never holds a post back for long; the post falls back to the ticker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import aiohttp
+import orjson
+import structlog
+
+from valshi_x.errors import ValshiError
+from valshi_x.x.text import MarketLabel
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Tickers are upper-case letters, digits, '-' and '.'; anything else must not reach a URL path.
+_TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class KalshiRestError(ValshiError):
+    """A REST request that failed for good; `reason` is a short snake_case tag, `status` the last HTTP status."""
+
+    def __init__(self, reason: str, path: str, *, status: int | None = None, detail: str = "") -> None:
+        text = f"{reason} on GET {path}" + (f" (HTTP {status})" if status is not None else "")
+        super().__init__(f"{text}: {detail}" if detail else text)
+        self.reason = reason
+        self.path = path
+        self.status = status
+        self.detail = detail
+
+
+class RateLimiter:
+    """Spaces requests at least `1 / per_s` apart; `hold` pushes every later request back (after a 429)."""
+
+    def __init__(self, per_s: float, *, clock: Clock, sleep: Sleep) -> None:
+        if per_s <= 0:
+            raise ValueError("per_s must be positive")
+        self._interval_s = 1.0 / per_s
+        self._clock = clock
+        self._sleep = sleep
+        self._next_s = float("-inf")
+
+    async def wait(self) -> None:
+        # Reserve the slot before sleeping so concurrent callers queue up behind each other without a lock.
+        now = self._clock()
+        slot = max(now, self._next_s)
+        self._next_s = slot + self._interval_s
+        if slot > now:
+            await self._sleep(slot - now)
+
+    def hold(self, delay_s: float) -> None:
+        self._next_s = max(self._next_s, self._clock() + delay_s)
+
+
+class TTLCache(Generic[_K, _V]):
+    """A bounded mapping whose entries expire; least recently used entries leave first when full."""
+
+    def __init__(self, max_entries: int, clock: Clock) -> None:
+        self._max_entries = max_entries
+        self._clock = clock
+        self._data: OrderedDict[_K, tuple[float, _V]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: _K) -> _V | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        expires_s, value = entry
+        if self._clock() >= expires_s:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: _K, value: _V, ttl_s: float) -> None:
+        self._data[key] = (self._clock() + ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max_entries:
+            self._data.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A failed lookup remembered for a short while, so a broken ticker is not asked about on every alert."""
+
+    reason: str
+    path: str
+    status: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    title: str
+    sub_title: str
+    series_ticker: str | None
+    markets: int | None  # markets in the event, when the answer said
+
+
+def _text_field(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _is_combo(ticker: str, event: _Event | None) -> bool:
+    return ticker.upper().startswith("KXMVE") or (event is not None and event.sub_title == "MVE")
+
+
+def label_from(ticker: str, market: dict[str, Any], event: _Event | None) -> MarketLabel:
+    """A readable label: the event's title plus the market's yes_sub_title when that says more.
+
+    In an event of several markets the sub-title is what tells them apart, even when its words are already in
+    the title ("Kansas City at Buffalo Winner?" + "Kansas City"), so it is always added there; for a lone
+    market it is added only when the title does not already say it. Combos (KXMVE…) have no useful event
+    title: their legs ("yes Atlas,yes Cruz Azul") are the label.
+    """
+    if _is_combo(ticker, event):
+        candidates = [_text_field(market, "yes_sub_title"), _text_field(market, "title")]
+        legs_text = max(candidates, key=lambda s: (s.count(","), len(s)))
+        legs = [leg.strip() for leg in legs_text.split(",") if leg.strip()]
+        if legs:
+            return MarketLabel("Combo: " + ", ".join(legs), None)
+        return MarketLabel((event.title if event else "") or "Combo", None)
+
+    title = (event.title if event else "") or _text_field(market, "title") or ticker
+    sub = _text_field(market, "yes_sub_title")
+    series = event.series_ticker if event else None
+    folded = sub.casefold()
+    if not sub or folded in {"yes", "no", title.casefold()}:
+        return MarketLabel(title, series)
+    # A lone market's sub-title often repeats the question or the market's own (deprecated) title.
+    lone = event is not None and event.markets == 1
+    if lone and (folded in title.casefold() or folded == _text_field(market, "title").casefold()):
+        return MarketLabel(title, series)
+    return MarketLabel(f"{title} — {sub}", series)
+
+
+class KalshiRest:
+    """Client of Kalshi's public REST endpoints, with rate limiting, retries and a title cache."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        max_requests_per_s: float = 10.0,
+        timeout_s: float = 5.0,
+        max_attempts: int = 5,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        label_ttl_s: float = 6 * 3600.0,
+        failure_ttl_s: float = 60.0,
+        cache_entries: int = 2000,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_attempts = max_attempts
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._label_ttl_s = label_ttl_s
+        self._failure_ttl_s = failure_ttl_s
+        self._sleep = sleep
+        self._jitter = jitter
+        self.limiter = RateLimiter(max_requests_per_s, clock=clock, sleep=sleep)
+        self._labels: TTLCache[str, MarketLabel | _Failure] = TTLCache(cache_entries, clock)
+        self._events: TTLCache[str, _Event] = TTLCache(cache_entries, clock)
+        self.requests = 0  # HTTP requests sent, retries included
+        self.retries = 0
+
+    def backoff_s(self, retry: int) -> float:
+        """Wait before retry number `retry` (1, 2, …): doubling from the initial wait up to the cap, then
+        jittered into [half, full] so clients that failed together do not come back together."""
+        full: float = min(self._backoff_max_s, self._backoff_initial_s * 2.0 ** (retry - 1))
+        return full * (0.5 + 0.5 * self._jitter())
+
+    async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        """GET `path` (below the base URL) and return its JSON object, retrying what can be retried."""
+        url = self._base_url + path
+        failure: KalshiRestError | None = None
+        for attempt in range(1, self._max_attempts + 1):
+            if failure is not None:
+                self.retries += 1
+                wait_s = self.backoff_s(attempt - 1)
+                log.warning(
+                    "kalshi_rest_retry",
+                    path=path,
+                    reason=failure.reason,
+                    status=failure.status,
+                    attempt=attempt,
+                    wait_s=round(wait_s, 3),
+                )
+                if failure.reason == "rate_limited":
+                    # The limit is per client: every request waits, not only this one.
+                    self.limiter.hold(wait_s)
+                else:
+                    await self._sleep(wait_s)
+            await self.limiter.wait()
+            self.requests += 1
+            try:
+                async with self._session.get(
+                    url, params=params, timeout=self._timeout, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    body = await response.read()
+            except TimeoutError:
+                failure = KalshiRestError("timeout", path)
+                continue
+            except aiohttp.ClientError as exc:
+                failure = KalshiRestError("connection_error", path, detail=type(exc).__name__)
+                continue
+
+            if status == 200:
+                try:
+                    data = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    failure = KalshiRestError("bad_response", path, status=status, detail="not JSON")
+                    continue
+                if not isinstance(data, dict):
+                    raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
+                return data
+            if status == 429:
+                failure = KalshiRestError("rate_limited", path, status=status)
+            elif status >= 500:
+                failure = KalshiRestError("server_error", path, status=status)
+            elif status == 404:
+                raise KalshiRestError("not_found", path, status=status)
+            else:
+                raise KalshiRestError("http_error", path, status=status, detail=body[:120].decode(errors="replace"))
+        assert failure is not None
+        raise failure
+
+    # -- titles -------------------------------------------------------------------------------------------------
+
+    async def market_label(self, ticker: str) -> MarketLabel:
+        """The label of a market (cached); raises KalshiRestError, also for a failure seen in the last minute."""
+        cached = self._labels.get(ticker)
+        if isinstance(cached, _Failure):
+            raise KalshiRestError(cached.reason, cached.path, status=cached.status, detail="cached failure")
+        if cached is not None:
+            return cached
+        try:
+            label = await self._fetch_label(ticker)
+        except KalshiRestError as exc:
+            self._labels.put(ticker, _Failure(exc.reason, exc.path, exc.status), self._failure_ttl_s)
+            raise
+        self._labels.put(ticker, label, self._label_ttl_s)
+        return label
+
+    async def _fetch_label(self, ticker: str) -> MarketLabel:
+        path = f"/markets/{ticker}"
+        if not _TICKER_RE.fullmatch(ticker):
+            raise KalshiRestError("bad_ticker", path)
+        market = (await self.get_json(path)).get("market")
+        if not isinstance(market, dict):
+            raise KalshiRestError("bad_response", path, status=200, detail="no market object")
+        event_ticker = _text_field(market, "event_ticker")
+        event = await self._event(event_ticker) if _TICKER_RE.fullmatch(event_ticker) else None
+        return label_from(ticker, market, event)
+
+    async def _event(self, event_ticker: str) -> _Event:
+        cached = self._events.get(event_ticker)
+        if cached is not None:
+            return cached
+        path = f"/events/{event_ticker}"
+        data = await self.get_json(path)
+        raw = data.get("event")
+        if not isinstance(raw, dict):
+            raise KalshiRestError("bad_response", path, status=200, detail="no event object")
+        # Markets come beside the event by default, inside it with with_nested_markets.
+        markets = data.get("markets", raw.get("markets"))
+        series = _text_field(raw, "series_ticker")
+        event = _Event(
+            title=_text_field(raw, "title"),
+            sub_title=_text_field(raw, "sub_title"),
+            series_ticker=series or None,
+            markets=len(markets) if isinstance(markets, list) else None,
+        )
+        self._events.put(event_ticker, event, self._label_ttl_s)
+        return event
+
+    # -- trades -------------------------------------------------------------------------------------------------
+
+    async def iter_trades(
+        self, min_ts_s: int, max_ts_s: int, *, limit: int = 1000, ticker: str | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every trade between the two times (Unix seconds, as Kalshi filters them), one page at a time.
+
+        Yields each non-empty page's raw trade objects (newest first, as Kalshi sends them); follows `cursor`
+        until it comes back empty. Raises KalshiRestError when a page cannot be had after retries.
+        """
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be between 1 and 1000")
+        if min_ts_s > max_ts_s:
+            raise ValueError("min_ts_s must not be after max_ts_s")
+        path = "/markets/trades"
+        params = {"min_ts": str(min_ts_s), "max_ts": str(max_ts_s), "limit": str(limit)}
+        if ticker:
+            params["ticker"] = ticker
+        seen_cursors: set[str] = set()
+        while True:
+            data = await self.get_json(path, params)
+            trades = data.get("trades") or []
+            if not isinstance(trades, list) or not all(isinstance(t, dict) for t in trades):
+                raise KalshiRestError("bad_response", path, status=200, detail="trades is not a list of objects")
+            if trades:
+                yield trades
+            cursor = data.get("cursor") or ""
+            if not isinstance(cursor, str):
+                raise KalshiRestError("bad_response", path, status=200, detail="cursor is not a string")
+            if not cursor:
+                return
+            if cursor in seen_cursors:
+                raise KalshiRestError("cursor_loop", path, status=200, detail="the same cursor came back")
+            seen_cursors.add(cursor)
+            params["cursor"] = cursor
+
+
+class TitleLookup:
+    """Market labels for the poster, within a time budget; None (and one log line) instead of an error.
+
+    A lookup that runs out of budget goes on in the background, so its answer is cached for the next alert
+    on that market; `aclose` cancels what is still running. Built with `rest=None` it never looks anything
+    up (replays without network).
+    """
+
+    def __init__(self, rest: KalshiRest | None) -> None:
+        self._rest = rest
+        self._running: dict[str, asyncio.Task[MarketLabel]] = {}
+        self.failures = 0
+
+    async def label_for(self, ticker: str, budget_s: float = 3.0) -> MarketLabel | None:
+        if self._rest is None:
+            return None
+        task = self._running.get(ticker)
+        if task is None:
+            task = asyncio.create_task(self._rest.market_label(ticker), name=f"title_lookup:{ticker}")
+            self._running[ticker] = task
+            task.add_done_callback(self._forget)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), budget_s)
+        except TimeoutError:
+            reason, status = "timeout", None
+        except KalshiRestError as exc:
+            reason, status = exc.reason, exc.status
+        self.failures += 1
+        log.warning("title_lookup_failed", ticker=ticker, reason=reason, status=status, budget_s=budget_s)
+        return None
+
+    def _forget(self, task: asyncio.Task[MarketLabel]) -> None:
+        ticker = task.get_name().removeprefix("title_lookup:")
+        if self._running.get(ticker) is task:
+            del self._running[ticker]
+        if not task.cancelled():
+            task.exception()  # a failure nobody waited for any more is already counted; mark it retrieved
+
+    async def aclose(self) -> None:
+        """Cancel lookups still running in the background."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
