@@ -729,13 +729,16 @@ class CaptureGenerator:
                 with_taker_side=rng.random() < 0.7,
             )
 
-    def frames(self) -> Iterator[tuple[int, str, str | None]]:
-        """`(arrival_ms, line, trade_id or None)` for every line of the capture, in order."""
+    def frames(self, first_seq: int = 1) -> Iterator[tuple[int, str, str | None]]:
+        """`(arrival_ms, line, trade_id or None)` for every line of the capture, in order.
+
+        `first_seq` lets a live bench continue one subscription's numbering across several generated parts.
+        """
         planted: list[tuple[int, int, Payload, str]] = []
         for order, (arrival_ms, payload, case) in enumerate((t, p, s.case) for s in self.scenarios for t, p in s.items):
             planted.append((arrival_ms, order, payload, case))
         heapq.heapify(planted)
-        seq = 0
+        seq = first_seq - 1
         line_no = 1
         malformed: list[dict[str, Any]] = []
         reasons: Counter[str] = Counter()
