@@ -205,3 +205,17 @@ def test_late_fill_finds_its_own_sweep_among_several_of_the_same_key() -> None:
     d.release(token)
     (alert,) = d.flush()
     assert alert.first_ts_ms == T0 + 4900 and alert.value_usd == Decimal(105000)
+
+
+def test_processed_through_stops_at_open_groups_and_holds() -> None:
+    d = detector()
+    assert d.processed_through_ms() == 0
+    d.add(fill("10", "0.5", at=0))
+    assert d.processed_through_ms() == T0 - 1  # its group is still open
+    d.add(fill("10", "0.5", at=2000, ticker="B"))
+    assert d.processed_through_ms() == T0 + 1999
+    token = d.hold(T0 + 500)
+    assert d.processed_through_ms() == T0 + 499
+    d.release(token)
+    d.flush()
+    assert d.processed_through_ms() == T0 + 2000

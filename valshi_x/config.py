@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from valshi_x.errors import ConfigError
+from valshi_x.x.text import validate_template
 
 KALSHI_WS_URL = "wss://external-api-ws.kalshi.com/trade-api/ws/v2"
 KALSHI_API_URL = "https://external-api.kalshi.com/trade-api/v2"
@@ -87,6 +88,12 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"must be true or false, got {raw!r}")
 
 
+def _template(raw: str) -> str:
+    if raw:
+        validate_template(raw)  # raises ValueError saying what is wrong
+    return raw
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         parts = urlsplit(raw)
@@ -146,7 +153,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "POST_LINKS", "false", "Add a kalshi.com link to each post (X charges 13x for posts with links).", _bool
     ),
-    SettingSpec("POST_TEMPLATE", "", "The post's text template; empty means the built-in one (see README).", _text),
+    SettingSpec("POST_TEMPLATE", "", "The post's text template; empty means the built-in one (see README).", _template),
     SettingSpec("X_TIMEOUT_S", "20", "Timeout of one request to X.", _seconds),
     SettingSpec(
         "BACKFILL_MAX_S", "1800", "At start-up, fetch missed trades from REST back at most this far.", _seconds

@@ -170,6 +170,16 @@ class WhaleDetector:
     def release(self, token: int) -> None:
         self._holds.pop(token, None)
 
+    def processed_through_ms(self) -> int:
+        """Trade time before which every trade seen is in a closed group: where a restart may resume."""
+        through = self.watermark_ms
+        oldest_open = min((group.first_ts_ms for group in self._opened if not group.closed), default=None)
+        if oldest_open is not None:
+            through = min(through, oldest_open - 1)
+        if self._holds:
+            through = min(through, min(self._holds.values()) - 1)
+        return through
+
     def add(self, trade: Trade) -> list[Alert]:
         """Take one trade; return the alerts of any groups this closes (possibly its own)."""
         ts_ms = trade.ts_ms

@@ -193,6 +193,7 @@ class TradeStream:
         self.frames = 0
         self.last_frame_monotonic: float | None = None
         self.connected_since: datetime | None = None
+        self.connected_at_monotonic: float | None = None
         self.handshake_rejections = 0
         self.error_frames = 0
         self.idle_timeouts = 0
@@ -276,6 +277,7 @@ class TradeStream:
         if self.connects > 1:
             self.reconnects += 1
         self.connected_since = datetime.now(UTC)
+        self.connected_at_monotonic = self._clock()
         self.sid = None
         self.last_seq = {}
         self._seq_off = set()
@@ -434,6 +436,14 @@ class TradeStream:
             log.warning("ws_seq_out_of_order", sid=sid, expected=expected, got=seq)
 
     # ------------------------------------------------------------------ control for the daemon / watchdog
+
+    @property
+    def last_heard_monotonic(self) -> float | None:
+        """When (event-loop time) the server last sent a frame or a ping on the current connection; None if none."""
+        ws = self._ws
+        if ws is None or not ws.last_heard:
+            return None
+        return ws.last_heard
 
     async def resubscribe(self) -> bool:
         """Unsubscribe the current sid (if any) and subscribe again on the open connection; False if none."""
