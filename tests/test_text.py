@@ -449,3 +449,25 @@ def test_custom_template_with_escaped_newlines_and_braces() -> None:
 def test_bad_templates_are_explained(template: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_template(template)
+
+
+def test_titles_become_one_line() -> None:
+    text = render_post(SWEEP, title="Line one\nLine two\t\r end  ")
+    assert text.splitlines()[1] == "Line one Line two end"
+
+
+_TITLE_ALPHABET = [*"aZ09 .,:/@$#-_?", "\uff20", "\uff04", "com", "io", "https://", "漢", "🐋", FAMILY, "é", "BTC"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_TITLE_ALPHABET), max_size=200).map("".join))
+def test_any_title_gives_a_post_within_the_rules(title: str) -> None:
+    text = render_post(SWEEP, title=title)
+    assert weighted_length(text) <= MAX_WEIGHTED_LENGTH
+    assert MENTION_RE.search(text) is None
+    assert "@" not in text
+    assert re.search(r"\$[A-Za-z]", text) is None
+    assert text.splitlines()[2:] == NUMBER_LINES
+    if ORACLE is not None:
+        assert x_length(text) <= MAX_WEIGHTED_LENGTH
+        assert x_urls(text) == []

@@ -247,7 +247,7 @@ def _safe_length(text: str) -> int:
 _SPACE_RUNS = re.compile(r"\s+")
 _HANDLE = re.compile(r"(?<![A-Za-z0-9_])[@\uff20](?=[A-Za-z0-9_])")
 _AT = re.compile(r"\s*[@\uff20]\s*")
-_CASHTAG = re.compile(r"[$\uff04](?=[^\W\d_])")
+_CASHTAG = re.compile(r"[$\uff04]+(?=[^\W\d_])")
 _DOMAIN_DOT = re.compile(r"(?<=[\w-])\.(?=[^\W\d_]{2})")
 _ONE_DOT_LEADER = "\u2024"
 # What X reads as a mention or a cashtag; used to check templates and in tests.
