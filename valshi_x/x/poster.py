@@ -584,14 +584,17 @@ class Poster:
                 self.stats.failed += 1
                 log.error("post_failed", **fields, failures=item.failures, reason=f"no valid text: {exc}")
                 return
-        await self._store.mark_posting(item.alert_id, text)
+        if self._stopping:
+            return  # drain began while the text was being made: leave the alert pending for the next start
         self._idle.clear()
         try:
-            sent_ms = self._now_ms()
             try:
+                await self._store.mark_posting(item.alert_id, text)
+                sent_ms = self._now_ms()
                 result = await self._transport.send(item.alert, text)
             except asyncio.CancelledError:
                 # Cut off mid-request (shutdown): X may or may not have the post; the retry's answer will tell.
+                # (Queued after `mark_posting` on the store's one thread, so it lands even if that was in progress.)
                 await asyncio.shield(
                     self._store.release(item.alert_id, 0, error="cancelled while posting", in_doubt=True)
                 )
