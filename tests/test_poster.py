@@ -38,7 +38,6 @@ from valshi_x.x.poster import (
     TRANSIENT_BACKOFF,
     Backoff,
     DryRunTransport,
-    OutboxSink,
     OutcomeKind,
     Poster,
     SendResult,
@@ -664,14 +663,11 @@ async def test_an_alert_that_cannot_be_rendered_fails_loudly_without_a_request(
     await rig.close()
 
 
-async def test_the_outbox_sink_queues_batches_and_refuses_overlaps(time: FakeTime) -> None:
+async def test_a_redelivered_alert_is_refused(time: FakeTime) -> None:
     rig = await open_rig(None, time, None)
-    sink = OutboxSink(rig.poster)
-    await sink.submit([whale(1), whale(2)])
-    await sink.submit([whale(2)])  # delivered again
-    assert (sink.queued, sink.refused) == (2, 1)
-    assert (await rig.store.counts())["pending"] == 2
-    await sink.drain(UNIT_S)
+    assert await rig.poster.submit(whale(1))
+    assert not await rig.poster.submit(whale(1))  # delivered again: its trades already belong to an alert
+    assert (await rig.store.counts())["pending"] == 1
     await rig.close()
 
 

@@ -723,24 +723,3 @@ class Poster:
         if changed:
             self._limits.update(changed)
             await self._store.save_rate_limits(changed.values())
-
-
-class OutboxSink:
-    """The daemon's alert sink when posting: whales go to the outbox, and the poster (run as its own task by the
-    daemon) posts them. The reader only ever waits for the outbox write, never for X."""
-
-    def __init__(self, poster: Poster) -> None:
-        self.poster = poster
-        self.queued = 0
-        self.refused = 0  # overlapping an alert already in the outbox (logged by the store)
-
-    async def submit(self, alerts: list[Alert]) -> None:
-        for alert in alerts:
-            if await self.poster.submit(alert):
-                self.queued += 1
-            else:
-                self.refused += 1
-
-    async def drain(self, budget_s: float) -> None:
-        if not await self.poster.drain(budget_s):
-            log.warning("post_in_flight_at_stop", budget_s=budget_s, hint="retried at the next start")

@@ -1,0 +1,117 @@
+"""The whole daemon in-process against loopback fakes of Kalshi (WebSocket and REST) in dry-run mode."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tests.fake_kalshi import (  # noqa: F401  (fixtures)
+    FakeKalshi,
+    FakeSession,
+    KeyPair,
+    kalshi_keys,
+    rsa_private_key,
+    trade_msg,
+)
+from tests.fake_kalshi_rest import FakeKalshiRest
+from valshi_x.config import Settings, load_settings
+from valshi_x.daemon import Daemon, RunOptions
+from valshi_x.kalshi.auth import KalshiSigner, load_private_key
+from valshi_x.kalshi.stream import Backoff
+
+UNIT_S = 0.05  # every timing in these tests is a multiple of this
+FAST_STREAM = {
+    "backoff": Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
+    "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
+    "ping_interval_s": None,
+}
+
+
+def settings_for(kalshi: FakeKalshi, rest: FakeKalshiRest, keys: KeyPair, **extra: str) -> Settings:
+    env = {
+        "KALSHI_WS_URL": kalshi.url,
+        "KALSHI_API_URL": rest.base_url,
+        "KALSHI_API_KEY_ID": keys.key_id,
+        "KALSHI_PRIVATE_KEY_PATH": str(keys.pkcs8_path),
+        "STATS_INTERVAL_S": "3600",
+        **extra,
+    }
+    return load_settings(env, need_x=False)
+
+
+def signer_for(settings: Settings) -> KalshiSigner:
+    key = load_private_key(settings.kalshi_private_key_path, settings.kalshi_private_key)
+    return KalshiSigner(settings.kalshi_api_key_id, key)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - captured log lines have no event to wait on
+            await asyncio.sleep(UNIT_S / 5)
+
+
+def whale_sweep(ts_ms: int, ticker: str) -> list[dict[str, Any]]:
+    """Three fills of one order: $40k + $41k + $42k = $123k, none a whale alone."""
+    return [
+        trade_msg(ticker=ticker, count="100000.00", yes_price=price, ts_ms=ts_ms + i * 20)
+        for i, price in enumerate(["0.4000", "0.4100", "0.4200"])
+    ]
+
+
+async def test_every_whale_sent_while_connected_is_reported_once_across_drops(
+    kalshi_keys: KeyPair,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    clock_ms = itertools.count(1_800_000_000_000, 7)
+    sessions_script: list[list[dict[str, Any]]] = []
+    whales: list[tuple[str, ...]] = []
+    for attempt in range(5):
+        frames: list[dict[str, Any]] = []
+        for i in range(300):
+            ts = next(clock_ms)
+            frames.append(trade_msg(ticker=f"KXSMALL-{i % 13}", count="50.00", ts_ms=ts))
+            if i in (100, 250):
+                sweep = whale_sweep(next(clock_ms), f"KXBIG-{attempt}-{i}")
+                whales.append(tuple(m["trade_id"] for m in sweep))
+                frames.extend(sweep)
+        sessions_script.append(frames)
+
+    def send_then_drop(frames: list[dict[str, Any]]) -> Callable[[FakeSession], Any]:
+        async def script(session: FakeSession) -> None:
+            await session.wait_subscribed()
+            await session.send_trades(frames)
+            await asyncio.sleep(2 * UNIT_S)  # the sweep's window closes on stream time or the clock
+            await session.drop()
+
+        return script
+
+    async with (
+        FakeKalshi(
+            public_key=kalshi_keys.public_key,
+            key_id=kalshi_keys.key_id,
+            require_auth=True,
+            attempts=[send_then_drop(f) for f in sessions_script],
+        ) as kalshi,
+        FakeKalshiRest() as rest,
+    ):
+        settings = settings_for(kalshi, rest, kalshi_keys, SWEEP_WINDOW_MS="200")
+        daemon = Daemon(settings, RunOptions(dry_run=True), signer=signer_for(settings), stream_options=FAST_STREAM)
+        with structlog.testing.capture_logs() as logs:
+            run = asyncio.create_task(daemon.run())
+            await wait_until(lambda: len(kalshi.sessions) >= 6 and sum(e["event"] == "would_post" for e in logs) >= 10)
+            daemon.stop.set()
+            await run
+
+    posted = [e for e in logs if e["event"] == "would_post"]
+    assert sorted(tuple(e["trade_ids"]) for e in posted) == sorted(whales)
+    assert {e["value_usd"] for e in posted} == {"123000.00"}
+    assert all(h.signature_ok for h in kalshi.handshakes)
+    stopped = next(e for e in logs if e["event"] == "daemon_stopped")
+    assert stopped["reconnects"] >= 5 and stopped["malformed"] == 0 and stopped["alerts"] == 10
+    assert Decimal(posted[0]["contracts"]) == Decimal(300000)

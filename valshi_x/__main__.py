@@ -1,0 +1,158 @@
+"""The edge: command line, .env, logging, signals, asyncio.run and exit codes. The only place that exits.
+
+Exit codes: 0 clean stop, 78 configuration error (EX_CONFIG, one line per bad key), 1 unexpected crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from dotenv import dotenv_values
+
+from valshi_x.check import run_checks, show_status
+from valshi_x.config import Settings, load_settings
+from valshi_x.daemon import Daemon, RunOptions
+from valshi_x.errors import ConfigError
+from valshi_x.kalshi.auth import KalshiSigner, load_private_key
+from valshi_x.logs import configure_logging, default_format
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_CONFIG = 78
+
+log = structlog.get_logger("valshi_x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="valshi-x",
+        description="Watch every Kalshi trade and post the whales ($100k or more) to X.",
+        epilog="Settings come from the environment and an optional .env file; see .env.example.",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("run", "status", "check"),
+        default="run",
+        help="run the daemon (default); status: show the outbox; check: test settings, key, Kalshi and X",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="log each whale as `would_post` instead of posting")
+    parser.add_argument(
+        "--replay", type=Path, metavar="PATH", help="read frames from a capture instead of Kalshi (implies --dry-run)"
+    )
+    parser.add_argument("--record", type=Path, metavar="PATH", help="append every frame received to a capture")
+    parser.add_argument(
+        "--state-dir", type=Path, metavar="PATH", help="state directory (default: STATE_DIR; a dry run keeps none)"
+    )
+    parser.add_argument(
+        "--lookup-titles", action="store_true", help="with --replay: look market titles up on Kalshi REST"
+    )
+    parser.add_argument("--env-file", type=Path, metavar="PATH", help="read settings from this file (default: ./.env)")
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console", "journal"),
+        help="log line format (default: journal under systemd, console on a terminal, JSON lines otherwise)",
+    )
+    return parser
+
+
+def read_environment(env_file: Path | None) -> dict[str, str]:
+    """The process environment over the .env file: a value set in the environment wins."""
+    path = env_file if env_file is not None else Path(".env")
+    if env_file is not None and not env_file.is_file():
+        raise ConfigError([f"--env-file: {env_file} is not a readable file"])
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    return {**from_file, **os.environ}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.replay is not None:
+        args.dry_run = True  # a capture's whales are history: never post them
+    configure_logging(args.log_format, env=os.environ)
+    try:
+        env = read_environment(args.env_file)
+        settings = load_settings(env, need_x=args.command == "run" and not args.dry_run)
+        if args.replay is not None and not args.replay.is_file():
+            raise ConfigError([f"--replay: {args.replay} is not a readable file"])
+        signer = None
+        key_text: tuple[str, ...] = ()
+        if args.replay is None and args.command != "status" and settings.has_kalshi_key:
+            key = load_private_key(settings.kalshi_private_key_path, settings.kalshi_private_key)
+            signer = KalshiSigner(settings.kalshi_api_key_id, key)
+            key_text = _key_file_text(settings)
+    except ConfigError as exc:
+        # Plain lines on stderr, readable before any logging is trusted; under journald the <3> prefix files
+        # them as errors, so `journalctl -p err` shows why the service stopped.
+        prefix = "<3>" if default_format(os.environ, sys.stdout) == "journal" else ""
+        for problem in exc.problems:
+            print(f"{prefix}valshi-x: configuration error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+
+    configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
+    if args.command == "status":
+        return show_status(args.state_dir or settings.state_dir)
+    if args.command == "check":
+        return asyncio.run(run_checks(settings, signer))
+    options = RunOptions(
+        dry_run=args.dry_run,
+        replay_path=args.replay,
+        record_path=args.record,
+        state_dir=args.state_dir,
+        lookup_titles=True if args.lookup_titles else None,
+    )
+    try:
+        asyncio.run(_run(settings, options, signer, env))
+    except asyncio.CancelledError:
+        # A second signal while draining: what was not posted is still in the outbox.
+        return EXIT_CRASH
+    except Exception:
+        log.exception("daemon_crashed")
+        return EXIT_CRASH
+    return EXIT_OK
+
+
+def _key_file_text(settings: Settings) -> tuple[str, ...]:
+    """The key file's text, so the redactor knows it too (it was just read successfully)."""
+    if settings.kalshi_private_key_path is None:
+        return ()
+    try:
+        return (settings.kalshi_private_key_path.read_text(),)
+    except (OSError, UnicodeDecodeError):
+        return ()
+
+
+async def _run(settings: Settings, options: RunOptions, signer: KalshiSigner | None, env: dict[str, str]) -> None:
+    daemon = Daemon(settings, options, signer=signer, env=env)
+    _install_signal_handlers(daemon.stop)
+    await daemon.run()
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT asks for a graceful stop; a second one cancels the run outright."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def handle(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            log.info("stop_requested", signal=name)
+            stop.set()
+        else:
+            log.warning("forced_stop", signal=name)
+            if main_task is not None:
+                main_task.cancel("forced stop")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Wires the stages: source (Kalshi stream or a capture) -> bounded queue -> pipeline -> outbox -> poster.
+
+Each stage is its own task in one TaskGroup, so a failing stage stops the rest. Stopping is staged: intake
+first (the socket closes with 1000), then the queue is worked off and open groups are flushed into the outbox,
+then an in-flight post gets `SHUTDOWN_DRAIN_S` to finish, the checkpoint is saved, and only then is everything
+else cancelled. Whatever was not posted is in the outbox for the next start.
+
+Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart each ask the
+`Backfiller` for the missed window from Kalshi REST; held groups wait for it, so a sweep split by a gap is
+still one alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp.client_middlewares import ClientMiddlewareType
+
+from valshi_x.backfill import Backfiller
+from valshi_x.capture import Recorder, read_chunks
+from valshi_x.config import Settings
+from valshi_x.kalshi.auth import KalshiSigner
+from valshi_x.kalshi.rest import KalshiRest, TitleLookup
+from valshi_x.kalshi.stream import SeqGap, TradeStream
+from valshi_x.pipeline import Pipeline
+from valshi_x.store import Store, db_path, wall_ms
+from valshi_x.systemd import HealthWatchdog, Notifier
+from valshi_x.trades import MalformedTrade, utc_from_ms
+from valshi_x.whales import Alert, WhaleDetector
+from valshi_x.x.poster import Poster, open_transport
+
+log = structlog.get_logger(__name__)
+
+# How often open groups are checked against the stream clock, and how long a late fill may still join.
+_CLOSE_TICK_S = 0.05
+_CLOSE_GRACE_MS = 100
+# At most one overflow warning per this many seconds; the count is in every stats line.
+_OVERFLOW_LOG_EVERY_S = 10.0
+# The checkpoint (where a restart resumes) is written this often, not per trade.
+_CHECKPOINT_EVERY_S = 10.0
+CHECKPOINT_NAME = "processed_through_ms"
+# Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
+_BACKFILL_MARGIN_MS = 5_000
+# The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
+_MAX_BACKOFF_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What the command line asked for, beyond the settings."""
+
+    dry_run: bool = False
+    replay_path: Path | None = None
+    record_path: Path | None = None
+    state_dir: Path | None = None  # --state-dir: makes a dry run's outbox durable
+    lookup_titles: bool | None = None  # None: on when live, off for a replay
+
+    @property
+    def live(self) -> bool:
+        return self.replay_path is None
+
+    def store_path(self, settings: Settings) -> Path | None:
+        """Where the outbox lives; None keeps it in memory, so a dry run never touches the production outbox."""
+        if self.state_dir is not None:
+            return db_path(self.state_dir)
+        return None if self.dry_run else db_path(settings.state_dir)
+
+
+class Daemon:
+    """One run of valshi-x: live from Kalshi, or a replay of a capture, until the source ends or `stop` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: RunOptions,
+        *,
+        signer: KalshiSigner | None = None,
+        stop: asyncio.Event | None = None,
+        env: Mapping[str, str] | None = None,
+        x_middlewares: Sequence[ClientMiddlewareType] = (),
+        stream_options: Mapping[str, Any] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        now_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.signer = signer
+        self.stop = stop or asyncio.Event()
+        self._env = env or {}
+        self._x_middlewares = x_middlewares
+        self._stream_options = dict(stream_options or {})  # tests: faster backoff, shorter timeouts
+        self._monotonic = monotonic
+        self._now_ms = now_ms
+        detector = WhaleDetector(
+            settings.whale_threshold_dollars,
+            settings.sweep_window_ms,
+            # Remember ids at least as far back as a start-up backfill reaches, so its overlap counts once.
+            dedup_horizon_ms=int(settings.backfill_max_s * 1000) + 5 * 60 * 1000,
+        )
+        self.pipeline = Pipeline(detector, monotonic=monotonic)
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)
+        self.frames_dropped = 0
+        self._last_overflow_log = -_OVERFLOW_LOG_EVERY_S
+        self.recorder = Recorder(options.record_path) if options.record_path else None
+        self.stream: TradeStream | None = None
+        self.poster: Poster | None = None
+        self.store: Store | None = None
+        self.backfiller: Backfiller | None = None
+        self.notifier = Notifier.from_env(self._env)
+        self.started_at = monotonic()
+        self.alerts_queued = 0
+        self.alerts_refused = 0
+        self.whales_from_backfill = 0
+        self.stall_resubscribes = 0
+        self._last_heard: float | None = None
+        self._last_trade_seen_at = monotonic()
+        self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- the run ----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the replay ends or `stop` is set, then drain in stages."""
+        settings, options = self.settings, self.options
+        log.info(
+            "daemon_starting",
+            mode="live" if options.live else "replay",
+            dry_run=options.dry_run,
+            threshold_usd=str(settings.whale_threshold_dollars),
+            sweep_window_ms=settings.sweep_window_ms,
+            state=str(options.store_path(settings) or "memory"),
+        )
+        async with AsyncExitStack() as resources:
+            self.store = await Store.open(options.store_path(settings))
+            resources.push_async_callback(self.store.close)
+            lookup_titles = options.live if options.lookup_titles is None else options.lookup_titles
+            rest: KalshiRest | None = None
+            if options.live or lookup_titles:
+                http = aiohttp.ClientSession()
+                resources.push_async_callback(http.close)
+                rest = KalshiRest(http, settings.kalshi_api_url)
+            titles = TitleLookup(rest if lookup_titles else None)
+            resources.push_async_callback(titles.aclose)
+            transport = await open_transport(settings, dry_run=options.dry_run, middlewares=self._x_middlewares)
+            resources.push_async_callback(transport.close)
+            overrides: dict[str, Any] = {}
+            if options.dry_run:
+                # A dry run posts nothing, so it spends no budget: every whale is shown as it comes.
+                overrides |= {"posts_per_15min": 10**9, "posts_per_24h": 10**9}
+            if not options.live:
+                overrides["max_alert_age_s"] = None  # a capture's trades are old by nature
+            self.poster = Poster.from_settings(
+                settings, self.store, transport, lookup_label=titles.label_for if lookup_titles else None, **overrides
+            )
+            if options.live and rest is not None:
+                self.backfiller = Backfiller(
+                    rest,
+                    feed=self._feed_backfill,
+                    hold=self.pipeline.detector.hold,
+                    release=self.pipeline.detector.release,
+                    clock_ms=self._now_ms,
+                    margin_ms=_BACKFILL_MARGIN_MS,
+                    max_span_s=settings.backfill_max_s,
+                )
+                await self._request_startup_backfill()
+            await self._run_stages()
+        self._log_stats("daemon_stopped")
+
+    async def _run_stages(self) -> None:
+        assert self.poster is not None
+        async with asyncio.TaskGroup() as tasks:
+            start = tasks.create_task
+            background = [start(self._stats_loop(), name="stats")]
+            # A replay drives the poster itself, chunk by chunk (see `_submit`); live, it is a task of its own.
+            poster = start(self.poster.run(), name="poster") if self.options.live else None
+            if self.recorder is not None:
+                background.append(start(self.recorder.run(), name="recorder"))
+            processor = None
+            if self.options.replay_path is not None:
+                source = start(self._replay(self.options.replay_path), name="replay")
+            else:
+                source = start(self._live(), name="stream")
+                processor = start(self._process_queue(), name="pipeline")
+                background += [
+                    start(self._close_on_stream_clock(), name="group-closer"),
+                    start(self._checkpoint_loop(), name="checkpoint"),
+                    start(self._stall_watch(), name="stall-watch"),
+                    start(self._watchdog().run(), name="watchdog"),
+                ]
+                if self.backfiller is not None:
+                    background.append(start(self.backfiller.run(), name="backfill"))
+            self._tasks = [source, *background] + [t for t in (poster, processor) if t is not None]
+            stop_requested = start(self.stop.wait(), name="stop-wait")
+
+            await asyncio.wait({source, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+            self.notifier.stopping("draining")
+            # Stage 1: stop intake (closes the socket with 1000).
+            source.cancel()
+            stop_requested.cancel()
+            await asyncio.wait({source, stop_requested})
+            # Stage 2: work off what was received, close every open group, and keep the outbox complete.
+            if processor is not None:
+                await self.queue.put(None)
+                await processor
+            await self._submit(self.pipeline.flush())
+            # Stage 3: an in-flight post gets its budget to finish; what is still pending stays in the outbox.
+            if poster is not None:
+                finished = await self.poster.drain(self.settings.shutdown_drain_s)
+                if not finished:
+                    log.warning("post_in_flight_at_stop", budget_s=self.settings.shutdown_drain_s)
+                poster.cancel()
+            await asyncio.shield(self._save_checkpoint())
+            for task in background:
+                task.cancel()
+
+    # --- sources ----------------------------------------------------------------------------------------------
+
+    async def _live(self) -> None:
+        self.stream = TradeStream(
+            url=self.settings.kalshi_ws_url,
+            signer=self.signer,
+            deliver=self._enqueue,
+            on_bad_frame=self._on_bad_frame,
+            record=self.recorder.record if self.recorder else None,
+            idle_timeout_s=self.settings.ws_idle_timeout_s,
+            on_subscribed=self._on_subscribed,
+            on_disconnect=self._on_disconnect,
+            on_gap=self._on_gap,
+            **self._stream_options,
+        )
+        await self.stream.run()
+
+    def _enqueue(self, frame: dict[str, Any]) -> None:
+        # Called by the reader for every trade frame: it must never wait on the pipeline.
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.frames_dropped += 1
+            now = self._monotonic()
+            if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
+                self._last_overflow_log = now
+                log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
+                # The dropped trades are still on Kalshi: fetch them back once the pipeline catches up.
+                self._request_backfill(self.pipeline.detector.watermark_ms, "frames_dropped")
+
+    def _on_bad_frame(self, raw: str | bytes, exc: MalformedTrade) -> None:
+        self.pipeline.counts.frames += 1
+        self.pipeline.on_bad_frame(raw, exc)
+
+    async def _process_queue(self) -> None:
+        queue, pipeline = self.queue, self.pipeline
+        while True:
+            frame = await queue.get()
+            alerts: list[Alert] = []
+            # Take what is already waiting in one go; the outbox is written once per batch.
+            while frame is not None:
+                alerts.extend(pipeline.on_frame(frame))
+                if queue.empty():
+                    break
+                frame = queue.get_nowait()
+            self._last_trade_seen_at = self._monotonic()
+            if alerts:
+                await self._submit(alerts)
+            if frame is None:
+                return
+
+    async def _replay(self, path: Path) -> None:
+        pipeline = self.pipeline
+        async for lines in read_chunks(path):
+            alerts: list[Alert] = []
+            for line in lines:
+                found = pipeline.on_raw(line)
+                if found:
+                    alerts.extend(found)
+            if alerts:
+                await self._submit(alerts)
+            await asyncio.sleep(0)  # let signals and the poster run between chunks
+
+    async def _submit(self, alerts: list[Alert]) -> None:
+        assert self.poster is not None
+        for alert in alerts:
+            if await self.poster.submit(alert):
+                self.alerts_queued += 1
+            else:
+                # Its trades already belong to an alert (a restart, a backfill overlap): never post twice.
+                self.alerts_refused += 1
+        if not self.options.live:
+            await self._post_pending()
+
+    async def _post_pending(self) -> None:
+        """Replay only: work the outbox off now, so the dry-run lines come in stream order and all before exit."""
+        assert self.poster is not None
+        while (delay_s := await self.poster.step()) is not None:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+
+    # --- gaps, reconnects and backfill -------------------------------------------------------------------------
+
+    async def _request_startup_backfill(self) -> None:
+        assert self.store is not None
+        saved = await self.store.get_checkpoint(CHECKPOINT_NAME)
+        now_ms = self._now_ms()
+        oldest_ms = now_ms - int(self.settings.backfill_max_s * 1000)
+        if saved is None:
+            log.info("no_checkpoint", hint="first start: nothing to backfill")
+            return
+        from_ms = int(saved)
+        if from_ms < oldest_ms:
+            log.warning(
+                "backfill_clipped",
+                checkpoint=utc_from_ms(from_ms).isoformat(),
+                from_time=utc_from_ms(oldest_ms).isoformat(),
+                backfill_max_s=self.settings.backfill_max_s,
+            )
+            from_ms = oldest_ms
+        self._request_backfill(from_ms, "startup")
+
+    def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
+        if self.backfiller is None:
+            return
+        if from_ms <= 0:  # nothing seen yet on this run: a start-up backfill covers the time before
+            if hold_token is not None:
+                self.pipeline.detector.release(hold_token)
+            return
+        self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
+
+    def _on_gap(self, gap: SeqGap) -> None:
+        self._request_backfill(self.pipeline.detector.watermark_ms, "seq_gap")
+
+    def _on_disconnect(self) -> None:
+        # Hold every sweep the outage may have cut; the backfill after the reconnect fills and releases them.
+        if self._disconnect_hold is None:
+            from_ms = self.pipeline.detector.watermark_ms - _BACKFILL_MARGIN_MS
+            self._disconnect_hold = (self.pipeline.detector.hold(from_ms), from_ms)
+
+    def _on_subscribed(self, sid: int) -> None:
+        self.notifier.ready(f"subscribed to trades (sid {sid})")
+        if self._disconnect_hold is not None:
+            token, from_ms = self._disconnect_hold
+            self._disconnect_hold = None
+            self._request_backfill(from_ms + _BACKFILL_MARGIN_MS, "reconnect", hold_token=token)
+
+    async def _feed_backfill(self, trades: list[dict[str, Any]]) -> int:
+        alerts: list[Alert] = []
+        for fields in trades:
+            alerts.extend(self.pipeline.on_rest_trade(fields))
+        if alerts:
+            self.whales_from_backfill += len(alerts)
+            await self._submit(alerts)
+        return len(alerts)
+
+    # --- periodic work ----------------------------------------------------------------------------------------
+
+    async def _close_on_stream_clock(self) -> None:
+        while True:
+            await asyncio.sleep(_CLOSE_TICK_S)
+            alerts = self.pipeline.close_due(_CLOSE_GRACE_MS)
+            if alerts:
+                await self._submit(alerts)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_CHECKPOINT_EVERY_S)
+            await self._save_checkpoint()
+
+    async def _save_checkpoint(self) -> None:
+        through_ms = self.pipeline.detector.processed_through_ms()
+        if self.store is not None and through_ms > 0 and self.options.live:
+            await self.store.set_checkpoint(CHECKPOINT_NAME, str(through_ms))
+
+    async def _stall_watch(self) -> None:
+        """No trade for STALL_RESUBSCRIBE_S while the socket looks alive: resubscribe, then reconnect."""
+        limit_s = self.settings.stall_resubscribe_s
+        resubscribed_at: float | None = None
+        while True:
+            await asyncio.sleep(min(limit_s / 4, 5.0))
+            stream = self.stream
+            if stream is None or stream.sid is None:
+                continue
+            quiet_s = self._monotonic() - max(self._last_trade_seen_at, stream.connected_at_monotonic or 0.0)
+            if quiet_s < limit_s:
+                resubscribed_at = None
+                continue
+            if resubscribed_at is None:
+                log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="resubscribe")
+                self.stall_resubscribes += 1
+                resubscribed_at = self._monotonic()
+                await stream.resubscribe()
+            elif self._monotonic() - resubscribed_at >= limit_s:
+                log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="reconnect")
+                resubscribed_at = None
+                self._last_trade_seen_at = self._monotonic()
+                await stream.reconnect("no trades after resubscribing")
+
+    def _watchdog(self) -> HealthWatchdog:
+        return HealthWatchdog.from_env(self.notifier, self._env, healthy=self.healthy, status=self.status_line)
+
+    def healthy(self) -> bool:
+        """Every task alive and Kalshi heard from lately: the daemon is doing its job."""
+        if any(task.done() for task in self._tasks):
+            return False
+        stream = self.stream
+        if stream is not None and stream.last_heard_monotonic is not None:
+            self._last_heard = stream.last_heard_monotonic
+        heard = self._last_heard if self._last_heard is not None else self.started_at
+        # Ordinary reconnects (backoff up to a minute) keep the watchdog fed; a long silence does not.
+        return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + _MAX_BACKOFF_S
+
+    def status_line(self) -> str:
+        stream, poster, counts = self.stream, self.poster, self.pipeline.counts
+        since = stream.connected_since if stream is not None else None
+        uptime_min = max((self._monotonic() - self.started_at) / 60, 1 / 60)
+        parts = [
+            f"connected since {since:%H:%M:%S}Z" if since else "connecting",
+            f"{counts.trades / uptime_min:.0f} trades/min",
+            f"whales {self.pipeline.detector.alerts}",
+            f"posts {poster.stats.posted if poster else 0}",
+            f"queue {self.queue.qsize()}",
+        ]
+        return ", ".join(parts)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            self._log_stats("stats")
+
+    def _log_stats(self, event: str) -> None:
+        counts, detector, stream = self.pipeline.counts, self.pipeline.detector, self.stream
+        last_frame_age_s = None
+        if stream is not None and stream.last_frame_monotonic is not None:
+            last_frame_age_s = round(self._monotonic() - stream.last_frame_monotonic, 1)
+        backfill: dict[str, Any] = {}
+        if self.backfiller is not None:
+            b = self.backfiller.counts
+            backfill = {
+                "backfill_windows": b.windows,
+                "trades_backfilled": b.trades,
+                "backfill_s": round(b.seconds, 1),
+                "whales_from_backfill": self.whales_from_backfill,
+                "backfill_failures": b.failures,
+            }
+        poster = self.poster.stats if self.poster is not None else None
+        log.info(
+            event,
+            frames=counts.frames,
+            trades=counts.trades,
+            malformed=counts.malformed,
+            duplicates=detector.duplicates,
+            groups=detector.groups_closed,
+            open_groups=detector.open_groups,
+            alerts=detector.alerts,
+            alerts_refused=self.alerts_refused,
+            posted=poster.posted if poster else 0,
+            reconnects=stream.reconnects if stream else 0,
+            gaps=stream.gaps if stream else 0,
+            frames_missing=stream.frames_missing if stream else 0,
+            queue_depth=self.queue.qsize(),
+            frames_dropped=self.frames_dropped,
+            last_frame_age_s=last_frame_age_s,
+            uptime_s=round(self._monotonic() - self.started_at, 1),
+            **backfill,
+        )
