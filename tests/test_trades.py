@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from valshi_x.trades import MalformedTrade, Trade, parse_frame, trade_from_fields, trade_from_frame
+from valshi_x.trades import (
+    MalformedTrade,
+    Trade,
+    fast_trade_from_raw,
+    parse_frame,
+    trade_from_fields,
+    trade_from_frame,
+)
 
 TODAY: dict[str, Any] = {
     "trade_id": "d91bc706-ee49-470d-82d8-11418bda6fed",
@@ -198,3 +205,21 @@ def test_normalize_never_raises_anything_but_malformed(changes: dict[str, Any]) 
     assert Decimal(0) <= trade.price_dollars <= Decimal(1)
     assert trade.taker_side in {"yes", "no"}
     json.dumps(trade.trade_id)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted({*TODAY, "yes_price", "no_price", "count", "ticker"})), field_values))
+def test_fast_path_agrees_with_the_careful_path(changes: dict[str, Any]) -> None:
+    raw = json.dumps(frame(**changes)).encode()
+    fast = fast_trade_from_raw(raw)
+    if fast is None:
+        return  # not today's exact shape: the careful path decides alone
+    assert fast == trade_from_frame(parse_frame(raw))
+
+
+def test_fast_path_reads_todays_frame_and_declines_the_rest() -> None:
+    assert fast_trade_from_raw(json.dumps(frame())) == trade_from_frame(frame())
+    assert fast_trade_from_raw(json.dumps(frame(taker_outcome_side=...))) is None  # book side only: careful path
+    assert fast_trade_from_raw(json.dumps(frame(yes_price_dollars="NaN"))) is None
+    assert fast_trade_from_raw(b'{"type":"subscribed","msg":{"sid":1}}') is None
+    assert fast_trade_from_raw(b"{not json") is None

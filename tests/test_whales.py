@@ -174,12 +174,16 @@ def test_seen_ids_forget_by_horizon_and_by_size() -> None:
     seen = SeenTradeIds(horizon_ms=1000, max_ids=3)
     assert seen.add("a", T0)
     assert not seen.add("a", T0)
-    seen.add("b", T0 + 500)
-    seen.add("c", T0 + 1500)  # "a" is now beyond the horizon
-    assert seen.add("a", T0 + 1500)
-    seen.add("d", T0 + 1500)
-    seen.add("e", T0 + 1500)
+    assert seen.add("b", T0 + 500)
+    assert not seen.add("b", T0 + 900)
+    assert seen.add("c", T0 + 2500)  # the second of "a" and "b" is now beyond the horizon
+    assert seen.add("a", T0 + 2500)
+    assert not seen.add("c", T0 + 100)  # an older, re-delivered trade is still known
+    seen.add("d", T0 + 3000)
     assert len(seen) == 3
+    seen.add("e", T0 + 3000)  # over the cap: the oldest second goes
+    assert len(seen) == 2
+    assert seen.add("c", T0 + 3000)
 
 
 def test_held_sweep_gets_its_late_fills_and_alerts_once_with_the_full_value() -> None:

@@ -99,11 +99,11 @@ class Daemon:
         self._stream_options = dict(stream_options or {})  # tests: faster backoff, shorter timeouts
         self._monotonic = monotonic
         self._now_ms = now_ms
+        # Live, trade ids are remembered as far back as a start-up backfill reaches, so its overlap counts once;
+        # a replay has no backfill, only re-deliveries seconds apart, so ten minutes is plenty (and 20 MB less).
+        dedup_horizon_s = settings.backfill_max_s + 300 if options.live else 600
         detector = WhaleDetector(
-            settings.whale_threshold_dollars,
-            settings.sweep_window_ms,
-            # Remember ids at least as far back as a start-up backfill reaches, so its overlap counts once.
-            dedup_horizon_ms=int(settings.backfill_max_s * 1000) + 5 * 60 * 1000,
+            settings.whale_threshold_dollars, settings.sweep_window_ms, dedup_horizon_ms=int(dedup_horizon_s * 1000)
         )
         self.pipeline = Pipeline(detector, monotonic=monotonic)
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)

