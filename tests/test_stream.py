@@ -29,7 +29,7 @@ from tests.fake_kalshi import (
     trade_msg,
 )
 from valshi_x.kalshi.auth import KalshiSigner
-from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream
+from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream, reconnect_backoff, rejected_backoff
 from valshi_x.trades import MalformedTrade
 
 UNIT = 0.05  # seconds; every timing below is a small multiple of it
@@ -163,7 +163,7 @@ def test_backoff_doubles_to_its_cap_with_a_jitter_floor_and_resets() -> None:
 
 
 def test_backoff_defaults_never_retry_sooner_than_their_floor() -> None:
-    normal, slow = Backoff.normal(rand=always(0.0)), Backoff.slow(rand=always(0.0))  # the worst roll
+    normal, slow = reconnect_backoff(rand=always(0.0)), rejected_backoff(rand=always(0.0))  # the worst roll
     assert normal.next_delay() == 0.5
     assert slow.next_delay() == 30.0
     for _ in range(20):

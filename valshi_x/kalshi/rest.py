@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 import structlog
 
+from valshi_x.backoff import capped_step_s, equal_jitter
 from valshi_x.errors import ValshiError
 from valshi_x.x.text import MarketLabel
 
@@ -198,8 +199,8 @@ class KalshiRest:
     def backoff_s(self, retry: int) -> float:
         """Wait before retry number `retry` (1, 2, …): doubling from the initial wait up to the cap, then
         jittered into [half, full] so clients that failed together do not come back together."""
-        full: float = min(self._backoff_max_s, self._backoff_initial_s * 2.0 ** (retry - 1))
-        return full * (0.5 + 0.5 * self._jitter())
+        step_s = capped_step_s(retry, initial_s=self._backoff_initial_s, cap_s=self._backoff_max_s)
+        return equal_jitter(step_s, self._jitter())
 
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         """GET `path` (below the base URL) and return its JSON object, retrying what can be retried."""

@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
+from valshi_x.backoff import Backoff
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.trades import MalformedTrade, parse_frame
 
@@ -64,46 +65,14 @@ Cause = Literal[
 ]
 
 
-class Backoff:
-    """Delays between connection attempts: geometric, capped, with equal jitter (never below half the step)."""
+def reconnect_backoff(rand: Callable[[], float] = random.random) -> Backoff:
+    """For transient failures: about 1 s, doubling, at most 60 s."""
+    return Backoff(initial_s=1.0, factor=2.0, cap_s=60.0, rand=rand)
 
-    def __init__(
-        self,
-        initial_s: float = 1.0,
-        factor: float = 2.0,
-        cap_s: float = 60.0,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        if initial_s <= 0 or factor < 1 or cap_s < initial_s:
-            raise ValueError("backoff needs initial_s > 0, factor >= 1 and cap_s >= initial_s")
-        self.initial_s = initial_s
-        self.factor = factor
-        self.cap_s = cap_s
-        self._rand = rand
-        self._step_s = initial_s
-        self.failures = 0  # delays handed out since the last reset
 
-    def next_delay(self) -> float:
-        """The delay before the next attempt; each call raises the step until the cap."""
-        step = self._step_s
-        self._step_s = min(self.cap_s, step * self.factor)
-        self.failures += 1
-        # Half fixed, half random: spreads clients apart yet keeps a floor, so no attempt comes too soon.
-        return step / 2 + self._rand() * step / 2
-
-    def reset(self) -> None:
-        self._step_s = self.initial_s
-        self.failures = 0
-
-    @classmethod
-    def normal(cls, rand: Callable[[], float] = random.random) -> Backoff:
-        """For transient failures: about 1 s, doubling, at most 60 s."""
-        return cls(initial_s=1.0, factor=2.0, cap_s=60.0, rand=rand)
-
-    @classmethod
-    def slow(cls, rand: Callable[[], float] = random.random) -> Backoff:
-        """For refused credentials: at least 30 s, doubling, at most 10 min (retrying sooner cannot help)."""
-        return cls(initial_s=60.0, factor=2.0, cap_s=600.0, rand=rand)
+def rejected_backoff(rand: Callable[[], float] = random.random) -> Backoff:
+    """For refused credentials: at least 30 s, doubling, at most 10 min (retrying sooner cannot help)."""
+    return Backoff(initial_s=60.0, factor=2.0, cap_s=600.0, rand=rand)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +142,8 @@ class TradeStream:
         self._on_bad_frame = on_bad_frame
         self._record = record
         self.idle_timeout_s = idle_timeout_s
-        self._backoff = backoff or Backoff.normal()
-        self._slow_backoff = slow_backoff or Backoff.slow()
+        self._backoff = backoff or reconnect_backoff()
+        self._slow_backoff = slow_backoff or rejected_backoff()
         self._on_subscribed = on_subscribed
         self._on_disconnect = on_disconnect
         self._on_gap = on_gap

@@ -38,6 +38,7 @@ import structlog
 from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
 from tweepy.asynchronous import AsyncClient
 
+from valshi_x.backoff import capped_step_s
 from valshi_x.config import Settings
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
@@ -203,8 +204,8 @@ class Backoff:
     jitter: float = 0.2
 
     def delay_s(self, n: int, rand: float) -> float:
-        base = min(self.max_s, self.initial_s * self.factor ** max(n - 1, 0))
-        return base * (1 + self.jitter * rand)
+        step_s = capped_step_s(n, initial_s=self.initial_s, cap_s=self.max_s, factor=self.factor)
+        return step_s * (1 + self.jitter * rand)
 
 
 RATE_LIMIT_BACKOFF = Backoff(60.0, 900.0)  # a 429 without a usable reset header
