@@ -210,6 +210,8 @@ class Daemon:
             if processor is not None:
                 await self.queue.put(None)
                 await processor
+            # Resume before the groups still open: a sweep cut by the stop is fetched whole again on restart.
+            resume_from_ms = self.pipeline.detector.processed_through_ms()
             await self._submit(self.pipeline.flush())
             # Stage 3: an in-flight post gets its budget to finish; what is still pending stays in the outbox.
             if poster is not None:
@@ -217,7 +219,7 @@ class Daemon:
                 if not finished:
                     log.warning("post_in_flight_at_stop", budget_s=self.settings.shutdown_drain_s)
                 poster.cancel()
-            await asyncio.shield(self._save_checkpoint())
+            await asyncio.shield(self._save_checkpoint(resume_from_ms))
             for task in background:
                 task.cancel()
 
@@ -371,8 +373,9 @@ class Daemon:
             await asyncio.sleep(_CHECKPOINT_EVERY_S)
             await self._save_checkpoint()
 
-    async def _save_checkpoint(self) -> None:
-        through_ms = self.pipeline.detector.processed_through_ms()
+    async def _save_checkpoint(self, through_ms: int | None = None) -> None:
+        if through_ms is None:
+            through_ms = self.pipeline.detector.processed_through_ms()
         if self.store is not None and through_ms > 0 and self.options.live:
             await self.store.set_checkpoint(CHECKPOINT_NAME, str(through_ms))
 
