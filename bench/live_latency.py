@@ -1,0 +1,552 @@
+"""Live path over loopback: alert latency at a fixed rate, then the highest rate the daemon sustains.
+
+Starts a minimal Kalshi look-alike on 127.0.0.1 (a WebSocket server that acks `subscribe` and streams generated
+trade frames, and a REST stub so nothing can reach the internet), runs `python -m valshi_x --dry-run` against it
+as a subprocess (unsigned: no key in its environment), and reads the daemon's JSON log lines from its stdout.
+
+1. Latency: frames at `--rate` (default 2,000/s, steady) for `--seconds`, with whales planted (single fills and
+   sweeps). For each whale: the time its last fill was handed to the socket -> the time its `would_post` line
+   was read. Reports p50/p99/max; target p99 <= sweep window + 250 ms.
+2. Ramp: `--ramp` rates for `--step-seconds` each. A rate is sustained when the daemon drops nothing, its queue
+   stays short, it has processed everything within a second of the last frame, every whale's alert is within
+   the latency target, and the sender kept its schedule. The ramp stops at the first rate that fails. CPU
+   shares of the daemon and of the bench's sender show which side was the limit.
+
+    .venv/bin/python bench/live_latency.py
+    .venv/bin/python bench/live_latency.py --ramp 2000,10000,20000,40000 --no-compression
+
+Needs from the daemon: `STATS_INTERVAL_S` accepting fractions (the bench sets 0.5), a `stats` line with
+`frames`, `queue_depth` and `frames_dropped`, and `would_post` lines carrying `alert_id` and `trade_ids`.
+Bounded: every wait has a timeout, the whole run has `--max-seconds`, the daemon is stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+sys.path[:0] = [str(BENCH)]
+
+# Imported after the path is set: a sibling script.
+import gen_capture  # noqa: E402
+from aiohttp import web  # noqa: E402
+from websockets.asyncio.server import ServerConnection, serve  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+WS_PATH = "/trade-api/ws/v2"
+LATENCY_SLACK_MS = 250
+# "Keeps up": the queue never holds more than this many seconds of frames, and the daemon has counted every
+# frame within this long after the last one was sent.
+MAX_QUEUE_SECONDS = 0.25
+MAX_CATCH_UP_S = 1.0
+MAX_SENDER_LAG_S = 0.1
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None where that is not available."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: with few samples p99 is the worst one, never an interpolated guess."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+# -------------------------------------------------------------------------------------------- fake Kalshi
+
+
+class FakeKalshi:
+    """One subscriber at a time: acks its `subscribe` with sid 1, then the bench pushes frames to it."""
+
+    def __init__(self, ping_interval_s: float, compression: str | None) -> None:
+        self.ping_interval_s = ping_interval_s
+        self.compression = compression
+        self.connection: ServerConnection | None = None
+        self.subscribed = asyncio.Event()
+        self.connections = 0
+        self.port = 0
+        self._server: Any = None
+
+    async def __aenter__(self) -> FakeKalshi:
+        self._server = await serve(
+            self._handler,
+            "127.0.0.1",
+            0,
+            ping_interval=self.ping_interval_s,
+            compression=self.compression,
+            max_size=2**20,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{WS_PATH}"
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        if ws.request is None or ws.request.path.split("?")[0] != WS_PATH:
+            await ws.close(1008, "unknown path")
+            return
+        self.connections += 1
+        try:
+            async for message in ws:
+                command = json.loads(message)
+                if command.get("cmd") == "subscribe":
+                    ack = {"id": command.get("id"), "type": "subscribed", "msg": {"channel": "trade", "sid": 1}}
+                    await ws.send(json.dumps(ack))
+                    self.connection = ws
+                    self.subscribed.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.connection is ws:
+                self.connection = None
+                self.subscribed.clear()
+
+
+async def rest_stub() -> tuple[web.AppRunner, int]:
+    """Answers the REST calls a daemon might make (backfill, market titles) with empty, valid bodies."""
+
+    async def trades(_request: web.Request) -> web.Response:
+        return web.json_response({"trades": [], "cursor": ""})
+
+    async def market(request: web.Request) -> web.Response:
+        ticker = request.match_info["ticker"]
+        event = ticker.rsplit("-", 1)[0]
+        return web.json_response(
+            {"market": {"ticker": ticker, "event_ticker": event, "yes_sub_title": "", "status": "active"}}
+        )
+
+    async def event(request: web.Request) -> web.Response:
+        name = request.match_info["event"]
+        return web.json_response({"event": {"event_ticker": name, "title": name, "series_ticker": name}})
+
+    app = web.Application()
+    app.router.add_get("/trade-api/v2/markets/trades", trades)
+    app.router.add_get("/trade-api/v2/historical/trades", trades)
+    app.router.add_get("/trade-api/v2/markets/{ticker}", market)
+    app.router.add_get("/trade-api/v2/events/{event}", event)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, port
+
+
+# -------------------------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class DaemonLog:
+    """What the daemon printed, stamped with when the bench read it."""
+
+    alerts: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)  # alert_id -> (read at, event)
+    stats: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    notable: list[dict[str, Any]] = field(default_factory=list)  # warnings, errors, connection events
+    summary: dict[str, Any] | None = None
+    unparsed: int = 0
+
+    def last_stats(self) -> dict[str, Any]:
+        return self.stats[-1][1] if self.stats else {}
+
+
+async def read_daemon(stream: asyncio.StreamReader, log: DaemonLog, raw_log: Path) -> None:
+    with raw_log.open("wb") as copy:
+        while line := await stream.readline():
+            read_at = time.time()  # wall clock, comparable with the daemon's own `timestamp`
+            copy.write(line)
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                log.unparsed += 1
+                continue
+            name = event.get("event")
+            if name == "would_post":
+                log.alerts.setdefault(event["alert_id"], (read_at, event))
+            elif name == "stats":
+                log.stats.append((read_at, event))
+            elif name == "daemon_stopped":
+                log.summary = event
+            elif event.get("level") in {"warning", "error", "critical"} or str(name).startswith("ws_"):
+                log.notable.append(event)
+
+
+def daemon_env(workdir: Path, ws_url: str, rest_port: int, window_ms: int, stats_s: float) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(workdir),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(REPO),
+        "KALSHI_WS_URL": ws_url,
+        "KALSHI_API_URL": f"http://127.0.0.1:{rest_port}/trade-api/v2",
+        "STATS_INTERVAL_S": str(stats_s),
+        "SWEEP_WINDOW_MS": str(window_ms),
+        "STATE_DIR": str(workdir / "state"),
+    }
+
+
+# -------------------------------------------------------------------------------------------- sending
+
+
+@dataclass
+class Part:
+    """Frames of one phase, generated ahead, and the whales planted in them."""
+
+    rate: int
+    lines: list[str]
+    offsets_s: list[float]  # when to send each line, from the start of the phase
+    trade_ids: list[str | None]
+    alerts: list[dict[str, Any]]
+
+
+def make_part(rate: int, *, seconds: float, whales_per_s: float, seed: int, first_seq: int, window_ms: int) -> Part:
+    frames = max(200, int(rate * seconds))
+    spec = gen_capture.CaptureSpec(
+        frames=frames,
+        seed=seed,
+        whales=max(1, int(whales_per_s * seconds)),
+        malformed_sets=0,
+        rate_per_s=rate,
+        bursts=False,
+        start_ms=int(time.time() * 1000),
+        sweep_window_ms=window_ms,
+        edge_cases=False,
+    )
+    generator = gen_capture.CaptureGenerator(spec)
+    lines, offsets, ids = [], [], []
+    for arrival_ms, line, trade_id in generator.frames(first_seq=first_seq):
+        if trade_id is None:
+            continue  # the capture's own `subscribed` ack: the server sends the real one
+        lines.append(line)
+        offsets.append((arrival_ms - spec.start_ms) / 1000)
+        ids.append(trade_id)
+    return Part(rate, lines, offsets, ids, generator.expected_alerts)
+
+
+@dataclass
+class Sent:
+    seconds: float
+    frames: int
+    max_lag_s: float
+    sent_at: dict[str, float]  # trade id -> when (wall clock) its frame was handed to the socket
+    lost_connection: bool = False
+
+
+async def send_part(kalshi: FakeKalshi, part: Part, watch: set[str]) -> Sent:
+    """Send each frame at its time (all that are due go back to back), noting when watched fills left."""
+    ws = kalshi.connection
+    assert ws is not None
+    sent_at: dict[str, float] = {}
+    max_lag = 0.0
+    started = time.monotonic()
+    index, total = 0, len(part.lines)
+    lines, offsets, ids = part.lines, part.offsets_s, part.trade_ids
+    try:
+        while index < total:
+            now = time.monotonic() - started
+            due = offsets[index]
+            if due > now + 0.0005:
+                await asyncio.sleep(due - now)
+                continue
+            max_lag = max(max_lag, now - due)
+            while index < total and offsets[index] <= now:
+                await ws.send(lines[index])
+                trade_id = ids[index]
+                if trade_id in watch:
+                    sent_at[trade_id] = time.time()
+                index += 1
+    except ConnectionClosed:
+        return Sent(time.monotonic() - started, index, max_lag, sent_at, lost_connection=True)
+    return Sent(time.monotonic() - started, index, max_lag, sent_at)
+
+
+def latencies(part: Part, sent: Sent, log: DaemonLog) -> tuple[list[float], list[str], list[str], list[float]]:
+    """Milliseconds from each whale's last fill sent to its `would_post` read; missing and wrong alerts; and
+    the same latencies by the daemon's own log timestamp (the difference is time the line spent reaching us)."""
+    found, missing, wrong, logged = [], [], [], []
+    for alert in part.alerts:
+        got = log.alerts.get(alert["alert_id"])
+        if got is None:
+            missing.append(f"{alert['ticker']} {alert['value_usd']}")
+            continue
+        read_at, event = got
+        if not all(t in sent.sent_at for t in alert["trade_ids"]):
+            missing.append(f"{alert['ticker']} (not all fills were sent)")
+            continue
+        if event.get("trade_ids") != alert["trade_ids"] or event.get("value_usd") != alert["value_usd"]:
+            wrong.append(f"{alert['ticker']}: {event.get('value_usd')} != {alert['value_usd']}")
+        last_sent = max(sent.sent_at[t] for t in alert["trade_ids"])
+        found.append((read_at - last_sent) * 1000)
+        stamped = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+        logged.append((stamped - last_sent) * 1000)
+    return found, missing, wrong, logged
+
+
+def counted(log: DaemonLog, frames: int) -> Callable[[], bool]:
+    return lambda: log.last_stats().get("frames", 0) >= frames
+
+
+def all_alerted(log: DaemonLog, part: Part) -> Callable[[], bool]:
+    return lambda: all(alert["alert_id"] in log.alerts for alert in part.alerts)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(step_s)
+    return predicate()
+
+
+# -------------------------------------------------------------------------------------------- phases
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    OUT.mkdir(exist_ok=True)
+    report: dict[str, Any] = {"window_ms": args.window_ms, "compression": not args.no_compression}
+    runner, rest_port = await rest_stub()
+    compression = None if args.no_compression else "deflate"
+    with (
+        tempfile.TemporaryDirectory(prefix="valshi-live-") as tmp,
+        (OUT / "live-daemon-stderr.txt").open("wb") as stderr,
+    ):
+        workdir = Path(tmp)
+        async with FakeKalshi(ping_interval_s=10.0, compression=compression) as kalshi:
+            env = daemon_env(workdir, kalshi.url, rest_port, args.window_ms, args.stats_interval)
+            daemon = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "valshi_x",
+                "--dry-run",
+                "--log-format",
+                "json",
+                cwd=workdir,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                limit=1 << 20,
+            )
+            assert daemon.stdout is not None
+            log = DaemonLog()
+            reader = asyncio.create_task(read_daemon(daemon.stdout, log, OUT / "live-daemon-stdout.jsonl"))
+            try:
+                report.update(await phases(args, kalshi, log, daemon))
+            finally:
+                if daemon.returncode is None:
+                    daemon.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(daemon.wait(), 15)
+                except TimeoutError:
+                    daemon.kill()
+                    await daemon.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader, 5)
+            report["daemon_exit_code"] = daemon.returncode
+            report["daemon_summary"] = log.summary
+            report["daemon_notable_events"] = log.notable[-20:]
+    await runner.cleanup()
+    return report
+
+
+async def phases(
+    args: argparse.Namespace, kalshi: FakeKalshi, log: DaemonLog, daemon: asyncio.subprocess.Process
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    await wait_for(lambda: kalshi.subscribed.is_set() or daemon.returncode is not None, 20)
+    if not kalshi.subscribed.is_set():
+        raise SystemExit(
+            f"the daemon did not subscribe within 20 s (exit code {daemon.returncode}); "
+            "see bench/out/live-daemon-stderr.txt and live-daemon-stdout.jsonl"
+        )
+    deadline = time.monotonic() + args.max_seconds
+    seq = 1
+    frames_sent = 0
+    settle_s = args.window_ms / 1000 + 1.5
+
+    # 1. latency at a fixed rate
+    part = make_part(
+        args.rate,
+        seconds=args.seconds,
+        whales_per_s=args.whales_per_s,
+        seed=args.seed,
+        first_seq=seq,
+        window_ms=args.window_ms,
+    )
+    watch = {t for alert in part.alerts for t in alert["trade_ids"]}
+    print(f"latency phase: {len(part.lines):,} frames at {args.rate:,}/s, {len(part.alerts)} whales ...")
+    sent = await send_part(kalshi, part, watch)
+    seq += sent.frames
+    frames_sent += sent.frames
+    await wait_for(all_alerted(log, part), settle_s)
+    found, missing, wrong, logged = latencies(part, sent, log)
+    target = args.window_ms + LATENCY_SLACK_MS
+    latency = {
+        "rate": args.rate,
+        "frames": sent.frames,
+        "whales": len(part.alerts),
+        "samples": len(found),
+        "p50_ms": round(statistics.median(found), 1) if found else None,
+        "p99_ms": round(percentile(found, 99), 1) if found else None,
+        "max_ms": round(max(found), 1) if found else None,
+        "p99_ms_by_daemon_timestamp": round(percentile(logged, 99), 1) if logged else None,
+        "target_p99_ms": target,
+        "missing": missing,
+        "wrong": wrong,
+        "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
+        "lost_connection": sent.lost_connection,
+    }
+    latency["met"] = bool(found) and not missing and not wrong and latency["p99_ms"] <= target
+    result["latency"] = latency
+    print(
+        f"  alert latency p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms over "
+        f"{len(found)} whales (target p99 <= {target} ms: {'met' if latency['met'] else 'NOT met'}); "
+        f"p99 by the daemon's own timestamps {latency['p99_ms_by_daemon_timestamp']} ms; "
+        f"missing {len(missing)}, wrong {len(wrong)}"
+    )
+
+    # 2. ramp
+    steps: list[dict[str, Any]] = []
+    sustained = 0
+    for number, rate in enumerate(args.ramp):
+        if time.monotonic() > deadline:
+            print("  time budget spent; ramp stopped")
+            break
+        part = make_part(
+            rate,
+            seconds=args.step_seconds,
+            whales_per_s=1.0,
+            seed=args.seed + 1 + number,
+            first_seq=seq,
+            window_ms=args.window_ms,
+        )
+        watch = {t for alert in part.alerts for t in alert["trade_ids"]}
+        before = log.last_stats()
+        dropped_before = before.get("frames_dropped", 0)
+        stats_from = len(log.stats)
+        if kalshi.connection is None and not await wait_for(kalshi.subscribed.is_set, 10):
+            steps.append({"rate": rate, "kept_up": False, "why": "daemon not connected"})
+            break
+        daemon_cpu_before, bench_cpu_before = cpu_seconds(daemon.pid), time.process_time()
+        sent = await send_part(kalshi, part, watch)
+        seq += sent.frames
+        frames_sent += sent.frames
+        ended = time.time()
+        daemon_cpu_after, bench_cpu = cpu_seconds(daemon.pid), time.process_time() - bench_cpu_before
+        daemon_cpu = None
+        if daemon_cpu_before is not None and daemon_cpu_after is not None:
+            daemon_cpu = daemon_cpu_after - daemon_cpu_before
+        during = [s for _, s in log.stats[stats_from:]]
+        caught_up = await wait_for(counted(log, frames_sent), 5 + args.stats_interval)
+        caught_up_s = max(0.0, log.stats[-1][0] - ended) if caught_up and log.stats else None
+        await wait_for(all_alerted(log, part), settle_s)
+        found, missing, wrong, logged = latencies(part, sent, log)
+        after = log.last_stats()
+        max_queue = max((s.get("queue_depth", 0) for s in during), default=0)
+        dropped = after.get("frames_dropped", 0) - dropped_before
+        step = {
+            "rate": rate,
+            "frames": sent.frames,
+            "send_seconds": round(sent.seconds, 2),
+            "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
+            "max_queue_depth": max_queue,
+            "frames_dropped": dropped,
+            "caught_up_s": None if caught_up_s is None else round(caught_up_s, 2),
+            "alert_p50_ms": round(statistics.median(found), 1) if found else None,
+            "alert_max_ms": round(max(found), 1) if found else None,
+            "alert_max_ms_by_daemon_timestamp": round(max(logged), 1) if logged else None,
+            "missing_alerts": missing,
+            "wrong_alerts": wrong,
+            "lost_connection": sent.lost_connection,
+            # Share of one core each process used while sending: which side was the bottleneck.
+            "daemon_cpu": None if daemon_cpu is None else round(daemon_cpu / sent.seconds, 2),
+            "sender_cpu": round(bench_cpu / sent.seconds, 2),
+        }
+        reasons = []
+        if dropped:
+            reasons.append(f"{dropped} frames dropped")
+        if max_queue > rate * MAX_QUEUE_SECONDS:
+            reasons.append(f"queue reached {max_queue}")
+        if caught_up_s is None or caught_up_s > MAX_CATCH_UP_S + args.stats_interval:
+            reasons.append("still behind after the last frame")
+        if sent.max_lag_s > MAX_SENDER_LAG_S:
+            reasons.append(f"sender {sent.max_lag_s * 1000:.0f} ms behind schedule (socket back-pressure or sender)")
+        if sent.lost_connection:
+            reasons.append("connection lost")
+        if missing or wrong:
+            reasons.append(f"{len(missing)} whales missing, {len(wrong)} wrong")
+        # Frames can also wait unseen in socket buffers; late alerts show it.
+        if found and max(found) > args.window_ms + LATENCY_SLACK_MS:
+            reasons.append(f"alerts up to {max(found):.0f} ms late")
+        step["kept_up"] = not reasons
+        step["why"] = "; ".join(reasons)
+        steps.append(step)
+        print(
+            f"ramp {rate:>7,}/s: {'kept up' if not reasons else 'FELL BEHIND: ' + step['why']} "
+            f"(queue max {max_queue}, dropped {dropped}, sender lag {step['sender_max_lag_ms']} ms, "
+            f"alert p50 {step['alert_p50_ms']} ms, max {step['alert_max_ms']} ms "
+            f"(daemon-stamped {step['alert_max_ms_by_daemon_timestamp']} ms), "
+            f"cpu daemon {step['daemon_cpu']} / sender {step['sender_cpu']})"
+        )
+        if reasons:
+            break
+        sustained = rate
+    result["ramp"] = steps
+    result["sustained_frames_per_s"] = sustained
+    print(f"sustained without falling behind: {sustained:,} frames/s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=int, default=2000, help="frames/s of the latency phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    parser.add_argument("--whales-per-s", type=float, default=2.0, help="whales planted per second (latency phase)")
+    parser.add_argument(
+        "--ramp",
+        type=lambda text: [int(r) for r in text.split(",") if r],
+        default=[2000, 5000, 10000, 20000, 30000, 40000, 50000, 60000, 80000],
+        help="comma-separated rates for the ramp ('' to skip it)",
+    )
+    parser.add_argument("--step-seconds", type=float, default=6.0, help="length of each ramp step")
+    parser.add_argument("--window-ms", type=int, default=gen_capture.DEFAULT_SWEEP_WINDOW_MS, help="SWEEP_WINDOW_MS")
+    parser.add_argument("--stats-interval", type=float, default=0.5, help="STATS_INTERVAL_S for the daemon")
+    parser.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate on the server")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-seconds", type=float, default=180.0, help="time budget for the ramp")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run(args))
+    (OUT / "live_latency.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    latency_ok = report.get("latency", {}).get("met", False)
+    return 0 if latency_ok and report.get("daemon_exit_code") == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
