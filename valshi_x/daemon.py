@@ -29,7 +29,7 @@ from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
-from valshi_x.kalshi.stream import SeqGap, TradeStream
+from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.systemd import HealthWatchdog, Notifier
@@ -97,6 +97,9 @@ class Daemon:
         self._env = env or {}
         self._x_middlewares = x_middlewares
         self._stream_options = dict(stream_options or {})  # tests: faster backoff, shorter timeouts
+        # Health allows for the longest ordinary reconnect delay: the cap of the backoff the stream really uses.
+        backoff = self._stream_options.get("backoff")
+        self._max_reconnect_delay_s = backoff.cap_s if isinstance(backoff, Backoff) else _MAX_BACKOFF_S
         self._monotonic = monotonic
         self._now_ms = now_ms
         # Live, trade ids are remembered as far back as a start-up backfill reaches, so its overlap counts once;
@@ -415,7 +418,7 @@ class Daemon:
             self._last_heard = stream.last_heard_monotonic
         heard = self._last_heard if self._last_heard is not None else self.started_at
         # Ordinary reconnects (backoff up to a minute) keep the watchdog fed; a long silence does not.
-        return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + _MAX_BACKOFF_S
+        return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + self._max_reconnect_delay_s
 
     def status_line(self) -> str:
         stream, poster, counts = self.stream, self.poster, self.pipeline.counts
