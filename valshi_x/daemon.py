@@ -142,6 +142,7 @@ class Daemon:
             state=str(options.store_path(settings) or "memory"),
         )
         async with AsyncExitStack() as resources:
+            resources.callback(self.notifier.close)  # its socket, opened at the first message
             self.store = await Store.open(options.store_path(settings))
             resources.push_async_callback(self.store.close)
             lookup_titles = options.live if options.lookup_titles is None else options.lookup_titles
