@@ -25,11 +25,12 @@ import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
 from valshi_x.backfill import Backfiller
+from valshi_x.backoff import Backoff
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
-from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream
+from valshi_x.kalshi.stream import SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.systemd import HealthWatchdog, Notifier
