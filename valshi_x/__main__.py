@@ -89,12 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signer = KalshiSigner(settings.kalshi_api_key_id, key)
             key_text = _key_file_text(settings)
     except ConfigError as exc:
-        # Plain lines on stderr, readable before any logging is trusted; under journald the <3> prefix files
-        # them as errors, so `journalctl -p err` shows why the service stopped.
-        prefix = "<3>" if default_format(os.environ, sys.stdout) == "journal" else ""
-        for problem in exc.problems:
-            print(f"{prefix}valshi-x: configuration error: {problem}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        return _config_error(exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
     if args.command == "status":
@@ -113,10 +108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except asyncio.CancelledError:
         # A second signal while draining: what was not posted is still in the outbox.
         return EXIT_CRASH
+    except ConfigError as exc:
+        # Found only once running (an unusable STATE_DIR): still a setting to fix, and 78 stops systemd's restarts.
+        return _config_error(exc)
     except Exception:
         log.exception("daemon_crashed")
         return EXIT_CRASH
     return EXIT_OK
+
+
+def _config_error(exc: ConfigError) -> int:
+    # Plain lines on stderr, readable before any logging is trusted; under journald the <3> prefix files
+    # them as errors, so `journalctl -p err` shows why the service stopped.
+    prefix = "<3>" if default_format(os.environ, sys.stdout) == "journal" else ""
+    for problem in exc.problems:
+        print(f"{prefix}valshi-x: configuration error: {problem}", file=sys.stderr, flush=True)
+    return EXIT_CONFIG
 
 
 def _key_file_text(settings: Settings) -> tuple[str, ...]:
