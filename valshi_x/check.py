@@ -115,7 +115,15 @@ async def _check_x(settings: Settings, report: CheckReport, middlewares: Sequenc
         return
     timeout = aiohttp.ClientTimeout(total=settings.x_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, middlewares=tuple(middlewares)) as http:
-        client = AsyncClient(*keys, return_type=aiohttp.ClientResponse, wait_on_rate_limit=False)
+        # By name: AsyncClient's first positional parameter is the bearer token, not the consumer key.
+        client = AsyncClient(
+            consumer_key=settings.x_api_key,
+            consumer_secret=settings.x_api_secret,
+            access_token=settings.x_access_token,
+            access_token_secret=settings.x_access_token_secret,
+            return_type=aiohttp.ClientResponse,
+            wait_on_rate_limit=False,
+        )
         client.session = http
         try:
             response: Any = await client.get_me(user_auth=True)
