@@ -121,14 +121,15 @@ async def _check_x(settings: Settings, report: CheckReport, middlewares: Sequenc
             consumer_secret=settings.x_api_secret,
             access_token=settings.x_access_token,
             access_token_secret=settings.x_access_token_secret,
-            return_type=aiohttp.ClientResponse,
+            # A dict: tweepy parses the body it read itself. A ClientResponse it returns is already released,
+            # and aiohttp refuses to read a released response again ("Connection closed").
+            return_type=dict,
             wait_on_rate_limit=False,
         )
         client.session = http
         try:
-            response: Any = await client.get_me(user_auth=True)
-            body = orjson.loads(await response.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            body: Any = await client.get_me(user_auth=True)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a body that is not JSON
             report.line("FAIL", "x credentials", f"{type(exc).__name__}: {exc}")
             return
         except TweepyHTTPException as exc:
@@ -136,7 +137,8 @@ async def _check_x(settings: Settings, report: CheckReport, middlewares: Sequenc
             hint = {401: " (keys or tokens wrong)", 403: " (app lacks Read and write, or tokens predate it)"}
             report.line("FAIL", "x credentials", f"HTTP {status}{hint.get(status or 0, '')}: {exc}")
             return
-    username = (body.get("data") or {}).get("username", "?")
+    data = body.get("data") if isinstance(body, dict) else None
+    username = data.get("username", "?") if isinstance(data, dict) else "?"
     report.line("PASS", "x credentials", f"signed in as @{username} (nothing posted)")
 
 
