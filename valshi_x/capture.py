@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,15 +19,23 @@ _CHUNK_BYTES = 1 << 20
 
 
 async def read_chunks(path: Path) -> AsyncIterator[list[bytes]]:
-    """Yield the capture's non-empty lines, about a megabyte at a time, read off the event loop."""
+    """Yield the capture's non-empty lines, about a megabyte at a time, read off the event loop.
+
+    The next chunk is read while the caller works on the current one.
+    """
     handle = await asyncio.to_thread(path.open, "rb")
+    pending = asyncio.ensure_future(asyncio.to_thread(handle.readlines, _CHUNK_BYTES))
     try:
         while True:
-            lines = await asyncio.to_thread(handle.readlines, _CHUNK_BYTES)
+            lines = await pending
             if not lines:
                 return
+            pending = asyncio.ensure_future(asyncio.to_thread(handle.readlines, _CHUNK_BYTES))
             yield [line for line in lines if line.strip()]
     finally:
+        # A read still running in its thread cannot be cancelled: let it finish before the file closes.
+        with contextlib.suppress(Exception):
+            await pending
         await asyncio.to_thread(handle.close)
 
 
