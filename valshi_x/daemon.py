@@ -423,6 +423,9 @@ class Daemon:
         return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + self._max_reconnect_delay_s
 
     def status_line(self) -> str:
+        if self.notifier.stopping_sent:
+            # The watchdog task ticks on through the drain; `systemctl status` must keep saying what is going on.
+            return "draining"
         stream, poster, counts = self.stream, self.poster, self.pipeline.counts
         since = stream.connected_since if stream is not None else None
         uptime_min = max((self._monotonic() - self.started_at) / 60, 1 / 60)
