@@ -246,7 +246,8 @@ async def test_overlapping_and_adjacent_requests_merge_and_windows_go_oldest_fir
     assert [d["from_time"] for d in done] == sorted(d["from_time"] for d in done)
     assert done[1]["trades"] == 31  # 100 s .. 70 s before now, both ends included
     assert done[2]["to_time"] == "2030-03-17T17:46:40.000Z"  # "now" when it was fetched
-    assert sorted(feed.released) == [1, 2, 3, 4, 5, 6] and feed.holds == {}
+    # One hold per window: a request inside a window already held from earlier needs none of its own.
+    assert sorted(feed.released) == [1, 2, 3] and feed.holds == {}
     assert_ascending(feed.trades)
 
 
@@ -369,3 +370,23 @@ def test_trade_time_of_rest_and_ws_shapes() -> None:
     assert trade_time_ms({"created_time": "2026-09-01T03:46:15.690+02:00"}) == 1_788_227_175_690
     assert trade_time_ms({"ts_ms": 5}) == 5
     assert trade_time_ms({"created_time": "yesterday"}) > NOW_MS  # sorts last; the feed reports it
+
+
+async def test_a_burst_of_gaps_takes_one_hold_and_feeds_in_small_chunks(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
+) -> None:
+    tape = small_trades(NOW_MS - 30_000, 2500, 11)
+    fake.add_trades(tape)
+    feed = Recorder()
+    backfiller = make_backfiller(make_rest(session, fake), feed, feed_chunk=300, margin_ms=1_000)
+    for k in range(50):  # one gap after another, each noticed a little later
+        backfiller.request(NOW_MS - 29_000 + 100 * k, None, "seq_gap")
+    assert len(feed.holds) == 1 and backfiller.pending == 1
+    backfiller.request(NOW_MS - 29_500, None, "seq_gap")  # reaches further back: needs a hold of its own
+    assert sorted(feed.holds.values()) == [NOW_MS - 30_500, NOW_MS - 30_000]
+    await run_until_idle(backfiller)
+    assert len(events(logs, "backfill_requested")) == 1
+    assert max(len(b) for b in feed.batches) == 300 and len(feed.batches) >= 9
+    assert len(feed.trades) == 2500
+    assert_ascending(feed.trades)
+    assert feed.holds == {}

@@ -84,6 +84,7 @@ class _Window:
     to_ms: int | None
     reasons: list[str] = field(default_factory=list)
     holds: list[int] = field(default_factory=list)
+    held_from_ms: int = 0  # the earliest time one of `holds` keeps groups open from
 
     def touches(self, from_ms: int, to_ms: int | None) -> bool:
         """Overlapping or adjacent (within a ms) to [from_ms, to_ms]."""
@@ -118,6 +119,7 @@ class Backfiller:
         retry_delays_s: Sequence[float] = (2.0, 5.0, 15.0, 30.0),
         settle_ms: int = 1_000,
         page_limit: int = 1000,
+        feed_chunk: int = 1000,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -136,6 +138,8 @@ class Backfiller:
         # is fetched only once it is this old.
         self.settle_ms = settle_ms
         self._page_limit = page_limit
+        # Feeding is synchronous work on the event loop: hand it over in chunks so the socket is read in between.
+        self._feed_chunk = max(1, feed_chunk)
         self._monotonic = monotonic
         self._sleep = sleep
         self.counts = BackfillCounts()
@@ -159,13 +163,18 @@ class Backfiller:
         start_ms = from_ms - self.margin_ms
         if to_ms is not None and to_ms < start_ms:
             to_ms = start_ms
-        token = self._hold(start_ms) if hold_token is None else hold_token
         self.counts.requests += 1
         self._idle.clear()
         for window in self._queue:
             if window.touches(start_ms, to_ms):
                 window.absorb(start_ms, to_ms)
-                window.holds.append(token)
+                if hold_token is not None:
+                    window.holds.append(hold_token)
+                    window.held_from_ms = min(start_ms, window.held_from_ms)
+                elif start_ms < window.held_from_ms:
+                    # A hold from earlier already covers this one; gaps in a burst take one hold, not hundreds.
+                    window.holds.append(self._hold(start_ms))
+                    window.held_from_ms = start_ms
                 if reason not in window.reasons:
                     window.reasons.append(reason)
                 self._queue.sort(key=_window_start)
@@ -173,7 +182,8 @@ class Backfiller:
                 log.debug("backfill_merged", reason=reason, from_time=_iso(start_ms))
                 self._merge_queued()
                 return
-        self._queue.append(_Window(start_ms, to_ms, [reason], [token]))
+        token = self._hold(start_ms) if hold_token is None else hold_token
+        self._queue.append(_Window(start_ms, to_ms, [reason], [token], start_ms))
         self._queue.sort(key=_window_start)
         log.info(
             "backfill_requested",
@@ -192,6 +202,7 @@ class Backfiller:
             if last is not None and last.touches(window.from_ms, window.to_ms):
                 last.absorb(window.from_ms, window.to_ms)
                 last.holds += window.holds
+                last.held_from_ms = min(last.held_from_ms, window.held_from_ms)
                 last.reasons += [r for r in window.reasons if r not in last.reasons]
             else:
                 merged.append(window)
@@ -272,11 +283,12 @@ class Backfiller:
                     hint="whales in the uncovered window may have been missed",
                 )
                 return
-            if trades:
-                trades.sort(key=_sort_key)
-                whales = await self._feed(trades)
-                counts.trades += len(trades)
-                counts.whales += whales
+            trades.sort(key=_sort_key)
+            chunk = self._feed_chunk
+            for start in range(0, len(trades), chunk):
+                part = trades[start : start + chunk]
+                counts.whales += await self._feed(part)
+                counts.trades += len(part)
             slice_start_s = slice_end_s + 1
 
         counts.windows += 1
