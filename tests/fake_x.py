@@ -1,5 +1,5 @@
 """A stand-in for X's `POST /2/tweets` on 127.0.0.1, scripted one answer per request, and the aiohttp client
-middleware that sends tweepy's requests to it.
+middleware that sends tweepy's requests to it. `GET /2/users/me` answers as `check` expects (or `me_status`).
 
 Like X, it keeps the posts it created and answers a second post of the same text with the duplicate-content 403,
 whatever the script says next. A scripted answer can also create the post without saying so (a slow answer, a
@@ -199,6 +199,10 @@ class FakeX:
         self._ids = itertools.count(1_900_000_000_000_000_001)
         self._server: TestServer | None = None
         self.received = asyncio.Event()  # set at every request; tests clear it to wait for the next one
+        # GET /2/users/me (what `check` asks): the account's username, or this status's problem answer instead.
+        self.username = "valshi_whales"
+        self.me_status = 200
+        self.me_authorizations: list[str] = []  # the Authorization header of each users/me request
 
     def queue(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -206,6 +210,7 @@ class FakeX:
     async def __aenter__(self) -> FakeX:
         app = web.Application()
         app.router.add_post("/2/tweets", self._tweets)
+        app.router.add_get("/2/users/me", self._me)
         self._server = TestServer(app, host="127.0.0.1", port=0)
         await self._server.start_server()
         return self
@@ -230,6 +235,14 @@ class FakeX:
             return await handler(request)
 
         return to_fake_x
+
+    async def _me(self, request: web.Request) -> web.StreamResponse:
+        self.me_authorizations.append(request.headers.get("Authorization", ""))
+        if self.me_status != 200:
+            body = {"title": "Unauthorized" if self.me_status == 401 else "Error", "status": self.me_status}
+            return web.json_response(body, status=self.me_status, content_type="application/problem+json")
+        user = {"id": "1790000000000000001", "name": "Kalshi Whales", "username": self.username}
+        return web.json_response({"data": user})
 
     def answered(self) -> list[int | None]:
         return [r.answered for r in self.requests]
