@@ -15,7 +15,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,8 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 STATUS_SUMMARY = re.compile(
-    r"connected since \d\d:\d\d:\d\dZ, (?P<rate>\d+) trades/min, whales (?P<whales>\d+), posts (?P<posts>\d+), "
-    r"queue (?P<queue>\d+)"
+    r"connected since \d\d:\d\d:\d\dZ, (?P<rate>\d+) trades/min, whales today (?P<whales>\d+), "
+    r"posts today (?P<posts>\d+), queue (?P<queue>\d+), (last post \d\d:\d\d:\d\dZ|no post yet)"
 )
 
 
@@ -591,12 +590,13 @@ async def test_status_command_shows_the_outbox_of_a_run(
     assert lines[1] == "outbox: pending=0, posting=0, posted=1, failed=1, skipped=0"
     assert lines[2] == "requests to X that may have posted: 1 in 15 min, 1 in 24 h"  # a 400 created nothing
     checkpoint = next(line for line in lines if line.startswith("checkpoint processed_through_ms = "))
-    assert int(checkpoint.rsplit(" ", 1)[1]) >= rejected_sweep[-1]["ts_ms"]
+    assert int(checkpoint.split(" = ", 1)[1].split(" ")[0]) >= rejected_sweep[-1]["ts_ms"]
+    assert checkpoint.endswith("Z)")  # also shown as a UTC time
     last_posts = lines[lines.index("last posts:") + 1 : lines.index("last errors:")]
     assert len(last_posts) == 1
     when, status, value, ticker, side, alert, tweet = last_posts[0].split()
     assert datetime.fromisoformat(when).tzinfo is not None and status == "posted"
-    assert Decimal(value.removeprefix("$")) == Decimal(123000)
+    assert value == "$123,000.00"
     assert (ticker, side) == (posted_sweep[0]["market_ticker"], "yes")
     assert (alert, tweet) == (f"alert={posted['alert_id']}", f"tweet={posted['tweet_id']}")
     last_errors = lines[lines.index("last errors:") + 1 :]

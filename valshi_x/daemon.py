@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,9 @@ class Daemon:
         self._last_trade_seen_at = monotonic()
         self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
         self._tasks: list[asyncio.Task[Any]] = []
+        self._trade_samples = deque([(self.started_at, 0)])  # (monotonic s, trades so far) for trades/min
+        self._day: date | None = None
+        self._day_base = (0, 0)  # (whales, posts) counted before today began
 
     # --- the run ----------------------------------------------------------------------------------------------
 
@@ -423,18 +428,34 @@ class Daemon:
         return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + self._max_reconnect_delay_s
 
     def status_line(self) -> str:
+        """The one-line summary `systemctl status` shows (sd_notify STATUS=)."""
         if self.notifier.stopping_sent:
             # The watchdog task ticks on through the drain; `systemctl status` must keep saying what is going on.
             return "draining"
-        stream, poster, counts = self.stream, self.poster, self.pipeline.counts
+        stream, poster = self.stream, self.poster
+        now_s = self._monotonic()
+        trades = self.pipeline.counts.trades
+        whales = self.pipeline.detector.alerts
+        posts = poster.stats.posted if poster else 0
+        # Trades per minute over the last minute or so, from samples taken at each call.
+        self._trade_samples.append((now_s, trades))
+        while len(self._trade_samples) > 2 and now_s - self._trade_samples[1][0] >= 60:
+            self._trade_samples.popleft()
+        first_s, first_trades = self._trade_samples[0]
+        per_min = (trades - first_trades) * 60 / max(now_s - first_s, 1.0)
+        # "Today" is the UTC day; the counts since start are re-based when it changes.
+        today = utc_from_ms(self._now_ms()).date()
+        if today != self._day:
+            self._day, self._day_base = today, (whales, posts)
         since = stream.connected_since if stream is not None else None
-        uptime_min = max((self._monotonic() - self.started_at) / 60, 1 / 60)
+        last_ms = poster.stats.last_posted_ms if poster else None
         parts = [
             f"connected since {since:%H:%M:%S}Z" if since else "connecting",
-            f"{counts.trades / uptime_min:.0f} trades/min",
-            f"whales {self.pipeline.detector.alerts}",
-            f"posts {poster.stats.posted if poster else 0}",
+            f"{per_min:.0f} trades/min",
+            f"whales today {whales - self._day_base[0]}",
+            f"posts today {posts - self._day_base[1]}",
             f"queue {self.queue.qsize()}",
+            f"last post {utc_from_ms(last_ms):%H:%M:%S}Z" if last_ms else "no post yet",
         ]
         return ", ".join(parts)
 

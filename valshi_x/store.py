@@ -230,11 +230,11 @@ class StatusReport:
                 f"resets {window['reset']} (seen {window['observed']})"
             )
         for name, value in self.checkpoints.items():
-            out.append(f"checkpoint {name} = {value}")
+            out.append(f"checkpoint {name} = {_readable_checkpoint(name, value)}")
         out.append("last posts:" if self.last_posts else "last posts: none")
         for row in self.last_posts:
             out.append(
-                f"  {row['updated']} {row['status']} ${row['value_usd']} {row['ticker']} {row['side']} "
+                f"  {row['updated']} {row['status']} ${Decimal(row['value_usd']):,.2f} {row['ticker']} {row['side']} "
                 f"alert={row['alert_id']} tweet={row['tweet_id']}"
             )
         out.append("last errors:" if self.last_errors else "last errors: none")
@@ -249,6 +249,13 @@ class StatusReport:
 _ITEM_COLUMNS = (
     "alert, status, attempts, failures, in_doubt, last_error, tweet_id, text, next_attempt_ms, created_ms, updated_ms"
 )
+
+
+def _readable_checkpoint(name: str, value: str) -> str:
+    """Times kept as Unix ms (names ending in `_ms`) are shown as UTC too."""
+    if name.endswith("_ms") and value.isdigit():
+        return f"{value} ({_iso(int(value))})"
+    return value
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:

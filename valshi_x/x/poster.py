@@ -351,6 +351,7 @@ class PosterStats:
     rate_limited: int = 0
     transient: int = 0
     paused: bool = False
+    last_posted_ms: int | None = None  # wall time of the last post X confirmed
 
 
 def _iso(ms: int) -> str:
@@ -626,6 +627,7 @@ class Poster:
         if kind is OutcomeKind.POSTED:
             await self._store.mark_posted(alert_id, outcome.tweet_id, attempt=attempt)
             self.stats.posted += 1
+            self.stats.last_posted_ms = now_ms
             self._answered()
             if not self._transport.dry_run:
                 log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1)
