@@ -6,6 +6,7 @@ have had if nothing had gone wrong (computed from the tape by a fresh detector o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,8 @@ FAST_STREAM = {
     "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
     "ping_interval_s": None,
 }
+FAST_REST = {"backoff_initial_s": UNIT_S, "backoff_max_s": 4 * UNIT_S}
+FAST_BACKFILL = {"retry_delays_s": (UNIT_S, 2 * UNIT_S), "settle_ms": int(2 * UNIT_S * 1000)}
 
 Key = tuple[tuple[str, ...], str]
 
@@ -113,7 +116,9 @@ class Run:
     async def start(self) -> Daemon:
         settings = settings_for(self.exchange, **self.env)
         options = RunOptions(dry_run=True, state_dir=self.state_dir, lookup_titles=False)
-        self.daemon = Daemon(settings, options, stream_options=FAST_STREAM)
+        self.daemon = Daemon(
+            settings, options, stream_options=FAST_STREAM, rest_options=FAST_REST, backfill_options=FAST_BACKFILL
+        )
         self.task = asyncio.create_task(self.daemon.run())
         await self.exchange.wait_subscribed()
         return self.daemon
@@ -122,6 +127,14 @@ class Run:
         assert self.daemon is not None and self.task is not None
         self.daemon.stop.set()
         async with asyncio.timeout(40 * UNIT_S):
+            await self.task
+        self.daemon = self.task = None
+
+    async def kill(self) -> None:
+        """Stop without the staged shutdown: nothing flushed, no checkpoint saved (the kill -9 of a test)."""
+        assert self.daemon is not None and self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
             await self.task
         self.daemon = self.task = None
 
@@ -298,6 +311,25 @@ async def test_restart_between_two_whales_posts_each_once(tmp_path: Path) -> Non
         # The start-up backfill reached back over the first whale too: regrouped, and refused by the outbox.
         assert any(e["event"] == "backfill_done" and "startup" in e["reasons"] for e in run.logs)
         assert run.events("alert_overlaps_existing")
+
+
+async def test_killed_before_the_first_periodic_checkpoint_still_resumes(tmp_path: Path) -> None:
+    """A first start writes a checkpoint at once: a crash in the first seconds must not lose its downtime."""
+    tape = Tape()
+    async with scenario(tmp_path) as run:
+        await run.start()
+        await publish(run.exchange, tape.small(20))
+        await run.kill()  # long before the 10 s checkpoint tick
+        await publish(run.exchange, tape.small(20) + tape.sweep("KXWHALE-WHILE-DOWN") + tape.small(20))
+        await run.start()
+        await publish(run.exchange, tape.small(20))
+        expected = expected_keys(run.exchange)
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=1)
+        stopped = run.events("daemon_stopped")[-1]
+        assert stopped["whales_from_backfill"] == 1  # the stream never saw it
+        assert run.events("whale_recovered_by_backfill")
 
 
 async def test_rest_pages_over_several_cursors(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
-from valshi_x.backfill import Backfiller
+from valshi_x.backfill import Backfiller, trade_time_ms
 from valshi_x.backoff import Backoff
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
@@ -37,7 +37,7 @@ from valshi_x.pipeline import Pipeline
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, utc_from_ms
-from valshi_x.whales import Alert, WhaleDetector
+from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
 from valshi_x.x.poster import Poster, open_transport
 
 log = structlog.get_logger(__name__)
@@ -90,6 +90,8 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         x_middlewares: Sequence[ClientMiddlewareType] = (),
         stream_options: Mapping[str, Any] | None = None,
+        rest_options: Mapping[str, Any] | None = None,
+        backfill_options: Mapping[str, Any] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         now_ms: Callable[[], int] = wall_ms,
     ) -> None:
@@ -99,7 +101,10 @@ class Daemon:
         self.stop = stop or asyncio.Event()
         self._env = env or {}
         self._x_middlewares = x_middlewares
-        self._stream_options = dict(stream_options or {})  # tests: faster backoff, shorter timeouts
+        # Tests pass faster backoffs and shorter timeouts through these; production uses the defaults.
+        self._stream_options = dict(stream_options or {})
+        self._rest_options = dict(rest_options or {})
+        self._backfill_options = dict(backfill_options or {})
         # Health allows for the longest ordinary reconnect delay: the cap of the backoff the stream really uses.
         backoff = self._stream_options.get("backoff")
         self._max_reconnect_delay_s = backoff.cap_s if isinstance(backoff, Backoff) else _MAX_BACKOFF_S
@@ -122,6 +127,7 @@ class Daemon:
         self.backfiller: Backfiller | None = None
         self.notifier = Notifier.from_env(self._env)
         self.started_at = monotonic()
+        self._started_ms = now_ms()
         self.alerts_queued = 0
         self.alerts_refused = 0
         self.whales_from_backfill = 0
@@ -130,6 +136,8 @@ class Daemon:
         self._last_trade_seen_at = monotonic()
         self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
         self._tasks: list[asyncio.Task[Any]] = []
+        # Trade ids only a backfill brought (the stream never delivered them), for the counts.
+        self._recovered_ids = SeenTradeIds(horizon_ms=int(dedup_horizon_s * 1000), max_ids=100_000)
         self._trade_samples = deque([(self.started_at, 0)])  # (monotonic s, trades so far) for trades/min
         self._day: date | None = None
         self._day_base = (0, 0)  # (whales, posts) counted before today began
@@ -156,7 +164,7 @@ class Daemon:
             if options.live or lookup_titles:
                 http = aiohttp.ClientSession()
                 resources.push_async_callback(http.close)
-                rest = KalshiRest(http, settings.kalshi_api_url)
+                rest = KalshiRest(http, settings.kalshi_api_url, **self._rest_options)
             titles = TitleLookup(rest if lookup_titles else None)
             resources.push_async_callback(titles.aclose)
             transport = await open_transport(settings, dry_run=options.dry_run, middlewares=self._x_middlewares)
@@ -179,6 +187,7 @@ class Daemon:
                     clock_ms=self._now_ms,
                     margin_ms=_BACKFILL_MARGIN_MS,
                     max_span_s=settings.backfill_max_s,
+                    **self._backfill_options,
                 )
                 await self._request_startup_backfill()
             await self._run_stages()
@@ -261,7 +270,7 @@ class Daemon:
                 self._last_overflow_log = now
                 log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
                 # The dropped trades are still on Kalshi: fetch them back once the pipeline catches up.
-                self._request_backfill(self.pipeline.detector.watermark_ms, "frames_dropped")
+                self._request_backfill(self._seen_through_ms(), "frames_dropped")
 
     def _on_bad_frame(self, raw: str | bytes, exc: MalformedTrade) -> None:
         self.pipeline.counts.frames += 1
@@ -299,6 +308,10 @@ class Daemon:
     async def _submit(self, alerts: list[Alert]) -> None:
         assert self.poster is not None
         for alert in alerts:
+            if any(trade_id in self._recovered_ids for trade_id in alert.trade_ids):
+                # Held sweeps close later on the stream clock, so the backfill's own return value misses them.
+                self.whales_from_backfill += 1
+                log.info("whale_recovered_by_backfill", alert_id=alert.alert_id, value_usd=alert.value_usd_2dp)
             if await self.poster.submit(alert):
                 self.alerts_queued += 1
             else:
@@ -322,7 +335,10 @@ class Daemon:
         now_ms = self._now_ms()
         oldest_ms = now_ms - int(self.settings.backfill_max_s * 1000)
         if saved is None:
+            # First start: nothing before now is ours to post (the old bot may have), but from now on a crash
+            # must find a checkpoint, even one in the first seconds before any trade has arrived.
             log.info("no_checkpoint", hint="first start: nothing to backfill")
+            await self.store.set_checkpoint(CHECKPOINT_NAME, str(self._started_ms))
             return
         from_ms = int(saved)
         if from_ms < oldest_ms:
@@ -336,21 +352,20 @@ class Daemon:
         self._request_backfill(from_ms, "startup")
 
     def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
-        if self.backfiller is None:
-            return
-        if from_ms <= 0:  # nothing seen yet on this run: a start-up backfill covers the time before
-            if hold_token is not None:
-                self.pipeline.detector.release(hold_token)
-            return
-        self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
+        if self.backfiller is not None:
+            self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
+
+    def _seen_through_ms(self) -> int:
+        """The newest trade time seen on this run; before the first trade, the moment the run started."""
+        return self.pipeline.detector.watermark_ms or self._started_ms
 
     def _on_gap(self, gap: SeqGap) -> None:
-        self._request_backfill(self.pipeline.detector.watermark_ms, "seq_gap")
+        self._request_backfill(self._seen_through_ms(), "seq_gap")
 
     def _on_disconnect(self) -> None:
         # Hold every sweep the outage may have cut; the backfill after the reconnect fills and releases them.
         if self._disconnect_hold is None:
-            from_ms = self.pipeline.detector.watermark_ms - _BACKFILL_MARGIN_MS
+            from_ms = self._seen_through_ms() - _BACKFILL_MARGIN_MS
             self._disconnect_hold = (self.pipeline.detector.hold(from_ms), from_ms)
 
     def _on_subscribed(self, sid: int) -> None:
@@ -361,11 +376,14 @@ class Daemon:
             self._request_backfill(from_ms + _BACKFILL_MARGIN_MS, "reconnect", hold_token=token)
 
     async def _feed_backfill(self, trades: list[dict[str, Any]]) -> int:
+        seen = self.pipeline.detector.seen
         alerts: list[Alert] = []
         for fields in trades:
+            trade_id = fields.get("trade_id")
+            if isinstance(trade_id, str) and trade_id not in seen:
+                self._recovered_ids.add(trade_id, trade_time_ms(fields))
             alerts.extend(self.pipeline.on_rest_trade(fields))
         if alerts:
-            self.whales_from_backfill += len(alerts)
             await self._submit(alerts)
         return len(alerts)
 

@@ -111,6 +111,9 @@ class SeenTradeIds:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, trade_id: object) -> bool:
+        return trade_id in self._ids
+
     def add(self, trade_id: str, ts_ms: int) -> bool:
         """Remember the id; False if it was already known."""
         ids = self._ids
