@@ -17,13 +17,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import structlog
 
+from valshi_x import trades
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
-from valshi_x.trades import utc_from_ms
+from valshi_x.trades import MalformedTrade, utc_from_ms
 
 log = structlog.get_logger(__name__)
 
@@ -41,20 +41,10 @@ def _iso(ms: int) -> str:
 
 def trade_time_ms(trade: dict[str, Any]) -> int:
     """Trade time of a REST (or WebSocket) trade object in Unix ms, for sorting; a huge value if unreadable."""
-    ts_ms = trade.get("ts_ms")
-    if type(ts_ms) is int:
-        return ts_ms
-    created = trade.get("created_time")
-    if isinstance(created, str):
-        try:
-            when = datetime.fromisoformat(created)
-        except ValueError:
-            return _EPOCH_MS_UNKNOWN
-        if when.tzinfo is not None:
-            # Exact integer arithmetic: a float timestamp could round a microsecond time into the next ms.
-            delta = when - datetime.fromtimestamp(0, tz=when.tzinfo)
-            return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-    return _EPOCH_MS_UNKNOWN
+    try:
+        return trades.trade_time_ms(trade)
+    except MalformedTrade:
+        return _EPOCH_MS_UNKNOWN
 
 
 def _sort_key(trade: dict[str, Any]) -> tuple[int, str]:

@@ -176,7 +176,7 @@ def _trade_from_fields_checked(msg: dict[str, Any]) -> Trade:
     block = msg.get("is_block_trade", False)
     if not isinstance(block, bool):
         raise MalformedTrade("bad_is_block_trade", repr(block)[:40])
-    return Trade(trade_id, ticker, yes_price, no_price, count, side, block, _ts_ms(msg))
+    return Trade(trade_id, ticker, yes_price, no_price, count, side, block, trade_time_ms(msg))
 
 
 def _taker_side(msg: dict[str, Any]) -> Side:
@@ -266,7 +266,8 @@ def _count(msg: dict[str, Any]) -> Decimal:
     return count
 
 
-def _ts_ms(msg: dict[str, Any]) -> int:
+def trade_time_ms(msg: dict[str, Any]) -> int:
+    """Trade time in Unix ms of a WebSocket `msg` (`ts_ms`, else `ts`) or a REST trade (`created_time`)."""
     ts_ms = msg.get("ts_ms")
     if ts_ms is not None:
         if isinstance(ts_ms, int) and not isinstance(ts_ms, bool) and ts_ms > 0:
