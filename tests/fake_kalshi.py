@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
+import msgspec
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -88,7 +88,7 @@ def trade_frame(msg: dict[str, Any], *, sid: int = 1, seq: int | None = 1) -> di
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    return orjson.dumps(frame).decode()
+    return msgspec.json.encode(frame).decode()
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -453,7 +453,7 @@ class FakeKalshi:
     async def _commands(self, session: FakeSession) -> None:
         try:
             async for raw in session.ws:
-                command = orjson.loads(raw)
+                command = msgspec.json.decode(raw)
                 session.commands.append(command)
                 self.notify()
                 await self._answer(session, command)

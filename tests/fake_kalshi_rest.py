@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-import orjson
+import msgspec
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -107,18 +107,18 @@ def rest_trade(
 
 
 def _encode_cursor(key: tuple[int, str]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode()
+    return base64.urlsafe_b64encode(msgspec.json.encode(list(key))).decode()
 
 
 def _decode_cursor(cursor: str) -> tuple[int, str]:
-    ts_ms, trade_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    ts_ms, trade_id = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()))
     if not isinstance(ts_ms, int) or not isinstance(trade_id, str):
         raise ValueError("bad cursor")
     return ts_ms, trade_id
 
 
 def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
 
 
 class FakeKalshiRest:

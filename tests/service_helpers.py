@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 
 from tests.fake_kalshi import Attempt, FakeKalshi, KeyPair, trade_msg
 from tests.fake_kalshi_rest import FakeKalshiRest, rest_trade
@@ -226,8 +226,8 @@ class Child:
         assert self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
             try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                event = msgspec.json.decode(line)
+            except msgspec.DecodeError:
                 event = {"event": None, "raw": line.decode(errors="replace")}
             self.events.append(event)
             self._changed.set()

@@ -208,7 +208,7 @@ os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
 """
 
 # What the daemon does that could need writable+executable memory: load every module, sign with RSA-PSS,
-# parse with orjson, set up TLS, use SQLite from a thread, talk HTTP and WebSocket over loopback.
+# parse JSON with msgspec, set up TLS, use SQLite from a thread, talk HTTP and WebSocket over loopback.
 _WORKLOAD = r"""
 import mmap
 try:
@@ -219,7 +219,7 @@ else:
     raise SystemExit("the sandbox is not active: a writable+executable mapping was allowed")
 
 import asyncio, importlib, pkgutil, sqlite3, ssl
-import orjson
+import msgspec
 import valshi_x
 for module in pkgutil.walk_packages(valshi_x.__path__, "valshi_x."):
     importlib.import_module(module.name)
@@ -234,7 +234,7 @@ key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 key.public_key().verify(key.sign(b"GET/trade-api/ws/v2", pss, hashes.SHA256()), b"GET/trade-api/ws/v2", pss,
                         hashes.SHA256())
-assert orjson.loads(orjson.dumps({"yes_price_dollars": "0.62"})) == {"yes_price_dollars": "0.62"}
+assert msgspec.json.decode(msgspec.json.encode({"yes_price_dollars": "0.62"})) == {"yes_price_dollars": "0.62"}
 ssl.create_default_context()
 
 async def main():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-import orjson
+import msgspec
 from aiohttp.client_middlewares import ClientMiddlewareType
 from tweepy.asynchronous import AsyncClient
 from tweepy.errors import HTTPException as TweepyHTTPException
@@ -73,9 +73,11 @@ async def _check_kalshi_ws(settings: Settings, signer: KalshiSigner | None, repo
     item = f"kalshi websocket {public_url(url)}"
     try:
         async with asyncio.timeout(_TIMEOUT_S), connect(url, additional_headers=headers) as ws:
-            await ws.send(orjson.dumps({"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}).decode())
+            await ws.send(
+                msgspec.json.encode({"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}).decode()
+            )
             while True:
-                frame = orjson.loads(await ws.recv())
+                frame = msgspec.json.decode(await ws.recv())
                 if frame.get("type") == "subscribed":
                     sid = (frame.get("msg") or {}).get("sid")
                     report.line("PASS", item, f"handshake {'signed' if signer else 'unsigned'}, subscribed (sid {sid})")
@@ -90,7 +92,7 @@ async def _check_kalshi_ws(settings: Settings, signer: KalshiSigner | None, repo
         report.line("FAIL", item, f"handshake rejected with HTTP {status}{hint}")
     except TimeoutError:
         report.line("FAIL", item, f"no subscription within {_TIMEOUT_S:.0f} s")
-    except (OSError, WebSocketException, orjson.JSONDecodeError) as exc:
+    except (OSError, WebSocketException, msgspec.DecodeError) as exc:
         report.line("FAIL", item, f"{type(exc).__name__}: {exc}")
 
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 
 from valshi_x.trades import (
@@ -141,7 +141,7 @@ def _excerpt(raw: object) -> str:
     if isinstance(raw, bytes):
         text = raw.decode("utf-8", "replace")
     elif isinstance(raw, dict):
-        text = orjson.dumps(raw, default=repr).decode()
+        text = msgspec.json.encode(raw, enc_hook=repr).decode()
     else:
         text = str(raw)
     return text if len(text) <= 200 else text[:200] + "..."

@@ -33,7 +33,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-import orjson
+import msgspec
 import structlog
 
 from valshi_x.errors import ConfigError
@@ -122,7 +122,7 @@ def _iso(ms: int) -> str:
 
 def alert_to_json(alert: Alert) -> str:
     """The alert as JSON with every field needed to rebuild it; decimals as strings so nothing is rounded."""
-    return orjson.dumps(
+    return msgspec.json.encode(
         {
             "trade_ids": list(alert.trade_ids),
             "ticker": alert.ticker,
@@ -141,7 +141,7 @@ def alert_to_json(alert: Alert) -> str:
 
 def alert_from_json(raw: str) -> Alert:
     """Rebuild an alert stored by `alert_to_json`."""
-    data = orjson.loads(raw)
+    data = msgspec.json.decode(raw)
     return Alert(
         trade_ids=tuple(data["trade_ids"]),
         ticker=data["ticker"],

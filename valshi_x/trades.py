@@ -11,7 +11,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import msgspec
-import orjson
 
 Side = Literal["yes", "no"]
 
@@ -74,8 +73,8 @@ def utc_from_ms(ts_ms: int) -> datetime:
 def parse_frame(raw: str | bytes) -> dict[str, Any]:
     """Decode one WebSocket text frame into its JSON object."""
     try:
-        frame = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        frame = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
         raise MalformedTrade("not_json", str(exc)[:80]) from None
     if not isinstance(frame, dict):
         raise MalformedTrade("not_an_object", type(frame).__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import aiohttp
-import orjson
+import msgspec
 import structlog
 
 from valshi_x.backoff import capped_step_s, equal_jitter
@@ -240,8 +240,8 @@ class KalshiRest:
 
             if status == 200:
                 try:
-                    data = orjson.loads(body)
-                except orjson.JSONDecodeError:
+                    data = msgspec.json.decode(body)
+                except msgspec.DecodeError:
                     failure = KalshiRestError("bad_response", path, status=status, detail="not JSON")
                     continue
                 if not isinstance(data, dict):

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import orjson
+import msgspec
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -286,7 +286,7 @@ class TradeStream:
         command_id = self._command_id()
         self._pending_subscribes.add(command_id)
         command = {"id": command_id, "cmd": "subscribe", "params": {"channels": ["trade"]}}
-        await ws.send(orjson.dumps(command).decode())
+        await ws.send(msgspec.json.encode(command).decode())
 
     def _command_id(self) -> int:
         command_id = self._next_id
@@ -421,7 +421,7 @@ class TradeStream:
             return False
         if self.sid is not None:
             command = {"id": self._command_id(), "cmd": "unsubscribe", "params": {"sids": [self.sid]}}
-            await ws.send(orjson.dumps(command).decode())
+            await ws.send(msgspec.json.encode(command).decode())
         log.info("ws_resubscribe", sid=self.sid)
         await self._subscribe(ws)
         return True

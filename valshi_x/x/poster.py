@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
+import msgspec
 import structlog
 from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
 from tweepy.asynchronous import AsyncClient
@@ -139,8 +139,8 @@ def limit_lifts_at_ms(windows: Sequence[RateLimitWindow]) -> int | None:
 def _problem(body: bytes) -> tuple[dict[str, Any] | None, str]:
     """The JSON object of a body (if it is one) and a short human summary of what X said."""
     try:
-        data = orjson.loads(body) if body.strip() else None
-    except orjson.JSONDecodeError:
+        data = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError:
         data = None
     if not isinstance(data, dict):
         snippet = " ".join(body.decode("utf-8", "replace").split())
@@ -316,7 +316,7 @@ class DryRunTransport:
 
     async def send(self, alert: Alert, text: str) -> SendResult:
         log.info("would_post", **alert_log_fields(alert), text=text)
-        body = orjson.dumps({"data": {"id": f"dry-run-{alert.alert_id}", "text": text}})
+        body = msgspec.json.encode({"data": {"id": f"dry-run-{alert.alert_id}", "text": text}})
         return SendResult(status=201, body=body)
 
     async def close(self) -> None:
