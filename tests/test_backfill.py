@@ -287,10 +287,11 @@ async def test_a_hold_keeps_a_split_sweep_open_until_the_backfill_brings_its_mid
 
 
 async def test_without_a_hold_the_same_split_sweep_would_be_two_non_whales() -> None:
-    """The control for the test above: the hold is what makes the difference."""
+    """The control for the test above: with neither the hold nor the detector's memory of short sweeps (which
+    would reopen the closed half), the split sweep is lost."""
     t0 = NOW_MS - 20_000
     fills = [rest_trade(f"s{i}", "KXBIG-1", ts_ms=t0 + 100 * i, count="70000.00", yes_price="0.4000") for i in range(4)]
-    detector = WhaleDetector(THRESHOLD, 1000)
+    detector = WhaleDetector(THRESHOLD, 1000, late_fill_horizon_ms=0)
     for fields in (fills[0], fills[3], rest_trade("x1", "KXOTHER", ts_ms=t0 + 5_000, count="1.00")):
         detector.add(trade_from_fields(fields))
     alerts = detector.add_many(trade_from_fields(f) for f in (fills[1], fills[2]))

@@ -223,6 +223,24 @@ async def test_frames_lost_in_seq_gaps_are_recovered(tmp_path: Path) -> None:
         assert run.events("backfill_done") and not run.events("backfill_incomplete")
 
 
+async def test_a_gap_noticed_only_after_the_sweep_closed_still_completes_it(tmp_path: Path) -> None:
+    """A quiet market: the last fill of a sweep is lost and the next frame comes after the window has closed."""
+    tape = Tape()
+    async with scenario(tmp_path) as run:
+        await run.start()
+        sweep = tape.sweep("KXWHALE-QUIET")  # 4 x $28k
+        await publish(run.exchange, tape.small(20) + sweep, lost=lambda trade_id: trade_id == "KXWHALE-QUIET-f3")
+        # Nothing for a while: the $84k part closes on the clock, short of the threshold, before the gap shows.
+        await asyncio.sleep((SWEEP_WINDOW_MS / 1000) + 6 * UNIT_S)
+        await publish(run.exchange, tape.small(20))
+        expected = expected_keys(run.exchange)
+        assert expected == [(tuple(f"KXWHALE-QUIET-f{k}" for k in range(4)), "112000.00")]
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=1)
+        assert run.daemon is None and run.events("backfill_done")
+
+
 async def test_server_closes_mid_sweep(tmp_path: Path) -> None:
     tape = Tape()
     async with scenario(tmp_path) as run:

@@ -223,3 +223,34 @@ def test_processed_through_stops_at_open_groups_and_holds() -> None:
     d.release(token)
     d.flush()
     assert d.processed_through_ms() == T0 + 2000
+
+
+def test_a_late_fill_reopens_a_sweep_that_closed_short_of_the_threshold() -> None:
+    """A gap noticed only after the window ended: the backfilled fill still completes the sweep."""
+    d = detector()
+    d.add(fill("120000", "0.50", at=0))  # $60k
+    assert d.close_due(T0 + 1200) == []  # the quiet market closes it on the clock, short
+    d.add(fill("10", "0.50", at=3000, ticker="OTHER"))  # the stream moves on; the gap shows
+    assert d.add(fill("100000", "0.50", at=400)) == []  # the backfill brings the lost fill: $50k
+    assert d.late_fills_rejoined == 1
+    (alert,) = d.add(fill("10", "0.50", at=5000, ticker="OTHER"))  # closes again, now a whale
+    assert alert.fills == 2 and alert.value_usd == Decimal(110000) and alert.first_ts_ms == T0
+    assert d.groups_closed == 2  # the sweep (counted once, though it closed twice) and the first OTHER fill
+
+
+def test_a_whale_already_alerted_is_never_reopened() -> None:
+    d = detector()
+    (first,) = d.add(fill("300000", "0.50", at=0)) + d.close_due(T0 + 1200)
+    d.add(fill("10", "0.50", at=3000, ticker="OTHER"))
+    assert d.add(fill("100000", "0.50", at=400)) == []  # late fill of an alerted sweep: a group of its own
+    assert d.flush() == []  # $50k alone: no second alert
+    assert d.late_fills_rejoined == 0 and first.fills == 1
+
+
+def test_short_sweeps_are_forgotten_after_the_late_fill_horizon() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, late_fill_horizon_ms=10_000)
+    d.add(fill("120000", "0.50", at=0))
+    d.add(fill("10", "0.50", at=20_000, ticker="OTHER"))  # 20 s later in stream time
+    d.add(fill("100000", "0.50", at=400))
+    assert d.late_fills_rejoined == 0
+    assert d.flush() == []

@@ -114,7 +114,11 @@ class Daemon:
         # a replay has no backfill, only re-deliveries seconds apart, so ten minutes is plenty (and 20 MB less).
         dedup_horizon_s = settings.backfill_max_s + 300 if options.live else 600
         detector = WhaleDetector(
-            settings.whale_threshold_dollars, settings.sweep_window_ms, dedup_horizon_ms=int(dedup_horizon_s * 1000)
+            settings.whale_threshold_dollars,
+            settings.sweep_window_ms,
+            dedup_horizon_ms=int(dedup_horizon_s * 1000),
+            # Late fills come from backfills, which a replay never has; keeping short sweeps costs it a quarter.
+            late_fill_horizon_ms=120_000 if options.live else 0,
         )
         self.pipeline = Pipeline(detector, monotonic=monotonic)
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)

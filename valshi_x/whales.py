@@ -59,11 +59,12 @@ class Alert:
         return self.contracts
 
 
-class _OpenGroup(msgspec.Struct, gc=False):
+class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     """Fills collected so far for one (ticker, side); mutable while the window is open.
 
     A msgspec Struct because half of all trades open a group of their own: built in C, it costs a third of a
-    plain class. (Not tracked by the garbage collector: it refers to trades, and nothing refers back.)
+    plain class. (Not tracked by the garbage collector: it refers to trades, and nothing refers back.) Compared
+    by identity, like a plain object.
     """
 
     key: tuple[str, Side]
@@ -146,6 +147,8 @@ class WhaleDetector:
 
     Late fills (a backfill after a gap) still find their sweep: a key may have several open groups, and
     `hold(from_ms)` keeps every group that could still receive fills from `from_ms` on open until `release`.
+    A sweep that closed short of the threshold is kept for `late_fill_horizon_ms` of stream time; a late fill
+    inside its window reopens it (a gap noticed only after the window ended, in a quiet market).
     """
 
     def __init__(
@@ -155,8 +158,10 @@ class WhaleDetector:
         *,
         dedup_horizon_ms: int = 35 * 60 * 1000,
         dedup_max_ids: int = 1_000_000,
+        late_fill_horizon_ms: int = 120_000,
     ) -> None:
         self.threshold_usd = threshold_usd
+        self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
         # Open groups per (ticker, side), oldest first; almost always one.
@@ -165,6 +170,10 @@ class WhaleDetector:
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
+        # Sweeps that closed short of the threshold, per key and in closing order, for late fills to reopen.
+        self._short: dict[tuple[str, Side], list[_OpenGroup]] = {}
+        self._short_order: deque[_OpenGroup] = deque()
+        self.late_fills_rejoined = 0
         self._holds: dict[int, int] = {}  # hold token -> trade time from which late fills are expected
         self._next_hold = 0
         self.watermark_ms = 0  # newest trade time seen
@@ -208,6 +217,9 @@ class WhaleDetector:
             opened = self._opened
             if opened and opened[0].first_ts_ms + window < ts_ms:
                 self._close_until(ts_ms - window - 1, alerts)
+            short = self._short_order
+            if short and short[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
+                self._forget_short(ts_ms - self.late_fill_horizon_ms)
 
         side = trade.taker_side
         value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
@@ -224,6 +236,13 @@ class WhaleDetector:
                     group.trades.append(trade)
                     group.value_usd += value_usd
                     return alerts
+        if self._short and ts_ms + window < self.watermark_ms:
+            # A late fill: its sweep may have closed already, short of the threshold.
+            reopened = self._reopen(key, ts_ms)
+            if reopened is not None:
+                reopened.trades.append(trade)
+                reopened.value_usd += value_usd
+                return alerts
         group = _OpenGroup(key, ts_ms, [trade], value_usd)
         if groups is None:
             self._open[key] = [group]
@@ -274,13 +293,50 @@ class WhaleDetector:
             self._open_count -= 1
             if not groups:
                 del self._open[group.key]
-        self._close_group(group.trades, group.value_usd, alerts)
+        if not self._close_group(group.trades, group.value_usd, alerts) and self.late_fill_horizon_ms > 0:
+            self._short.setdefault(group.key, []).append(group)
+            self._short_order.append(group)
 
-    def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> None:
+    def _reopen(self, key: tuple[str, Side], ts_ms: int) -> _OpenGroup | None:
+        """The short sweep of `key` whose window holds `ts_ms`, open again; None if there is none."""
+        candidates = self._short.get(key)
+        if not candidates:
+            return None
+        window = self.sweep_window_ms
+        for group in reversed(candidates):
+            if -window <= ts_ms - group.first_ts_ms <= window:
+                candidates.remove(group)
+                if not candidates:
+                    del self._short[key]
+                group.closed = False
+                self.groups_closed -= 1  # it will be closed (and counted) again
+                self.late_fills_rejoined += 1
+                groups = self._open.setdefault(key, [])
+                groups.append(group)
+                groups.sort(key=_first_ts)
+                self._open_count += 1
+                self._opened.append(group)
+                return group
+        return None
+
+    def _forget_short(self, first_ts_ms_before: int) -> None:
+        short = self._short_order
+        while short and short[0].first_ts_ms < first_ts_ms_before:
+            group = short.popleft()
+            candidates = self._short.get(group.key)
+            if candidates is not None and group in candidates:
+                candidates.remove(group)
+                if not candidates:
+                    del self._short[group.key]
+
+    def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> bool:
+        """Count the group closed; alert if it is a whale. True when it was one."""
         self.groups_closed += 1
         if value_usd >= self.threshold_usd:
             self.alerts += 1
             alerts.append(_alert_from(trades, value_usd))
+            return True
+        return False
 
 
 def _first_ts(group: _OpenGroup) -> int:
