@@ -369,7 +369,8 @@ def test_trade_time_of_rest_and_ws_shapes() -> None:
     assert trade_time_ms(rest_trade("a", "K", ts_ms=NOW_MS + 7)) == NOW_MS + 7
     assert trade_time_ms({"created_time": "2026-09-01T01:46:15.690388Z"}) == 1_788_227_175_690
     assert trade_time_ms({"created_time": "2026-09-01T03:46:15.690+02:00"}) == 1_788_227_175_690
-    assert trade_time_ms({"ts_ms": 5}) == 5
+    assert trade_time_ms({"ts_ms": NOW_MS}) == NOW_MS
+    assert trade_time_ms({"ts_ms": NOW_MS * 1000}) > NOW_MS * 1000  # microseconds by mistake: unreadable, sorts last
     assert trade_time_ms({"created_time": "yesterday"}) > NOW_MS  # sorts last; the feed reports it
 
 

@@ -157,6 +157,9 @@ def test_undecodable_frames(raw: bytes, reason: str) -> None:
         ({"count_fp": [1]}, "bad_number"),
         ({"is_block_trade": "yes"}, "bad_is_block_trade"),
         ({"ts_ms": "soon"}, "bad_time"),
+        ({"ts_ms": 1793000000123000}, "bad_time"),  # microseconds: would poison the watermark and checkpoint
+        ({"ts_ms": 1793000000}, "bad_time"),  # seconds in the milliseconds field
+        ({"ts_ms": ..., "ts": 1e300}, "bad_time"),
         ({"ts_ms": ..., "ts": ...}, "missing_time"),
     ],
 )

@@ -391,6 +391,10 @@ class Store:
         try:
             self._migrate()
             self._recover()
+        except sqlite3.OperationalError:
+            # Locked by another process, disk full, I/O error: passing troubles, so a crash (exit 1) that
+            # systemd restarts, not a configuration error (exit 78) that it never retries.
+            raise
         except sqlite3.DatabaseError as exc:
             raise ConfigError([f"STATE_DIR: {self.path} is not a usable valshi-x database: {exc}"]) from None
 

@@ -20,6 +20,10 @@ _CENT = Decimal("0.01")
 # No market holds anywhere near this many contracts; the bound keeps later sums finite and exact.
 _MAX_COUNT = Decimal(10) ** 12
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Trade times outside these bounds are no trade of today's Kalshi (a microsecond or seconds value in `ts_ms`,
+# say); one such time as the stream's watermark would poison the checkpoint and every window after it.
+_MIN_TS_MS = 1_577_836_800_000  # 2020-01-01
+_MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 _ONE_MS = timedelta(milliseconds=1)
 _BOOK_SIDE_TO_OUTCOME: dict[str, Side] = {"bid": "yes", "ask": "no"}
 _OUTCOMES: dict[str, Side] = {"yes": "yes", "no": "no"}
@@ -104,7 +108,7 @@ def fast_trade_from_raw(raw: str | bytes) -> Trade | None:
             _ZERO <= trade.yes_price_dollars <= _ONE
             and _ZERO <= trade.no_price_dollars <= _ONE
             and _ZERO < trade.count_fp <= _MAX_COUNT
-            and trade.ts_ms > 0
+            and _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
             and trade.trade_id
             and trade.ticker
         ):
@@ -145,7 +149,7 @@ def trade_from_fields(msg: dict[str, Any]) -> Trade:
         and (block is False or block is True)
         and trade_id
         and ticker
-        and ts_ms > 0
+        and _MIN_TS_MS <= ts_ms < _MAX_TS_MS
     ):
         try:
             yes = Decimal(yes_raw)
@@ -269,12 +273,12 @@ def trade_time_ms(msg: dict[str, Any]) -> int:
     """Trade time in Unix ms of a WebSocket `msg` (`ts_ms`, else `ts`) or a REST trade (`created_time`)."""
     ts_ms = msg.get("ts_ms")
     if ts_ms is not None:
-        if isinstance(ts_ms, int) and not isinstance(ts_ms, bool) and ts_ms > 0:
+        if isinstance(ts_ms, int) and not isinstance(ts_ms, bool) and _MIN_TS_MS <= ts_ms < _MAX_TS_MS:
             return ts_ms
         raise MalformedTrade("bad_time", f"ts_ms={ts_ms!r}"[:60])
     ts = msg.get("ts")
     if ts is not None:
-        if isinstance(ts, int | float) and not isinstance(ts, bool) and ts > 0:
+        if isinstance(ts, int | float) and not isinstance(ts, bool) and _MIN_TS_MS <= ts * 1000 < _MAX_TS_MS:
             return int(ts * 1000)
         raise MalformedTrade("bad_time", f"ts={ts!r}"[:60])
     created = msg.get("created_time")
@@ -287,5 +291,8 @@ def trade_time_ms(msg: dict[str, Any]) -> int:
             raise MalformedTrade("bad_time", f"created_time={created[:40]!r}") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return (when - _EPOCH) // _ONE_MS
+        created_ms = (when - _EPOCH) // _ONE_MS
+        if _MIN_TS_MS <= created_ms < _MAX_TS_MS:
+            return created_ms
+        raise MalformedTrade("bad_time", f"created_time={created[:40]!r}")
     raise MalformedTrade("missing_time")

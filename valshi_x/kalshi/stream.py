@@ -419,11 +419,14 @@ class TradeStream:
         ws = self._ws
         if ws is None:
             return False
-        if self.sid is not None:
-            command = {"id": self._command_id(), "cmd": "unsubscribe", "params": {"sids": [self.sid]}}
-            await ws.send(msgspec.json.encode(command).decode())
-        log.info("ws_resubscribe", sid=self.sid)
-        await self._subscribe(ws)
+        try:
+            if self.sid is not None:
+                command = {"id": self._command_id(), "cmd": "unsubscribe", "params": {"sids": [self.sid]}}
+                await ws.send(msgspec.json.encode(command).decode())
+            log.info("ws_resubscribe", sid=self.sid)
+            await self._subscribe(ws)
+        except ConnectionClosed:
+            return False  # the connection is going anyway; `run()` reconnects and subscribes afresh
         return True
 
     async def reconnect(self, reason: str) -> None:
