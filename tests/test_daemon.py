@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 
 from tests.fake_kalshi import (  # noqa: F401  (fixtures)
@@ -22,8 +23,10 @@ from tests.fake_kalshi import (  # noqa: F401  (fixtures)
 from tests.fake_kalshi_rest import FakeKalshiRest
 from valshi_x.config import Settings, load_settings
 from valshi_x.daemon import Daemon, RunOptions
+from valshi_x.errors import ConfigError
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.kalshi.stream import Backoff
+from valshi_x.store import Store, db_path
 
 UNIT_S = 0.05  # every timing in these tests is a multiple of this
 FAST_STREAM = {
@@ -115,3 +118,23 @@ async def test_every_whale_sent_while_connected_is_reported_once_across_drops(
     stopped = next(e for e in logs if e["event"] == "daemon_stopped")
     assert stopped["reconnects"] >= 5 and stopped["malformed"] == 0 and stopped["alerts"] == 10
     assert Decimal(posted[0]["contracts"]) == Decimal(300000)
+
+
+async def test_a_dry_run_refuses_a_state_directory_that_posts(tmp_path: Path) -> None:
+    """A dry run would mark whales posted and claim their trades in the real outbox: refused, exit 78 at the edge."""
+    capture = tmp_path / "capture.jsonl"
+    capture.write_text('{"type":"subscribed","id":1,"msg":{"channel":"trade","sid":1}}\n')
+    settings = load_settings({"STATE_DIR": str(tmp_path / "state")}, need_x=False)
+    # The directory of a real poster (a replay is always a dry run, so mark it by hand as a poster would).
+    store = await Store.open(db_path(tmp_path / "state"))
+    await store.set_checkpoint("outbox_mode", "posting")
+    await store.close()
+    daemon = Daemon(settings, RunOptions(dry_run=True, replay_path=capture, state_dir=tmp_path / "state"))
+    with pytest.raises(ConfigError, match=r"--state-dir: .* holds a posting outbox"):
+        await daemon.run()
+    # Its own directory is fine, and remembered as a dry run's.
+    other = Daemon(settings, RunOptions(dry_run=True, replay_path=capture, state_dir=tmp_path / "dry"))
+    await other.run()
+    store = await Store.open(db_path(tmp_path / "dry"))
+    assert await store.get_checkpoint("outbox_mode") == "dry_run"
+    await store.close()

@@ -28,7 +28,7 @@ from valshi_x.trades import MalformedTrade, utc_from_ms
 log = structlog.get_logger(__name__)
 
 Feed = Callable[[list[dict[str, Any]]], Awaitable[int]]
-_EPOCH_MS_UNKNOWN = 2**62  # sorts a trade without a readable time last; `feed` reports it as malformed
+UNREADABLE_TIME_MS = 2**62  # sorts a trade without a readable time last; `feed` reports it as malformed
 
 
 def _wall_ms() -> int:
@@ -44,7 +44,7 @@ def trade_time_ms(trade: dict[str, Any]) -> int:
     try:
         return trades.trade_time_ms(trade)
     except MalformedTrade:
-        return _EPOCH_MS_UNKNOWN
+        return UNREADABLE_TIME_MS
 
 
 def _sort_key(trade: dict[str, Any]) -> tuple[int, str]:

@@ -26,10 +26,11 @@ import aiohttp
 import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
-from valshi_x.backfill import Backfiller, trade_time_ms
+from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
 from valshi_x.backoff import Backoff
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
+from valshi_x.errors import ConfigError
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.kalshi.stream import SeqGap, TradeStream
@@ -50,6 +51,7 @@ _OVERFLOW_LOG_EVERY_S = 10.0
 # The checkpoint (where a restart resumes) is written this often, not per trade.
 _CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
+MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
 # Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
 _BACKFILL_MARGIN_MS = 5_000
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
@@ -163,6 +165,7 @@ class Daemon:
             resources.callback(self.notifier.close)  # its socket, opened at the first message
             self.store = await Store.open(options.store_path(settings))
             resources.push_async_callback(self.store.close)
+            await self._check_store_mode()
             lookup_titles = options.live if options.lookup_titles is None else options.lookup_titles
             rest: KalshiRest | None = None
             if options.live or lookup_titles:
@@ -269,12 +272,13 @@ class Daemon:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.frames_dropped += 1
+            # The dropped trades are still on Kalshi: ask for them on every drop (requests into a pending window
+            # merge), since a window's end is fixed when its fetch begins. Only the log line is throttled.
+            self._request_backfill(self._seen_through_ms(), "frames_dropped")
             now = self._monotonic()
             if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
                 self._last_overflow_log = now
                 log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
-                # The dropped trades are still on Kalshi: fetch them back once the pipeline catches up.
-                self._request_backfill(self._seen_through_ms(), "frames_dropped")
 
     def _on_bad_frame(self, raw: str | bytes, exc: MalformedTrade) -> None:
         self.pipeline.counts.frames += 1
@@ -333,6 +337,23 @@ class Daemon:
 
     # --- gaps, reconnects and backfill -------------------------------------------------------------------------
 
+    async def _check_store_mode(self) -> None:
+        """A state directory is either a dry run's or a poster's, never both.
+
+        A dry run marks whales posted and claims their trade ids; in the production outbox that would keep the
+        real poster from ever posting them.
+        """
+        assert self.store is not None
+        mode = "dry_run" if self.options.dry_run else "posting"
+        found = await self.store.get_checkpoint(MODE_CHECKPOINT)
+        if found is None:
+            await self.store.set_checkpoint(MODE_CHECKPOINT, mode)
+        elif found != mode:
+            where = self.options.state_dir or self.settings.state_dir
+            raise ConfigError(
+                [f"--state-dir: {where} holds a {found.replace('_', ' ')} outbox; use another directory for a {mode}"]
+            )
+
     async def _request_startup_backfill(self) -> None:
         assert self.store is not None
         saved = await self.store.get_checkpoint(CHECKPOINT_NAME)
@@ -385,10 +406,13 @@ class Daemon:
         for fields in trades:
             trade_id = fields.get("trade_id")
             if isinstance(trade_id, str) and trade_id not in seen:
-                self._recovered_ids.add(trade_id, trade_time_ms(fields))
+                ts_ms = trade_time_ms(fields)
+                if ts_ms != UNREADABLE_TIME_MS:  # the normalizer reports that one as malformed
+                    self._recovered_ids.add(trade_id, ts_ms)
             alerts.extend(self.pipeline.on_rest_trade(fields))
         if alerts:
             await self._submit(alerts)
+        await asyncio.sleep(0)  # a chunk at a time: the socket is read between chunks
         return len(alerts)
 
     # --- periodic work ----------------------------------------------------------------------------------------
@@ -418,8 +442,8 @@ class Daemon:
         while True:
             await asyncio.sleep(min(limit_s / 4, 5.0))
             stream = self.stream
-            if stream is None or stream.sid is None:
-                continue
+            if stream is None or stream.connected_since is None:
+                continue  # not connected: the reconnect path recovers what is missed
             quiet_s = self._monotonic() - max(self._last_trade_seen_at, stream.connected_at_monotonic or 0.0)
             if quiet_s < limit_s:
                 resubscribed_at = None
@@ -428,6 +452,8 @@ class Daemon:
                 log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="resubscribe")
                 self.stall_resubscribes += 1
                 resubscribed_at = self._monotonic()
+                # If trades did happen, the dead subscription missed them: fetch the quiet span back.
+                self._request_backfill(self._seen_through_ms(), "stall")
                 await stream.resubscribe()
             elif self._monotonic() - resubscribed_at >= limit_s:
                 log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="reconnect")
@@ -515,6 +541,8 @@ class Daemon:
             posted=poster.posted if poster else 0,
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
+            late_fills_rejoined=detector.late_fills_rejoined,
+            stall_resubscribes=self.stall_resubscribes,
             frames_missing=stream.frames_missing if stream else 0,
             queue_depth=self.queue.qsize(),
             frames_dropped=self.frames_dropped,
