@@ -244,7 +244,7 @@ def test_a_whale_already_alerted_is_never_reopened() -> None:
     d.add(fill("10", "0.50", at=3000, ticker="OTHER"))
     assert d.add(fill("100000", "0.50", at=400)) == []  # late fill of an alerted sweep: a group of its own
     assert d.flush() == []  # $50k alone: no second alert
-    assert d.late_fills_rejoined == 0 and first.fills == 1
+    assert d.late_fills_rejoined == 0 and d.late_fills_after_alert == 1 and first.fills == 1
 
 
 def test_short_sweeps_are_forgotten_after_the_late_fill_horizon() -> None:
@@ -254,3 +254,15 @@ def test_short_sweeps_are_forgotten_after_the_late_fill_horizon() -> None:
     d.add(fill("100000", "0.50", at=400))
     assert d.late_fills_rejoined == 0
     assert d.flush() == []
+
+
+def test_a_pending_backfill_keeps_closed_sweeps_past_the_horizon() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, late_fill_horizon_ms=10_000)
+    d.add(fill("120000", "0.50", at=0))  # $60k, closes short below
+    d.close_due(T0 + 1200)
+    token = d.hold(T0 - 1000)  # a drop noticed late: the backfill will reach back before the sweep
+    d.add(fill("10", "0.50", at=60_000, ticker="OTHER"))  # a minute of live trading after the reconnect
+    d.add(fill("100000", "0.50", at=400))  # the backfill's fill of the old sweep
+    d.release(token)
+    (alert,) = d.close_due(T0 + 120_000)
+    assert alert.value_usd == Decimal(110000) and alert.fills == 2

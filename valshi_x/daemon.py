@@ -542,6 +542,7 @@ class Daemon:
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,
+            late_fills_after_alert=detector.late_fills_after_alert,
             stall_resubscribes=self.stall_resubscribes,
             frames_missing=stream.frames_missing if stream else 0,
             queue_depth=self.queue.qsize(),

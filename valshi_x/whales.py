@@ -72,6 +72,7 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     trades: list[Trade]
     value_usd: Decimal
     closed: bool = False
+    alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
 
 
 def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
@@ -147,8 +148,10 @@ class WhaleDetector:
 
     Late fills (a backfill after a gap) still find their sweep: a key may have several open groups, and
     `hold(from_ms)` keeps every group that could still receive fills from `from_ms` on open until `release`.
-    A sweep that closed short of the threshold is kept for `late_fill_horizon_ms` of stream time; a late fill
-    inside its window reopens it (a gap noticed only after the window ended, in a quiet market).
+    Closed sweeps are kept for `late_fill_horizon_ms` of stream time (and while a hold may still bring their
+    fills): a late fill inside the window of one that closed short reopens it (a gap noticed only after the
+    window ended); one inside the window of a sweep already alerted joins it silently, so one order is never
+    alerted twice.
     """
 
     def __init__(
@@ -170,10 +173,11 @@ class WhaleDetector:
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
-        # Sweeps that closed short of the threshold, per key and in closing order, for late fills to reopen.
-        self._short: dict[tuple[str, Side], list[_OpenGroup]] = {}
-        self._short_order: deque[_OpenGroup] = deque()
+        # Closed sweeps, per key and in closing order, for late fills to find (see the class docstring).
+        self._kept: dict[tuple[str, Side], list[_OpenGroup]] = {}
+        self._closed_order: deque[_OpenGroup] = deque()
         self.late_fills_rejoined = 0
+        self.late_fills_after_alert = 0
         self._holds: dict[int, int] = {}  # hold token -> trade time from which late fills are expected
         self._next_hold = 0
         self.watermark_ms = 0  # newest trade time seen
@@ -217,9 +221,9 @@ class WhaleDetector:
             opened = self._opened
             if opened and opened[0].first_ts_ms + window < ts_ms:
                 self._close_until(ts_ms - window - 1, alerts)
-            short = self._short_order
-            if short and short[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
-                self._forget_short(ts_ms - self.late_fill_horizon_ms)
+            kept = self._closed_order
+            if kept and kept[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
+                self._forget_closed(ts_ms - self.late_fill_horizon_ms)
 
         side = trade.taker_side
         value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
@@ -236,12 +240,16 @@ class WhaleDetector:
                     group.trades.append(trade)
                     group.value_usd += value_usd
                     return alerts
-        if self._short and ts_ms + window < self.watermark_ms:
-            # A late fill: its sweep may have closed already, short of the threshold.
-            reopened = self._reopen(key, ts_ms)
-            if reopened is not None:
-                reopened.trades.append(trade)
-                reopened.value_usd += value_usd
+        if self._kept and ts_ms + window < self.watermark_ms:
+            # A late fill: its sweep may have closed already.
+            closed = self._closed_sweep(key, ts_ms)
+            if closed is not None:
+                closed.trades.append(trade)
+                closed.value_usd += value_usd
+                if closed.alerted:
+                    self.late_fills_after_alert += 1  # already posted: never a second alert for one order
+                else:
+                    self._reopen(closed)
                 return alerts
         group = _OpenGroup(key, ts_ms, [trade], value_usd)
         if groups is None:
@@ -293,41 +301,46 @@ class WhaleDetector:
             self._open_count -= 1
             if not groups:
                 del self._open[group.key]
-        if not self._close_group(group.trades, group.value_usd, alerts) and self.late_fill_horizon_ms > 0:
-            self._short.setdefault(group.key, []).append(group)
-            self._short_order.append(group)
+        group.alerted = self._close_group(group.trades, group.value_usd, alerts)
+        if self.late_fill_horizon_ms > 0:
+            self._kept.setdefault(group.key, []).append(group)
+            self._closed_order.append(group)
 
-    def _reopen(self, key: tuple[str, Side], ts_ms: int) -> _OpenGroup | None:
-        """The short sweep of `key` whose window holds `ts_ms`, open again; None if there is none."""
-        candidates = self._short.get(key)
-        if not candidates:
-            return None
+    def _closed_sweep(self, key: tuple[str, Side], ts_ms: int) -> _OpenGroup | None:
+        """The kept closed sweep of `key` whose window holds `ts_ms`, if any."""
         window = self.sweep_window_ms
-        for group in reversed(candidates):
+        for group in reversed(self._kept.get(key, ())):
             if -window <= ts_ms - group.first_ts_ms <= window:
-                candidates.remove(group)
-                if not candidates:
-                    del self._short[key]
-                group.closed = False
-                self.groups_closed -= 1  # it will be closed (and counted) again
-                self.late_fills_rejoined += 1
-                groups = self._open.setdefault(key, [])
-                groups.append(group)
-                groups.sort(key=_first_ts)
-                self._open_count += 1
-                self._opened.append(group)
                 return group
         return None
 
-    def _forget_short(self, first_ts_ms_before: int) -> None:
-        short = self._short_order
-        while short and short[0].first_ts_ms < first_ts_ms_before:
-            group = short.popleft()
-            candidates = self._short.get(group.key)
+    def _reopen(self, group: _OpenGroup) -> None:
+        """Open a sweep that closed short again; it closes (and is judged) anew with its late fills."""
+        candidates = self._kept[group.key]
+        candidates.remove(group)
+        if not candidates:
+            del self._kept[group.key]
+        group.closed = False
+        self.groups_closed -= 1  # it will be closed (and counted) again
+        self.late_fills_rejoined += 1
+        groups = self._open.setdefault(group.key, [])
+        groups.append(group)
+        groups.sort(key=_first_ts)
+        self._open_count += 1
+        self._opened.append(group)
+
+    def _forget_closed(self, first_ts_ms_before: int) -> None:
+        if self._holds:
+            # A pending backfill may still bring fills of these: keep them until it is done.
+            first_ts_ms_before = min(first_ts_ms_before, min(self._holds.values()) - self.sweep_window_ms)
+        closed = self._closed_order
+        while closed and closed[0].first_ts_ms < first_ts_ms_before:
+            group = closed.popleft()
+            candidates = self._kept.get(group.key)
             if candidates is not None and group in candidates:
                 candidates.remove(group)
                 if not candidates:
-                    del self._short[group.key]
+                    del self._kept[group.key]
 
     def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> bool:
         """Count the group closed; alert if it is a whale. True when it was one."""
