@@ -260,8 +260,8 @@ async def test_ledger_counts_only_requests_that_may_have_posted(clock: Clock) ->
         await store.enqueue(whale(trade_id))
         await store.mark_posting(trade_id, trade_id)
         await store.release(trade_id, 0, error=outcome, attempt=Attempt(T0_MS + i, outcome, 200))
-    assert await store.posts_since(T0_MS) == [T0_MS, T0_MS + 2]
-    assert await store.posts_since(T0_MS + 1) == [T0_MS + 2]
+    assert await store.posts_since(T0_MS) == [T0_MS, T0_MS + 2, T0_MS + 3]
+    assert await store.posts_since(T0_MS + 1) == [T0_MS + 2, T0_MS + 3]
     await store.close()
 
 

@@ -46,8 +46,9 @@ DB_FILENAME = "valshi-x.sqlite3"
 SCHEMA_VERSION = 1
 Status = Literal["pending", "posting", "posted", "failed", "skipped"]
 STATUSES: tuple[Status, ...] = ("pending", "posting", "posted", "failed", "skipped")
-# Ledger outcomes that may have created a post on X; the own rate budget counts these.
-COUNTED_OUTCOMES = ("posted", "transient")
+# Ledger outcomes that may have created a post on X; the own rate budget counts these. A duplicate-content 403
+# stands for an earlier attempt that posted but was cut off (a crash, a stop) before its answer was written.
+COUNTED_OUTCOMES = ("posted", "transient", "already_posted")
 _LEDGER_KEEP_MS = 48 * 3600 * 1000  # the longest budget window is 24 h; keep twice that for `status`
 
 _T = TypeVar("_T")
