@@ -3,7 +3,6 @@
 ValshiError
 +-- ConfigError        bad settings or key material: exit 78 before anything connects
 |   +-- KeyLoadError   the Kalshi private key is missing, unreadable, encrypted or not RSA
-+-- StopDaemon         asked to stop (signal); not an error, ends the run cleanly
 """
 
 from __future__ import annotations
@@ -26,7 +25,3 @@ class KeyLoadError(ConfigError):
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__([f"{key}: {problem}"])
-
-
-class StopDaemon(ValshiError):
-    """Raised inside the task group to end a run on request."""

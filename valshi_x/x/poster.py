@@ -209,7 +209,7 @@ class Backoff:
 
 
 RATE_LIMIT_BACKOFF = Backoff(60.0, 900.0)  # a 429 without a usable reset header
-TRANSIENT_BACKOFF = Backoff(5.0, 300.0)  # 8 tries span about 15 minutes, the default MAX_ALERT_AGE_S
+TRANSIENT_BACKOFF = Backoff(5.0, 300.0)  # 8 tries span 10-12 minutes, inside the default MAX_ALERT_AGE_S
 RESET_JITTER_S = (1.0, 5.0)  # after a reset X named: at least a second late, spread so restarts do not align
 PAUSE_PROBE_S = 1800.0
 MAX_FAILURES = 8
