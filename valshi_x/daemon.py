@@ -191,7 +191,7 @@ class Daemon:
                     feed=self._feed_backfill,
                     hold=self.pipeline.detector.hold,
                     release=self.pipeline.detector.release,
-                    clock_ms=self._now_ms,
+                    clock_ms=self._backfill_now_ms,
                     margin_ms=_BACKFILL_MARGIN_MS,
                     max_span_s=settings.backfill_max_s,
                     **self._backfill_options,
@@ -379,6 +379,11 @@ class Daemon:
     def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
         if self.backfiller is not None:
             self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
+
+    def _backfill_now_ms(self) -> int:
+        """ "Now" for the end of a backfill window: never before the newest trade seen, so a host clock behind
+        Kalshi's cannot cut off the newest missed trades (or make a window end before it starts)."""
+        return max(self._now_ms(), self.pipeline.detector.watermark_ms + 1000)
 
     def _seen_through_ms(self) -> int:
         """The newest trade time seen on this run; before the first trade, the moment the run started."""
