@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -59,18 +59,6 @@ class Recorder:
     @property
     def trades(self) -> list[dict[str, Any]]:
         return [t for batch in self.batches for t in batch]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeKalshiRest]:
-    async with FakeKalshiRest() as server:
-        yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 @pytest.fixture
