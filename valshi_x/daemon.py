@@ -325,8 +325,8 @@ class Daemon:
             else:
                 # Its trades already belong to an alert (a restart, a backfill overlap): never post twice.
                 self.alerts_refused += 1
-        if not self.options.live:
-            await self._post_pending()
+            if not self.options.live:
+                await self._post_pending()  # one at a time, or the outbox's biggest-first rule would reorder them
 
     async def _post_pending(self) -> None:
         """Replay only: work the outbox off now, so the dry-run lines come in stream order and all before exit."""
