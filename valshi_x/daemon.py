@@ -52,6 +52,8 @@ _OVERFLOW_LOG_EVERY_S = 10.0
 _CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
 MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
+# Backfill windows end this far past "now", for a Kalshi clock ahead of ours (overlap with live trades is harmless).
+_CLOCK_SLACK_MS = 2_000
 # Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
 _BACKFILL_MARGIN_MS = 5_000
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
@@ -141,6 +143,7 @@ class Daemon:
         self._last_heard: float | None = None
         self._last_trade_seen_at = monotonic()
         self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
+        self._startup_backfill_from_ms: int | None = None  # requested at the first subscription
         self._tasks: list[asyncio.Task[Any]] = []
         # Trade ids only a backfill brought (the stream never delivered them), for the counts.
         self._recovered_ids = SeenTradeIds(horizon_ms=int(dedup_horizon_s * 1000), max_ids=100_000)
@@ -374,16 +377,18 @@ class Daemon:
                 backfill_max_s=self.settings.backfill_max_s,
             )
             from_ms = oldest_ms
-        self._request_backfill(from_ms, "startup")
+        # Asked for at the first subscription, not now: the window must reach past the moment the stream
+        # starts delivering, or the trades of the connect and subscribe in between would be nobody's.
+        self._startup_backfill_from_ms = from_ms
 
     def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
         if self.backfiller is not None:
             self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
 
     def _backfill_now_ms(self) -> int:
-        """ "Now" for the end of a backfill window: never before the newest trade seen, so a host clock behind
-        Kalshi's cannot cut off the newest missed trades (or make a window end before it starts)."""
-        return max(self._now_ms(), self.pipeline.detector.watermark_ms + 1000)
+        """ "Now" for the end of a backfill window, with slack: Kalshi's clock may run ahead of this host's, and a
+        trade stamped a moment "in the future" must not fall past the window (REST has nothing beyond now)."""
+        return max(self._now_ms(), self.pipeline.detector.watermark_ms) + _CLOCK_SLACK_MS
 
     def _seen_through_ms(self) -> int:
         """The newest trade time seen on this run; before the first trade, the moment the run started."""
@@ -400,6 +405,9 @@ class Daemon:
 
     def _on_subscribed(self, sid: int) -> None:
         self.notifier.ready(f"subscribed to trades (sid {sid})")
+        if self._startup_backfill_from_ms is not None:
+            self._request_backfill(self._startup_backfill_from_ms, "startup")
+            self._startup_backfill_from_ms = None
         if self._disconnect_hold is not None:
             token, from_ms = self._disconnect_hold
             self._disconnect_hold = None
