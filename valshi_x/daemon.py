@@ -318,6 +318,18 @@ class Daemon:
 
     async def _submit(self, alerts: list[Alert]) -> None:
         assert self.poster is not None
+        if not alerts:
+            return
+        # Until the whole batch is in the outbox, the checkpoint must not pass its oldest alert.
+        detector = self.pipeline.detector
+        token = detector.hold(min(alert.first_ts_ms for alert in alerts))
+        try:
+            await self._submit_each(alerts)
+        finally:
+            detector.release(token)
+
+    async def _submit_each(self, alerts: list[Alert]) -> None:
+        assert self.poster is not None
         for alert in alerts:
             if any(trade_id in self._recovered_ids for trade_id in alert.trade_ids):
                 # Held sweeps close later on the stream clock, so the backfill's own return value misses them.
