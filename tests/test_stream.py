@@ -498,14 +498,22 @@ async def test_every_attempt_is_signed_with_a_fresh_timestamp(kalshi_keys: KeyPa
 # ------------------------------------------------------------------------------------------------ error frames
 
 
-async def test_error_9_auth_required_reconnects_on_the_slow_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
-    attempts = [Attempt(subscribe_error=(9, "Authentication required"))]
+async def refused_subscription(
+    keys: KeyPair, attempts: list[Attempt]
+) -> tuple[Client, list[dict[str, Any]], FakeKalshi]:
+    """Run a client until its second subscription is acked (the first is refused); its logs and server too."""
     with logs() as captured:
-        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
-            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+        async with server_for(keys, attempts=attempts) as kalshi:
+            client = Client(kalshi.url, signer_for(keys), real_sleep=False)
             client.start()
             await client.wait_for(lambda: len(client.sids) == 1)
             await client.stop()
+    return client, captured, kalshi
+
+
+async def test_error_9_auth_required_reconnects_on_the_slow_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    attempts = [Attempt(subscribe_error=(9, "Authentication required"))]
+    client, captured, kalshi = await refused_subscription(kalshi_keys, attempts)
 
     (error,) = events(captured, "ws_error_frame")
     assert (error["code"], error["msg"], error["log_level"]) == (9, "Authentication required", "error")
@@ -571,12 +579,7 @@ async def test_other_error_frames_are_logged_and_a_refused_subscribe_reconnects(
     assert (error["code"], error["msg"], error["log_level"]) == (17, "Internal error", "warning")
 
     attempts2 = [Attempt(subscribe_error=(17, "Internal error"))]
-    with logs() as captured:
-        async with server_for(kalshi_keys, attempts=attempts2) as kalshi:
-            client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
-            client.start()
-            await client.wait_for(lambda: len(client.sids) == 1)
-            await client.stop()
+    client, captured, kalshi = await refused_subscription(kalshi_keys, attempts2)
     (disconnected,) = events(captured, "ws_disconnected")
     assert disconnected["cause"] == "subscribe_failed"
     assert client.delays == [UNIT]
