@@ -22,6 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from valshi_x.config import Settings
+from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
 from valshi_x.kalshi.stream import public_url
@@ -144,8 +145,20 @@ async def _check_x(settings: Settings, report: CheckReport, middlewares: Sequenc
     report.line("PASS", "x credentials", f"signed in as @{username} (nothing posted)")
 
 
-def show_status(state_dir: Path, out: TextIO = sys.stdout) -> int:
-    """Print the outbox counts, last posts, last errors and checkpoints of `state_dir`."""
-    for line in read_status(state_dir).lines():
+def show_status(state_dir: Path, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Print the outbox counts, last posts, last errors and checkpoints of `state_dir`.
+
+    A database that cannot be read gets one line on `err` instead: exit 78 when it is corrupt or a setting is
+    wrong, 1 when the trouble may pass (locked, I/O error).
+    """
+    try:
+        report = read_status(state_dir)
+    except ConfigError as exc:
+        print(f"valshi-x: status: {exc}", file=err, flush=True)
+        return 78
+    except StateUnavailable as exc:
+        print(f"valshi-x: status: cannot read the state now: {exc}", file=err, flush=True)
+        return 1
+    for line in report.lines():
         print(line, file=out)
     return 0
