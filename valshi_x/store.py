@@ -422,9 +422,9 @@ def lock_state_dir(state_dir: Path) -> int:
 def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     """StateError unless `PRAGMA quick_check` finds the database sound: a damaged outbox is refused at the door,
     rather than failing half-way through a whale."""
-    problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+    problems = [" ".join(str(r[0]).split()) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
     if problems != ["ok"]:
-        raise _corrupt(path, "; ".join(problems))
+        raise _corrupt(path, "; ".join(problems)[:300])
 
 
 def _corrupt(path: Path, detail: str) -> StateError:
@@ -436,6 +436,8 @@ def _corrupt(path: Path, detail: str) -> StateError:
 
 def open_error(path: Path, exc: OSError | sqlite3.Error) -> ValshiError:
     """What a failure to open the state means: passing (exit 1, systemd retries), corrupt or a setting (exit 78)."""
+    if path.exists() and not path.is_file():  # sqlite calls reading a directory an I/O error
+        return ConfigError([f"STATE_DIR: cannot open {path}: not a regular file"])
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         primary = None if code is None else code & 0xFF
