@@ -353,3 +353,47 @@ async def test_a_capture_file_removed_while_recording_stops_recording_with_one_e
     assert [e["event"] for e in logs] == ["recording_stopped"]
     assert logs[0]["frames_written"] == 1 and logs[0]["frames_lost"] == 3
     assert "removed or replaced" in logs[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------- #16 file modes
+
+
+async def test_key_and_env_files_readable_by_others_get_one_warning_at_start_and_a_warn_in_check(
+    kalshi_keys: KeyPair,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "valshi-x.env"
+    env_file.write_text(f"KALSHI_PRIVATE_KEY_PATH={kalshi_keys.pkcs8_path}\nKALSHI_API_KEY_ID={kalshi_keys.key_id}\n")
+    env_file.chmod(0o644)
+    kalshi_keys.pkcs8_path.chmod(0o640)
+    capture = tmp_path / "empty.jsonl"
+    capture.write_text("")
+
+    async def run(*args: str) -> Child:
+        child = await Child.start(*args, env=child_env(tmp_path), cwd=tmp_path)
+        try:
+            await child.wait()
+        finally:
+            await child.kill()
+        return child
+
+    replay = await run("--replay", str(capture), "--env-file", str(env_file), "--log-format", "json")
+    warned = replay.named("secret_file_readable")
+    assert {(e["path"], e["mode"]) for e in warned} == {(str(env_file), "0644"), (str(kalshi_keys.pkcs8_path), "0640")}
+    assert len(warned) == 2 and all(e["level"] == "warning" for e in warned)
+    assert warned[0]["hint"] == f"chmod 600 {warned[0]['path']}"
+
+    async with (
+        DownableKalshi(public_key=kalshi_keys.public_key, key_id=kalshi_keys.key_id) as kalshi,
+        FakeKalshiRest() as rest,
+    ):
+        env_file.write_text(f"KALSHI_WS_URL={kalshi.url}\nKALSHI_API_URL={rest.base_url}\n" + env_file.read_text())
+        check = await run("check", "--env-file", str(env_file))
+    lines = [str(e.get("raw", "")).rstrip("\n") for e in check.events]
+    assert f"WARN  file permissions: {env_file} is mode 0644, readable by others: chmod 600 {env_file}" in lines
+    assert any(line.startswith(f"WARN  file permissions: {kalshi_keys.pkcs8_path} is mode 0640") for line in lines)
+
+    env_file.chmod(0o600)
+    kalshi_keys.pkcs8_path.chmod(0o600)
+    quiet = await run("--replay", str(capture), "--env-file", str(env_file), "--log-format", "json")
+    assert not quiet.named("secret_file_readable")

@@ -18,7 +18,7 @@ import structlog
 from dotenv import dotenv_values
 
 from valshi_x.check import run_checks, show_status
-from valshi_x.config import Settings, load_settings
+from valshi_x.config import Settings, load_settings, readable_by_others
 from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
@@ -95,8 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
     if args.command == "status":
         return show_status(args.state_dir or settings.state_dir)
+    secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
     if args.command == "check":
-        return asyncio.run(run_checks(settings, signer))
+        return asyncio.run(run_checks(settings, signer, secret_files=secret_files))
+    for path, mode in readable_by_others(secret_files):
+        log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
     options = RunOptions(
         dry_run=args.dry_run,
         replay_path=args.replay,

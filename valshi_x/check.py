@@ -21,7 +21,7 @@ from tweepy.errors import HTTPException as TweepyHTTPException
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from valshi_x.config import Settings
+from valshi_x.config import Settings, readable_by_others
 from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
@@ -50,9 +50,12 @@ async def run_checks(
     *,
     x_middlewares: Sequence[ClientMiddlewareType] = (),
     out: TextIO = sys.stdout,
+    secret_files: Sequence[Path | None] = (),
 ) -> int:
-    """Run every check; 0 when none failed, 1 otherwise."""
+    """Run every check; 0 when none failed, 1 otherwise. `secret_files`: the key and env files, for their modes."""
     report = CheckReport(out)
+    for path, mode in readable_by_others(secret_files):
+        report.line("WARN", "file permissions", f"{path} is mode {mode:04o}, readable by others: chmod 600 {path}")
     report.line(
         "PASS", "settings", f"threshold ${settings.whale_threshold_dollars}, window {settings.sweep_window_ms} ms"
     )
