@@ -42,7 +42,7 @@ from valshi_x.capture import Recorder
 from valshi_x.check import show_status
 from valshi_x.config import load_settings
 from valshi_x.daemon import Daemon, RunOptions
-from valshi_x.errors import StateError
+from valshi_x.errors import StateError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.store import LOCK_FILENAME, Store, alert_to_json, db_path
 from valshi_x.whales import Alert
@@ -194,6 +194,20 @@ async def test_a_full_disk_at_start_exits_1_so_systemd_restarts_it(
     assert str(db_path(tmp_path / "state")) in unavailable["error"]
     assert "Traceback" not in child.stderr and not child.named("daemon_crashed")
     assert kalshi.handshakes == []
+
+
+async def test_a_database_locked_by_another_program_is_a_passing_trouble(tmp_path: Path) -> None:
+    # Not another valshi-x (the lock file stops those): say, `sqlite3` left open in a write transaction.
+    path = await state_with_whales(tmp_path / "state", 1)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StateUnavailable, match="database is locked"):
+            await Store.open(path)  # after sqlite's own 5 s of patience
+    finally:
+        other.close()
+    store = await Store.open(path)  # and it passes
+    await store.close()
 
 
 @pytest.mark.parametrize("damage", ["not_a_database", "damaged_alert_trades_page", "damaged_outbox_page"])
