@@ -4,6 +4,7 @@ chooses (on a fake clock), its own budget, freshness, biggest-first, crash safet
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ from tests.fake_x import (
     unavailable_html,
     usage_capped,
 )
+from valshi_x.check import show_status
 from valshi_x.config import Settings
-from valshi_x.store import Store, db_path
+from valshi_x.store import RateLimitWindow, Store, db_path
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.poster import (
+    GATE_CHECKPOINT,
     RATE_LIMIT_BACKOFF,
     TRANSIENT_BACKOFF,
     Backoff,
@@ -240,7 +243,7 @@ def test_a_429_lifts_at_the_latest_reset_among_limits_at_zero() -> None:
         "x-app-limit-24hour-remaining": "1200",
         "x-app-limit-24hour-reset": str(now_s + 80_000),  # later, but not exhausted: not the reason
     }
-    assert classify(SendResult(429, headers=headers)).reset_ms == (now_s + 50_000) * 1000
+    assert classify(SendResult(429, headers=headers), now_ms=T0_MS).reset_ms == (now_s + 50_000) * 1000
     windows = parse_rate_limits({"x-rate-limit-remaining": "4", "x-rate-limit-reset": str(now_s + 60)}, T0_MS)
     assert limit_lifts_at_ms(windows) == (now_s + 60) * 1000  # none at 0: the 15-minute reset
     assert limit_lifts_at_ms(parse_rate_limits({"x-rate-limit-reset": "soon"}, T0_MS)) is None
@@ -831,4 +834,69 @@ async def test_must_show_the_same_run_with_restarts_in_the_middle(path: Path, ti
     assert x.requests[34].text == x.requests[35].text
     assert_each_posted_once_and_no_request_while_limited(x, time, alerts)
     assert await rig.store.counts() == {"pending": 0, "posting": 0, "posted": 50, "failed": 0, "skipped": 0}
+    await rig.close()
+
+
+# --- hostile answers (issue 9) ---------------------------------------------------------------------------------
+
+DAY_S = 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("reset", "wait_s"),
+    [
+        (str(T0_MS + 60_000), DAY_S + JITTER_S),  # milliseconds: the year 58886 as seconds
+        (str(T0_MS // 1000 + 3 * DAY_S), DAY_S + JITTER_S),  # three days away
+        ("9" * 40, 66.0),  # absurd: no number that long is a time, so as if absent
+        ("-60", 66.0),
+        ("soon", 66.0),
+        ("١٧٩٣٠٠٠٠٦٠", 66.0),  # Arabic-Indic digits, which int() would take
+    ],
+    ids=["milliseconds", "three_days", "forty_digits", "negative", "not_a_number", "non_ascii_digits"],
+)
+async def test_a_429_reset_from_x_never_holds_posting_beyond_24h_nor_crashes_the_log(
+    path: Path, time: FakeTime, x: FakeX, reset: str, wait_s: float
+) -> None:
+    # Issue 9 #3: a reset in milliseconds crashed the daemon while logging (`year 58886 is out of range`).
+    body = {"title": "Too Many Requests", "detail": "Too Many Requests", "type": "about:blank", "status": 429}
+    limits = {"x-rate-limit-limit": "100", "x-rate-limit-remaining": "0", "x-rate-limit-reset": reset}
+    bad = Reply(429, json=body, headers=limits)
+    x.queue(bad, bad)
+    rig = await open_rig(path, time, x)
+    await rig.poster.submit(whale(1))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    first = time.waits[0]
+    assert first == wait_s
+    assert all(w <= DAY_S + 5 for w in time.waits)
+    assert x.answered() == [429, 429, 201]
+    capped = [e for e in logs if e["event"] == "x_reset_capped"]
+    assert len(capped) == 1 and capped[0]["source"] == "x_answer"  # once, though two answers said it
+    assert all(e["until"].endswith("Z") for e in logs if e["event"] == "x_rate_limited")
+    assert await status_of(rig, 1) == "posted"
+    saved = await rig.store.load_rate_limits()
+    assert all(w.reset_s is None or w.reset_s * 1000 <= time.ms + DAY_S * 1000 for w in saved)
+    await rig.close()
+
+
+async def test_a_reset_saved_by_an_older_version_is_capped_at_restart_and_status_shows_it(
+    path: Path, time: FakeTime, x: FakeX
+) -> None:
+    # The state an older version left after the millisecond reset: the limit and the wait, both in year 58886.
+    store = await Store.open(path, clock_ms=time.now_ms)
+    await store.save_rate_limits([RateLimitWindow("15min", 100, 0, T0_MS + 60_000, T0_MS)])
+    await store.set_checkpoint(GATE_CHECKPOINT, str((T0_MS + 60_000) * 1000))
+    await store.close()
+    out, err = io.StringIO(), io.StringIO()
+    assert show_status(path.parent, out=out, err=err) == 0, err.getvalue()
+    assert "out of range" in out.getvalue()
+
+    x.queue(created())
+    rig = await open_rig(path, time, x)
+    await rig.poster.submit(whale(1))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    assert time.waits and max(time.waits) <= DAY_S + 5  # not forever: posting resumes within a day
+    assert await status_of(rig, 1) == "posted"
+    assert [e["source"] for e in logs if e["event"] == "x_reset_capped"] == ["saved_state"]
     await rig.close()

@@ -1,6 +1,7 @@
 """The edge: command line, .env, logging, signals, asyncio.run and exit codes. The only place that exits.
 
-Exit codes: 0 clean stop, 78 configuration error (EX_CONFIG, one line per bad key), 1 unexpected crash.
+Exit codes: 0 clean stop, 78 configuration error (EX_CONFIG, one line per bad key; also a state directory held by
+another daemon, or corrupt), 1 unexpected crash or a state that cannot be opened right now (disk full, I/O error).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import structlog
 from dotenv import dotenv_values
 
 from valshi_x.check import run_checks, show_status
-from valshi_x.config import Settings, load_settings
+from valshi_x.config import Settings, load_settings, readable_by_others
 from valshi_x.daemon import Daemon, RunOptions
-from valshi_x.errors import ConfigError
+from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.logs import configure_logging, default_format
 
@@ -94,8 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
     if args.command == "status":
         return show_status(args.state_dir or settings.state_dir)
+    secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
     if args.command == "check":
-        return asyncio.run(run_checks(settings, signer))
+        return asyncio.run(run_checks(settings, signer, secret_files=secret_files))
+    for path, mode in readable_by_others(secret_files):
+        log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
     options = RunOptions(
         dry_run=args.dry_run,
         replay_path=args.replay,
@@ -111,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         # Found only once running (an unusable STATE_DIR): still a setting to fix, and 78 stops systemd's restarts.
         return _config_error(exc)
+    except StateUnavailable as exc:
+        # Disk full, locked, an I/O error: nothing to fix in the settings, so exit 1 and let systemd try again.
+        log.error("state_unavailable", error=str(exc))
+        return EXIT_CRASH
     except Exception:
         log.exception("daemon_crashed")
         return EXIT_CRASH
@@ -122,7 +130,7 @@ def _config_error(exc: ConfigError) -> int:
     # them as errors, so `journalctl -p err` shows why the service stopped.
     prefix = "<3>" if default_format(os.environ, sys.stdout) == "journal" else ""
     for problem in exc.problems:
-        print(f"{prefix}valshi-x: configuration error: {problem}", file=sys.stderr, flush=True)
+        print(f"{prefix}valshi-x: {exc.label}: {problem}", file=sys.stderr, flush=True)
     return EXIT_CONFIG
 
 

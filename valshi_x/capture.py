@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,36 +42,78 @@ async def read_chunks(path: Path) -> AsyncIterator[list[bytes]]:
 
 
 class Recorder:
-    """Buffers frames as they arrive and appends them to a capture file from a worker thread."""
+    """Buffers frames as they arrive and appends them to a capture file from a worker thread.
+
+    Recording is a side line: when the file stops taking frames (disk full, read-only, removed or replaced), one
+    `recording_stopped` error is logged and recording ends; the daemon goes on reading and posting.
+    """
 
     def __init__(self, path: Path, *, flush_every_s: float = 0.5) -> None:
         self.path = path
         self.frames_written = 0
+        self.stopped_reason: str | None = None
         self._pending: list[str] = []
         self._flush_every_s = flush_every_s
         self._handle = path.open("a", encoding="utf-8")  # opened at start-up, before the loop is busy
+        self._identity = _identity(os.fstat(self._handle.fileno()))
 
     def record(self, raw: str) -> None:
         """Called for every frame received; never blocks."""
-        self._pending.append(raw if raw.endswith("\n") else raw + "\n")
+        if self.stopped_reason is None:
+            self._pending.append(raw if raw.endswith("\n") else raw + "\n")
 
     async def run(self) -> None:
-        """Write what has accumulated, every `flush_every_s`, until cancelled; then write the rest."""
+        """Write what has accumulated, every `flush_every_s`, until cancelled; then write the rest.
+
+        Keeps running (idle) after recording stopped, so the daemon sees no task end early.
+        """
         try:
             while True:
                 await asyncio.sleep(self._flush_every_s)
                 await self._write()
         finally:
             await asyncio.shield(self._write())
-            await asyncio.to_thread(self._handle.close)
+            await asyncio.to_thread(self._close_sync)
 
     async def _write(self) -> None:
-        if not self._pending:
+        if not self._pending or self.stopped_reason is not None:
             return
         batch, self._pending = self._pending, []
-        await asyncio.to_thread(self._write_sync, batch)
+        try:
+            await asyncio.to_thread(self._write_sync, batch)
+        except OSError as exc:
+            self._stop(f"{type(exc).__name__}: {exc}", lost=len(batch))
+            return
         self.frames_written += len(batch)
 
     def _write_sync(self, batch: list[str]) -> None:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        # Appending to a file that was removed or replaced succeeds, into a file nobody can reach.
+        if now is None or _identity(now) != self._identity:
+            raise FileNotFoundError(errno.ENOENT, "the capture file was removed or replaced", str(self.path))
         self._handle.writelines(batch)
         self._handle.flush()
+
+    def _stop(self, reason: str, *, lost: int) -> None:
+        self.stopped_reason = reason
+        self._pending = []
+        log.error(
+            "recording_stopped",
+            path=str(self.path),
+            reason=reason,
+            frames_written=self.frames_written,
+            frames_lost=lost,
+            hint="the daemon goes on without recording; restart it to record again",
+        )
+
+    def _close_sync(self) -> None:
+        # A close after a failed write flushes the same buffer again and fails the same way: already reported.
+        with contextlib.suppress(OSError):
+            self._handle.close()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return (stat.st_dev, stat.st_ino)

@@ -21,7 +21,8 @@ from tweepy.errors import HTTPException as TweepyHTTPException
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from valshi_x.config import Settings
+from valshi_x.config import Settings, readable_by_others
+from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
 from valshi_x.kalshi.stream import public_url
@@ -49,9 +50,12 @@ async def run_checks(
     *,
     x_middlewares: Sequence[ClientMiddlewareType] = (),
     out: TextIO = sys.stdout,
+    secret_files: Sequence[Path | None] = (),
 ) -> int:
-    """Run every check; 0 when none failed, 1 otherwise."""
+    """Run every check; 0 when none failed, 1 otherwise. `secret_files`: the key and env files, for their modes."""
     report = CheckReport(out)
+    for path, mode in readable_by_others(secret_files):
+        report.line("WARN", "file permissions", f"{path} is mode {mode:04o}, readable by others: chmod 600 {path}")
     report.line(
         "PASS", "settings", f"threshold ${settings.whale_threshold_dollars}, window {settings.sweep_window_ms} ms"
     )
@@ -144,8 +148,20 @@ async def _check_x(settings: Settings, report: CheckReport, middlewares: Sequenc
     report.line("PASS", "x credentials", f"signed in as @{username} (nothing posted)")
 
 
-def show_status(state_dir: Path, out: TextIO = sys.stdout) -> int:
-    """Print the outbox counts, last posts, last errors and checkpoints of `state_dir`."""
-    for line in read_status(state_dir).lines():
+def show_status(state_dir: Path, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Print the outbox counts, last posts, last errors and checkpoints of `state_dir`.
+
+    A database that cannot be read gets one line on `err` instead: exit 78 when it is corrupt or a setting is
+    wrong, 1 when the trouble may pass (locked, I/O error).
+    """
+    try:
+        report = read_status(state_dir)
+    except ConfigError as exc:
+        print(f"valshi-x: status: {exc}", file=err, flush=True)
+        return 78
+    except StateUnavailable as exc:
+        print(f"valshi-x: status: cannot read the state now: {exc}", file=err, flush=True)
+        return 1
+    for line in report.lines():
         print(line, file=out)
     return 0

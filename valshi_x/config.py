@@ -7,7 +7,8 @@ one line per bad key and raises `ConfigError` with all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -240,3 +241,21 @@ def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
+    """The files among `paths` (a key, an env file) that group or others may read, with their permission bits.
+
+    A file that cannot be looked at is left to whoever reads it next: this only warns.
+    """
+    found = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o044:
+            found.append((path, mode))
+    return found
