@@ -58,7 +58,7 @@ async def run_checks(
     if signer is None:
         report.line("SKIP", "kalshi key", "KALSHI_API_KEY_ID not set: the connection will be unsigned (best effort)")
     else:
-        report.line("PASS", "kalshi key", f"RSA key loaded for key id {signer.key_id}")
+        report.line("PASS", "kalshi key", f"{signer.key_type} key loaded for key id {signer.key_id}")
     await _check_kalshi_ws(settings, signer, report)
     await _check_kalshi_rest(settings, report)
     await _check_x(settings, report, x_middlewares)
