@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from valshi_x.config import SETTINGS
+from valshi_x.config import SETTINGS, load_settings
+from valshi_x.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_PATH = ROOT / "deploy" / "valshi-x.service"
@@ -127,6 +128,48 @@ def test_hardening_settings_present(unit: dict[str, list[str]]) -> None:
     }
     assert {key: one(unit, key) for key in expected} == expected
     assert unit["SystemCallFilter"][0] == "@system-service"
+
+
+# --- the env file the README has the operator copy from .env.example ----------------------------------------
+
+# What systemd puts in for the specifiers the unit's Environment= lines use (system manager, unit valshi-x.service).
+SPECIFIERS = {"%S": "/var/lib", "%d": "/run/credentials/valshi-x.service"}
+_ENV_LINE = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"\\#]*)")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile= as systemd reads it, for the plain shape .env.example keeps (no quotes, escapes,
+    `export` or trailing comments, where systemd and python-dotenv could read a line differently)."""
+    found = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        match = _ENV_LINE.fullmatch(line)
+        assert match is not None, f"{path.name}: a line systemd and dotenv may read differently: {line!r}"
+        found[match["key"]] = match["value"]
+    return found
+
+
+def test_env_example_copied_as_is_keeps_the_units_key_path_and_state_dir(unit: dict[str, list[str]]) -> None:
+    unit_env = {key: value.replace("%S", SPECIFIERS["%S"]) for key, value in environment(unit).items()}
+    unit_env = {key: value.replace("%d", SPECIFIERS["%d"]) for key, value in unit_env.items()}
+    copied = env_file(ROOT / ".env.example")
+    # systemd.exec: variables read from EnvironmentFile= override those set with Environment=.
+    service_env = {**unit_env, **copied}
+    # The operator fills in the Kalshi key id and the four X keys, nothing else.
+    filled = {**service_env, "KALSHI_API_KEY_ID": "a952bcbe", **{key: "x" for key in _X_KEYS}}
+    settings = load_settings(filled, need_x=True)
+    assert settings.kalshi_private_key_path == Path("/run/credentials/valshi-x.service/kalshi.pem")
+    assert settings.kalshi_private_key == ""
+    assert settings.state_dir == Path("/var/lib/valshi-x")
+    # Copied and not filled in yet, the one complaint is the key id the operator still has to write.
+    with pytest.raises(ConfigError) as unfilled:
+        load_settings(service_env, need_x=False)
+    assert unfilled.value.problems == ["KALSHI_API_KEY_ID: required when a Kalshi private key is set"]
+
+
+_X_KEYS = ("X_API_KEY", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET")
 
 
 # --- systemd-analyze ------------------------------------------------------------------------------------------
