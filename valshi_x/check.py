@@ -161,7 +161,7 @@ async def _check_kalshi_rest(settings: Settings, report: CheckReport, timeout_s:
     if not isinstance(trades, list):
         report.line("FAIL", item, "HTTP 200 but no trades list in the answer (is KALSHI_API_URL right?)")
         return
-    report.line("PASS", item, f"trades endpoint answered ({len(trades)} trade)")
+    report.line("PASS", item, f"trades endpoint answered ({len(trades)} trade{'' if len(trades) == 1 else 's'})")
 
 
 async def _check_x(
