@@ -250,7 +250,7 @@ if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 
 os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
 """
 
-# What the daemon does that could need writable+executable memory: load every module, sign with RSA-PSS,
+# What the daemon does that could need writable+executable memory: load every module, sign with RSA-PSS and Ed25519,
 # parse JSON with msgspec, set up TLS, use SQLite from a thread, talk HTTP and WebSocket over loopback.
 _WORKLOAD = r"""
 import mmap
@@ -269,7 +269,7 @@ for module in pkgutil.walk_packages(valshi_x.__path__, "valshi_x."):
 import aiohttp, tweepy.asynchronous
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
@@ -277,6 +277,8 @@ key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 key.public_key().verify(key.sign(b"GET/trade-api/ws/v2", pss, hashes.SHA256()), b"GET/trade-api/ws/v2", pss,
                         hashes.SHA256())
+ed_key = ed25519.Ed25519PrivateKey.generate()
+ed_key.public_key().verify(ed_key.sign(b"GET/trade-api/ws/v2"), b"GET/trade-api/ws/v2")
 assert msgspec.json.decode(msgspec.json.encode({"yes_price_dollars": "0.62"})) == {"yes_price_dollars": "0.62"}
 ssl.create_default_context()
 

@@ -2,7 +2,7 @@
 
 ValshiError
 +-- ConfigError        bad settings or key material: exit 78 before anything connects
-|   +-- KeyLoadError   the Kalshi private key is missing, unreadable, encrypted or not RSA
+|   +-- KeyLoadError   the Kalshi private key is missing, unreadable, encrypted, or not RSA/Ed25519
 """
 
 from __future__ import annotations
