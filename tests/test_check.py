@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import io
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from tests.fake_kalshi import (
@@ -68,8 +74,33 @@ def closed_port() -> int:
     return port
 
 
+def self_signed_tls(directory: Path) -> ssl.SSLContext:
+    """A server TLS context whose certificate (for 127.0.0.1) no client trusts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
 @contextlib.asynccontextmanager
-async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
+async def tcp_server(answer: bytes | None, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
     """A loopback TCP server that reads and never answers (`None`) or writes `answer`; yields its port."""
     held: list[asyncio.StreamWriter] = []
 
@@ -81,7 +112,7 @@ async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
                 writer.write(answer)
                 await writer.drain()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -126,6 +157,15 @@ async def test_tls_to_a_server_that_does_not_speak_it_is_a_tls_error() -> None:
     for item in ("kalshi websocket", "kalshi rest"):
         verdict, detail = found[item]
         assert (verdict, detail.startswith("TLS: handshake with 127.0.0.1 failed (")) == ("FAIL", True), detail
+
+
+async def test_a_certificate_the_client_does_not_trust_is_a_tls_error(tmp_path: Path) -> None:
+    async with tcp_server(answer=None, tls=self_signed_tls(tmp_path)) as port:
+        code, found = await check(f"wss://127.0.0.1:{port}{WS_PATH}", f"https://127.0.0.1:{port}{REST_PATH}")
+    assert code == 1
+    for item in ("kalshi websocket", "kalshi rest"):
+        verdict, detail = found[item]
+        assert (verdict, detail) == ("FAIL", "TLS: certificate of 127.0.0.1 not accepted (self-signed certificate)")
 
 
 @pytest.mark.parametrize("status", [401, 503])
