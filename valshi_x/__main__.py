@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import signal
 import sys
@@ -57,11 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--env-file", type=Path, metavar="PATH", help="read settings from this file (default: ./.env)")
     parser.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="the Kalshi private key PEM (instead of KALSHI_PRIVATE_KEY_PATH / KALSHI_PRIVATE_KEY)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
         "--log-format",
         choices=("json", "console", "journal"),
         help="log line format (default: journal under systemd, console on a terminal, JSON lines otherwise)",
     )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject's), or "unknown" when run from an uninstalled tree."""
+    try:
+        return importlib.metadata.version("valshi-x")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def read_environment(env_file: Path | None) -> dict[str, str]:
@@ -80,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, env=os.environ)
     try:
         env = read_environment(args.env_file)
+        if args.key_file is not None:
+            # The service gets its key at a path only it can see; by hand, name the file itself.
+            env = {**env, "KALSHI_PRIVATE_KEY_PATH": str(args.key_file), "KALSHI_PRIVATE_KEY": ""}
         settings = load_settings(env, need_x=args.command == "run" and not args.dry_run)
         if args.replay is not None and not args.replay.is_file():
             raise ConfigError([f"--replay: {args.replay} is not a readable file"])

@@ -108,7 +108,10 @@ def _url(*schemes: str) -> Callable[[str], str]:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("KALSHI_API_KEY_ID", "", "Kalshi API key id; signs the WebSocket handshake.", _text),
     SettingSpec(
-        "KALSHI_PRIVATE_KEY_PATH", "", "Path to the Kalshi RSA private key (PEM, PKCS#1 or PKCS#8).", _optional_path
+        "KALSHI_PRIVATE_KEY_PATH",
+        "",
+        "Path to the Kalshi private key: RSA (PEM, PKCS#1 or PKCS#8) or Ed25519 (PEM, PKCS#8).",
+        _optional_path,
     ),
     SettingSpec(
         "KALSHI_PRIVATE_KEY", "", "The PEM itself, inline, instead of KALSHI_PRIVATE_KEY_PATH.", _text, secret=True

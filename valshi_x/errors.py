@@ -2,7 +2,7 @@
 
 ValshiError
 +-- ConfigError          bad settings or key material: exit 78 before anything connects
-|   +-- KeyLoadError     the Kalshi private key is missing, unreadable, encrypted or not RSA
+|   +-- KeyLoadError     the Kalshi private key is missing, unreadable, encrypted, or not RSA/Ed25519
 |   +-- StateError       the state directory needs a human: in use by another process, or corrupt (exit 78)
 +-- StateUnavailable     the state cannot be opened for a passing reason (disk full, locked, I/O error): exit 1,
                          so systemd tries again
