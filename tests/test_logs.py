@@ -192,12 +192,14 @@ def test_console_shows_a_whale_as_its_post_under_a_header_with_value_and_ticker(
 def test_console_posted_whale_keeps_the_tweet_id_and_a_block_trade_says_so() -> None:
     out = configured("console")
     fields = {**_WHALE_FIELDS, "fills": 1, "is_block_trade": True, "side": "yes"}
-    structlog.get_logger("valshi_x.x.poster").info("posted", **fields, text="🐋 post", tweet_id="1234", attempts=1)
+    structlog.get_logger("valshi_x.x.poster").info(
+        "posted", **fields, text="🐋 post 👨\u200d👩\u200d👧", tweet_id="1234", attempts=1
+    )
     header, body = lines(out)
     assert header.endswith(
         " posted          $196,600.62 YES KXNFLGAME-26SEP13CHIJAC-CHI · block trade tweet_id=1234 attempts=1"
     )
-    assert body == "    🐋 post"
+    assert body == "    🐋 post 👨\u200d👩\u200d👧"  # the joiners of an emoji sequence are not escaped
 
 
 def test_console_malformed_frame_is_one_short_line_with_the_reason_and_the_bad_part() -> None:
@@ -209,7 +211,7 @@ def test_console_malformed_frame_is_one_short_line_with_the_reason_and_the_bad_p
     )
     log = structlog.get_logger("valshi_x.pipeline")
     log.warning("malformed_frame", reason="bad_number", detail="yes_price_dollars='abc'", frame=frame)
-    log.warning("malformed_frame", reason="not_json", detail="", frame="trade\x1b[2J KX yes\n")
+    log.warning("malformed_frame", reason="not_json", detail="", frame="trade\x1b[2J KX\u202e yes\n")
     first, second = lines(out)
     head, _, excerpt = first.partition(" │ ")
     assert head[8:] == " WARN  malformed_frame bad_number yes_price_dollars='abc'"
@@ -217,9 +219,9 @@ def test_console_malformed_frame_is_one_short_line_with_the_reason_and_the_bad_p
     assert len(excerpt) <= 80
     assert '"yes_price_dollars":"abc"' in excerpt
     assert excerpt.startswith("…") and excerpt.endswith("…")
-    # A control character in a frame is shown escaped: it cannot clear the operator's screen.
-    assert second.endswith("malformed_frame not_json │ trade\\x1b[2J KX yes")
-    assert "\x1b" not in out.getvalue()
+    # A control character or a bidi override in a frame is shown escaped: it cannot act on the operator's screen.
+    assert second.endswith("malformed_frame not_json │ trade\\x1b[2J KX\\u202e yes")
+    assert "\x1b" not in out.getvalue() and "\u202e" not in out.getvalue()
 
 
 def test_console_keeps_other_lines_short() -> None:

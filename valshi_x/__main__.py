@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
-    if args.command != "check":  # check reports in its own PASS/FAIL/WARN lines, not in log lines
+    if args.command == "run":  # status and check print plain reports; a log line would break into them
         for unknown, closest in unknown_settings(env):
             log.warning("unknown_setting", key=unknown, did_you_mean=closest, note="not a setting; ignored")
     if args.command == "status":

@@ -151,9 +151,13 @@ _ANSI_RESET = "\x1b[0m"
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+# Invisible but harmless: they hold emoji sequences (👨‍👩‍👧) together.
+_EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
+
+
 def _one_line(text: str) -> str:
-    """Control characters (a newline, an escape sequence from a hostile frame) shown escaped, never acted on."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    """Control characters (a newline, an escape sequence or a bidi override from a hostile frame) shown escaped."""
+    return "".join(ch if ch.isprintable() or ch in _EMOJI_JOINERS else ascii(ch)[1:-1] for ch in text)
 
 
 def _shorten(text: str, limit: int) -> str:
