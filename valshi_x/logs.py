@@ -149,8 +149,6 @@ _CONSOLE_LEVELS = {"critical": "ERROR", "exception": "ERROR", "error": "ERROR", 
 _ANSI = {"ERROR": "\x1b[31;1m", "WARN": "\x1b[33m", "whale": "\x1b[1m", "dim": "\x1b[2m"}
 _ANSI_RESET = "\x1b[0m"
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 # Invisible but harmless: they hold emoji sequences (👨‍👩‍👧) together.
 _EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
 
@@ -211,7 +209,7 @@ class ConsoleRenderer:
         for key in ("stack", "exception"):
             extra = event.get(key)
             if extra:
-                lines.extend(_CONSOLE_INDENT + line for line in str(extra).splitlines())
+                lines.extend(_CONSOLE_INDENT + _one_line(line) for line in str(extra).splitlines())
         return "\n".join(lines)
 
 

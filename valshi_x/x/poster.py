@@ -635,7 +635,7 @@ class Poster:
             self.stats.last_posted_ms = now_ms
             self._answered()
             if not self._transport.dry_run:
-                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1)
+                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1, text=text)
         elif kind is OutcomeKind.ALREADY_POSTED:
             await self._store.mark_posted(alert_id, None, attempt=attempt, note=f"already posted: {outcome.reason}")
             self.stats.already_posted += 1
