@@ -149,13 +149,13 @@ _CONSOLE_LEVELS = {"critical": "ERROR", "exception": "ERROR", "error": "ERROR", 
 _ANSI = {"ERROR": "\x1b[31;1m", "WARN": "\x1b[33m", "whale": "\x1b[1m", "dim": "\x1b[2m"}
 _ANSI_RESET = "\x1b[0m"
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Invisible but harmless: they hold emoji sequences (👨‍👩‍👧) together.
-_EMOJI_JOINERS = frozenset("\u200d\ufe0e\ufe0f")
+# A captured line's own line ending, raw or already escaped by an earlier processor: not part of the frame.
+_LINE_END = re.compile(r"(?:\s|\\x0[ad]|\\[nr])+$")
 
 
 def _one_line(text: str) -> str:
     """Control characters (a newline, an escape sequence or a bidi override from a hostile frame) shown escaped."""
-    return "".join(ch if ch.isprintable() or ch in _EMOJI_JOINERS else ascii(ch)[1:-1] for ch in text)
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -239,7 +239,10 @@ def _malformed_summary(fields: Mapping[str, Any]) -> str:
     """`bad_number yes_price_dollars='abc' │ …"yes_price_dollars":"abc","no_price_dollars":…`."""
     reason = _one_line(str(fields.get("reason", "")))
     detail = _shorten(_one_line(str(fields.get("detail") or "")), 40)
-    frame = _one_line(str(fields.get("frame", "")).strip())
+    raw = fields.get("frame", "")
+    # A frame is its raw text; a trade refused after decoding comes as a few fields.
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":"))
+    frame = _LINE_END.sub("", _one_line(text.strip()))
     # Start the excerpt a little before the field the detail names, so the bad part is what shows.
     start = 0
     named = _FIELD_NAME.match(detail)
