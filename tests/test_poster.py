@@ -278,7 +278,14 @@ async def test_a_201_is_posted_with_its_id_and_the_request_is_signed(path: Path,
     assert "cs-test-secret" not in auth
     posted = [e for e in logs if e["event"] == "posted"]
     assert posted == [
-        {**alert_log_fields(alert), "tweet_id": item.tweet_id, "attempts": 1, "event": "posted", "log_level": "info"}
+        {
+            **alert_log_fields(alert),
+            "tweet_id": item.tweet_id,
+            "attempts": 1,
+            "text": render(alert, None),  # the console shows a posted whale as its text, as README says
+            "event": "posted",
+            "log_level": "info",
+        }
     ]
     assert time.waits == []
     await rig.close()

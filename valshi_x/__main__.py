@@ -18,8 +18,9 @@ from pathlib import Path
 import structlog
 from dotenv import dotenv_values
 
+from valshi_x.capture import capture_problem
 from valshi_x.check import run_checks, show_status
-from valshi_x.config import Settings, load_settings, readable_by_others
+from valshi_x.config import Settings, load_settings, readable_by_others, unknown_settings
 from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(env, need_x=args.command == "run" and not args.dry_run)
         if args.replay is not None and not args.replay.is_file():
             raise ConfigError([f"--replay: {args.replay} is not a readable file"])
+        _check_capture_options(args.replay, args.record)
         signer = None
         key_text: tuple[str, ...] = ()
         if args.replay is None and args.command != "status" and settings.has_kalshi_key:
@@ -112,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
+    if args.command == "run":  # status and check print plain reports; a log line would break into them
+        for unknown, closest in unknown_settings(env):
+            log.warning("unknown_setting", key=unknown, did_you_mean=closest, note="not a setting; ignored")
     if args.command == "status":
         return show_status(args.state_dir or settings.state_dir)
     secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
@@ -142,6 +147,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("daemon_crashed")
         return EXIT_CRASH
     return EXIT_OK
+
+
+def _check_capture_options(replay: Path | None, record: Path | None) -> None:
+    """Refuse capture options that cannot work, before anything starts (exit 78, one line naming the file)."""
+    if replay is not None and record is not None:
+        # A replay receives no frames: recording it would only leave an empty file behind.
+        raise ConfigError(["--record: cannot be combined with --replay (a replay receives no frames to record)"])
+    if replay is not None:
+        try:
+            problem = capture_problem(replay)
+        except OSError as exc:
+            raise ConfigError([f"--replay: cannot read {replay}: {exc.strerror or exc}"]) from None
+        if problem:
+            raise ConfigError([f"--replay: {replay} {problem}"])
+    if record is not None:
+        try:
+            # Append mode, as the recorder opens it: creates the file, never truncates an earlier capture.
+            with record.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            where = "" if record.parent.is_dir() else f" (the folder {record.parent} does not exist)"
+            raise ConfigError([f"--record: cannot write {record}: {exc.strerror or exc}{where}"]) from None
 
 
 def _config_error(exc: ConfigError) -> int:

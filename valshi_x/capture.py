@@ -18,22 +18,61 @@ import structlog
 log = structlog.get_logger(__name__)
 
 _CHUNK_BYTES = 1 << 20
+_SNIFF_BYTES = 64 * 1024
+# A capture is text; these are what a file that is not one usually starts with.
+_ARCHIVE_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed (unpack it first: gzip -dc {path} > capture.jsonl)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed (unpack it first: zstd -dc {path} > capture.jsonl)"),
+    (b"\xfd7zXZ\x00", "xz-compressed (unpack it first: xz -dc {path} > capture.jsonl)"),
+    (b"BZh", "bzip2-compressed (unpack it first: bzip2 -dc {path} > capture.jsonl)"),
+    (b"PK\x03\x04", "a zip archive (unpack the capture from it first)"),
+    (b"SQLite format 3\x00", "an SQLite database (a state file?), not a capture"),
+)
+# Share of NUL or undecodable bytes above which a file is binary, not a capture with a few bad frames (those are
+# skipped one by one as malformed, like on the socket).
+_BINARY_SHARE = 0.05
+
+
+def capture_problem(path: Path) -> str | None:
+    """Why `path` cannot be a capture (compressed, binary), or None; reads its first 64 KiB.
+
+    Blocking: for the edge, before anything starts. Without it a gzipped capture replays as thousands of
+    malformed lines and no whale, exit 0.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    for magic, what in _ARCHIVE_MAGIC:
+        if head.startswith(magic):
+            return f"is {what.format(path=path)}; a capture is text, one frame per line, as --record writes it"
+    if not head:
+        return None
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > _BINARY_SHARE * len(text):
+        return "is not text (binary data); a capture is text, one frame per line, as --record writes it"
+    return None
 
 
 async def read_chunks(path: Path) -> AsyncIterator[list[bytes]]:
     """Yield the capture's non-empty lines, about a megabyte at a time, read off the event loop.
 
-    The next chunk is read while the caller works on the current one.
+    The next chunk is read while the caller works on the current one. A capture without a single frame gets a
+    warning (`replay_no_frames`): a replay that silently finds nothing looks like one that found no whale.
     """
     handle = await asyncio.to_thread(path.open, "rb")
     pending = asyncio.ensure_future(asyncio.to_thread(handle.readlines, _CHUNK_BYTES))
+    frames = 0
     try:
         while True:
             lines = await pending
             if not lines:
+                if frames == 0:
+                    log.warning("replay_no_frames", path=str(path), reason="no frames: the capture is empty")
                 return
             pending = asyncio.ensure_future(asyncio.to_thread(handle.readlines, _CHUNK_BYTES))
-            yield [line for line in lines if line.strip()]
+            chunk = [line for line in lines if line.strip()]
+            frames += len(chunk)
+            yield chunk
     finally:
         # A read still running in its thread cannot be cancelled: let it finish before the file closes.
         with contextlib.suppress(Exception):

@@ -7,6 +7,7 @@ one line per bad key and raises `ConfigError` with all of them.
 
 from __future__ import annotations
 
+import difflib
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -216,6 +217,28 @@ class Settings:
 
 
 _X_KEYS = ("X_API_KEY", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET")
+
+# The first word of every setting (KALSHI_, X_, WHALE_, SWEEP_, POST_, BACKFILL_, ...): an unknown key that
+# starts with one is most likely a misspelled setting, which would otherwise be ignored without a word.
+SETTING_PREFIXES = tuple(sorted({spec.key.split("_", 1)[0] + "_" for spec in SETTINGS}))
+# Set by others in the service's environment: systemd's StateDirectory= exports STATE_DIRECTORY.
+_FOREIGN_KEYS = frozenset({"STATE_DIRECTORY"})
+
+
+def unknown_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(unknown key, closest known key) for each key in `env` that looks like a setting but is none; key names only.
+
+    Values are never looked at: a misspelled secret (`X_API_SECRETT`) must not reach a log line.
+    """
+    known = [spec.key for spec in SETTINGS]
+    found: list[tuple[str, str]] = []
+    for key in sorted(env):
+        if key in _FOREIGN_KEYS or key in known or not key.startswith(SETTING_PREFIXES):
+            continue
+        # cutoff 0: always name the nearest key; a far one still tells the reader which family the key is in.
+        closest = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
+        found.append((key, closest[0] if closest else ""))
+    return found
 
 
 def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:

@@ -563,7 +563,7 @@ class Daemon:
             open_groups=detector.open_groups,
             alerts=detector.alerts,
             alerts_refused=self.alerts_refused,
-            posted=poster.posted if poster else 0,
+            **(poster.posted_field() if poster else {"posted": 0}),
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,

@@ -225,17 +225,25 @@ class StatusReport:
     last_errors: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
     rate_limits: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False  # the state of a dry run: its `posted` rows are whales logged as `would_post`
 
     def lines(self) -> list[str]:
         """Plain text for a terminal, one fact per line."""
         if not self.exists:
             return [f"no state yet at {self.path}"]
         out = [f"state: {self.path} (schema {self.schema_version})"]
-        out.append("outbox: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()))
-        out.append(
-            f"requests to X that may have posted: {self.requests_last_15min} in 15 min, "
-            f"{self.requests_last_24h} in 24 h"
-        )
+        # A dry run marks its whales `posted` in its own outbox; said as such here, it would read as real posts.
+        shown = "would_post" if self.dry_run else "posted"
+        if self.dry_run:
+            out.append("dry run: nothing here was sent to X; 'would post' marks what a real run would have sent")
+        out.append("outbox: " + ", ".join(f"{shown if k == 'posted' else k}={v}" for k, v in self.counts.items()))
+        if self.dry_run:
+            out.append("requests to X: none (dry run)")
+        else:
+            out.append(
+                f"requests to X that may have posted: {self.requests_last_15min} in 15 min, "
+                f"{self.requests_last_24h} in 24 h"
+            )
         for window in self.rate_limits:
             out.append(
                 f"x limit {window['family']}: remaining {window['remaining']} of {window['limit']}, "
@@ -243,11 +251,13 @@ class StatusReport:
             )
         for name, value in self.checkpoints.items():
             out.append(f"checkpoint {name} = {_readable_checkpoint(name, value)}")
-        out.append("last posts:" if self.last_posts else "last posts: none")
+        heading = "last would-post alerts (dry run)" if self.dry_run else "last posts"
+        out.append(f"{heading}:" if self.last_posts else f"{heading}: none")
         for row in self.last_posts:
+            status, tweet = ("would post", "") if self.dry_run else (row["status"], f" tweet={row['tweet_id']}")
             out.append(
-                f"  {row['updated']} {row['status']} ${Decimal(row['value_usd']):,.2f} {row['ticker']} {row['side']} "
-                f"alert={row['alert_id']} tweet={row['tweet_id']}"
+                f"  {row['updated']} {status} ${Decimal(row['value_usd']):,.2f} {row['ticker']} {row['side']} "
+                f"alert={row['alert_id']}{tweet}"
             )
         out.append("last errors:" if self.last_errors else "last errors: none")
         for row in self.last_errors:
@@ -307,16 +317,18 @@ def _status_report(conn: sqlite3.Connection, path: str, now_ms: int, last: int) 
             for r in conn.execute(sql, (last,)).fetchall()
         ]
 
+    checkpoints = dict(conn.execute("SELECT name, value FROM checkpoints ORDER BY name").fetchall())
     return StatusReport(
         path=path,
         exists=True,
+        dry_run=checkpoints.get("outbox_mode") == "dry_run",  # written by the daemon (daemon.MODE_CHECKPOINT)
         schema_version=version,
         counts=counts,
         requests_last_15min=requests_since(now_ms - 15 * 60 * 1000),
         requests_last_24h=requests_since(now_ms - 24 * 3600 * 1000),
         last_posts=rows("status = 'posted'"),
         last_errors=rows("last_error IS NOT NULL AND status != 'posted'"),
-        checkpoints=dict(conn.execute("SELECT name, value FROM checkpoints ORDER BY name").fetchall()),
+        checkpoints=checkpoints,
         rate_limits=[
             {
                 "family": r[0],

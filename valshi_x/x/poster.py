@@ -385,6 +385,11 @@ class PosterStats:
     transient: int = 0
     paused: bool = False
     last_posted_ms: int | None = None  # wall time of the last post X confirmed
+    dry_run: bool = False  # `posted` then counts whales logged as `would_post`: nothing reached X
+
+    def posted_field(self) -> dict[str, int]:
+        """`posted` for the stats and stop lines; `would_have_posted` in a dry run, which must not read as posts."""
+        return {"would_have_posted" if self.dry_run else "posted": self.posted}
 
 
 def _seconds(ms: int) -> float:
@@ -442,7 +447,7 @@ class Poster:
         self._max_failures = max_failures
         self._pause_probe_ms = int(pause_probe_s * 1000)
         self._title_budget_s = title_budget_s
-        self.stats = PosterStats()
+        self.stats = PosterStats(dry_run=transport.dry_run)
         self._gate_ms = 0  # no request before this: a rate limit, a pause or a backoff
         self._paused_reason: str | None = None
         self._limits: dict[str, RateLimitWindow] = {}
@@ -680,7 +685,7 @@ class Poster:
             self.stats.last_posted_ms = now_ms
             self._answered()
             if not self._transport.dry_run:
-                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1)
+                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1, text=text)
         elif kind is OutcomeKind.ALREADY_POSTED:
             await self._store.mark_posted(alert_id, None, attempt=attempt, note=f"already posted: {outcome.reason}")
             self.stats.already_posted += 1
