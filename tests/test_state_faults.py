@@ -147,7 +147,7 @@ async def test_a_second_daemon_on_the_same_state_exits_78_naming_the_pid_and_lea
     assert not second.named("daemon_crashed")
     assert (state_dir / LOCK_FILENAME).read_text().strip() == str(first.pid)
     assert status_code == 0 and status.stderr == ""
-    assert "outbox: pending=0, posting=1, posted=0, failed=0, skipped=0" in status_lines
+    assert "outbox: pending=0, posting=1, would_post=0, failed=0, skipped=0" in status_lines  # a dry run's state
     assert first_code == 0, first.stderr
     with sqlite3.connect(db_path(state_dir)) as db:
         # Still `posting`: the newcomer did not take it for a crash and reset it to pending.
