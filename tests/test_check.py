@@ -206,6 +206,7 @@ def test_the_cli_prints_only_verdicts_and_reads_the_key_file_named_on_the_comman
     env_file.write_text(
         f"KALSHI_API_KEY_ID={ed25519_keys.key_id}\n"
         f"KALSHI_WS_URL=ws://127.0.0.1:{port}{WS_PATH}\nKALSHI_API_URL=http://kalshi.invalid{REST_PATH}\n"
+        "WHALE_TRESHOLD_DOLLARS=5000\n"  # misspelled: check says so instead of letting the default stand silently
     )
     done = subprocess.run(
         [
@@ -230,6 +231,10 @@ def test_the_cli_prints_only_verdicts_and_reads_the_key_file_named_on_the_comman
     assert found["kalshi key"] == ("PASS", f"Ed25519 key loaded for key id {ed25519_keys.key_id}")
     assert found["kalshi websocket"][1].startswith("connection refused")
     assert found["kalshi rest"][1].startswith("DNS: cannot resolve kalshi.invalid")
+    assert found["unknown setting"] == (
+        "WARN",
+        "WHALE_TRESHOLD_DOLLARS is not a setting and is ignored (did you mean WHALE_THRESHOLD_DOLLARS?)",
+    )
 
 
 def test_version_comes_from_the_package_metadata() -> None:

@@ -114,14 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
-    if args.command == "run":  # status and check print plain reports; a log line would break into them
-        for unknown, closest in unknown_settings(env):
+    unknown_keys = unknown_settings(env)
+    if args.command == "run":  # status prints a plain report and check a WARN line; a log line would break in
+        for unknown, closest in unknown_keys:
             log.warning("unknown_setting", key=unknown, did_you_mean=closest, note="not a setting; ignored")
     if args.command == "status":
         return show_status(args.state_dir or settings.state_dir)
     secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
     if args.command == "check":
-        return asyncio.run(run_checks(settings, signer, secret_files=secret_files))
+        return asyncio.run(run_checks(settings, signer, secret_files=secret_files, unknown_keys=unknown_keys))
     for path, mode in readable_by_others(secret_files):
         log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
     options = RunOptions(

@@ -91,10 +91,17 @@ async def run_checks(
     x_middlewares: Sequence[ClientMiddlewareType] = (),
     out: TextIO = sys.stdout,
     secret_files: Sequence[Path | None] = (),
+    unknown_keys: Sequence[tuple[str, str]] = (),
     timeout_s: float = TIMEOUT_S,
 ) -> int:
-    """Run every check; 0 when none failed, 1 otherwise. `secret_files`: the key and env files, for their modes."""
+    """Run every check; 0 when none failed, 1 otherwise.
+
+    `secret_files`: the key and env files, for their modes; `unknown_keys`: (key, closest setting) pairs from
+    `config.unknown_settings`, each a WARN, since a misspelled setting silently keeps its default.
+    """
     report = CheckReport(out)
+    for key, closest in unknown_keys:
+        report.line("WARN", "unknown setting", f"{key} is not a setting and is ignored (did you mean {closest}?)")
     for path, mode in readable_by_others(secret_files):
         report.line("WARN", "file permissions", f"{path} is mode {mode:04o}, readable by others: chmod 600 {path}")
     report.line(
