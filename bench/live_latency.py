@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 import statistics
 import sys
@@ -132,20 +133,55 @@ class FakeKalshi:
                 self.subscribed.clear()
 
 
+@dataclass(frozen=True)
+class TitleFaults:
+    """How the REST stub answers title look-ups (market and event requests): latency, 503s and stalls."""
+
+    delay_s: tuple[float, float] = (0.0, 0.0)  # each answer waits a random time in this range
+    error_share: float = 0.0  # this share of answers is a 503, at once
+    stall_share: float = 0.0  # this share of answers comes only after `stall_s` (past the title budget)
+    stall_s: float = 2.0
+
+
+# "realistic": Kalshi seen from a VM, a round trip of 30-120 ms, and a 503 now and then (5 %) for the breaker
+# and the ticker fallback to show up. "harsh" adds answers 2 s late (5 %): past the 0.5 s title budget, so an
+# alert whose look-up stalls waits the whole budget unless the look-up started before the alert (prefetch).
+TITLE_PROFILES = {
+    "instant": TitleFaults(),
+    "realistic": TitleFaults(delay_s=(0.03, 0.12), error_share=0.05),
+    "harsh": TitleFaults(delay_s=(0.03, 0.12), error_share=0.05, stall_share=0.05),
+}
+TITLE_PREFIX = "Title of "
+
+
 class _RestHandler(BaseHTTPRequestHandler):
-    """Kalshi REST, as far as a daemon in dry-run asks: no missed trades, a market, its event."""
+    """Kalshi REST, as far as a daemon in dry-run asks: no missed trades, a market, its event (with `faults`)."""
+
+    faults = TitleFaults()
+    rand = random.Random(1)
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0].removeprefix("/trade-api/v2")
         body: dict[str, Any]
         if path in ("/markets/trades", "/historical/trades"):
             body = {"trades": [], "cursor": ""}
-        elif path.startswith("/markets/"):
-            ticker = path.removeprefix("/markets/")
-            body = {"market": {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}}
-        elif path.startswith("/events/"):
-            name = path.removeprefix("/events/")
-            body = {"event": {"event_ticker": name, "title": name, "series_ticker": name.split("-")[0]}}
+        elif path.startswith(("/markets/", "/events/")):
+            faults, roll = self.faults, self.rand.random()
+            low_s, high_s = faults.delay_s
+            time.sleep(low_s + (high_s - low_s) * self.rand.random())
+            if roll < faults.error_share:
+                self.send_error(503)
+                return
+            if roll > 1 - faults.stall_share:
+                time.sleep(faults.stall_s)
+            if path.startswith("/markets/"):
+                ticker = path.removeprefix("/markets/")
+                market = {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}
+                body = {"market": market}
+            else:
+                name = path.removeprefix("/events/")
+                event = {"event_ticker": name, "title": TITLE_PREFIX + name, "series_ticker": name.split("-")[0]}
+                body = {"event": event}
         else:
             self.send_error(404)
             return
@@ -160,16 +196,17 @@ class _RestHandler(BaseHTTPRequestHandler):
         """No access log: the bench's terminal is for results."""
 
 
-def _serve_rest(ports: Connection) -> None:
+def _serve_rest(ports: Connection, faults: TitleFaults) -> None:
+    _RestHandler.faults = faults
     server = ThreadingHTTPServer(("127.0.0.1", 0), _RestHandler)
     ports.send(server.server_address[1])
     server.serve_forever()
 
 
-def start_rest_stub() -> tuple[multiprocessing.Process, int]:
+def start_rest_stub(faults: TitleFaults) -> tuple[multiprocessing.Process, int]:
     """The REST stub in its own process, so a busy sender here cannot slow the daemon's title lookups."""
     receive, send = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_serve_rest, args=(send,), daemon=True)
+    process = multiprocessing.Process(target=_serve_rest, args=(send, faults), daemon=True)
     process.start()
     if not receive.poll(10):
         process.kill()
@@ -353,6 +390,15 @@ def latencies(part: Part, sent: Sent, log: DaemonLog) -> tuple[list[float], list
     return found, missing, wrong, logged
 
 
+def titled(part: Part, log: DaemonLog) -> int:
+    """How many of the part's whales were posted with their market's title rather than the ticker."""
+    return sum(
+        TITLE_PREFIX in log.alerts[alert["alert_id"]][1].get("text", "")
+        for alert in part.alerts
+        if alert["alert_id"] in log.alerts
+    )
+
+
 def counted(log: DaemonLog, frames: int) -> Callable[[], bool]:
     return lambda: log.last_stats().get("frames", 0) >= frames
 
@@ -375,8 +421,13 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: floa
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     OUT.mkdir(exist_ok=True)
-    report: dict[str, Any] = {"window_ms": args.window_ms, "compression": not args.no_compression}
-    rest, rest_port = start_rest_stub()
+    report: dict[str, Any] = {
+        "window_ms": args.window_ms,
+        "compression": not args.no_compression,
+        "titles": args.titles,
+        "load_average_at_start": os.getloadavg(),
+    }
+    rest, rest_port = start_rest_stub(TITLE_PROFILES[args.titles])
     compression = None if args.no_compression else "deflate"
     with (
         tempfile.TemporaryDirectory(prefix="valshi-live-") as tmp,
@@ -467,6 +518,7 @@ async def phases(
         "wrong": wrong,
         "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
         "lost_connection": sent.lost_connection,
+        "posted_with_title": titled(part, log),
     }
     latency["met"] = bool(found) and not missing and not wrong and latency["p99_ms"] <= target
     result["latency"] = latency
@@ -474,7 +526,8 @@ async def phases(
         f"  alert latency p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms over "
         f"{len(found)} whales (target p99 <= {target} ms: {'met' if latency['met'] else 'NOT met'}); "
         f"p99 by the daemon's own timestamps {latency['p99_ms_by_daemon_timestamp']} ms; "
-        f"missing {len(missing)}, wrong {len(wrong)}"
+        f"missing {len(missing)}, wrong {len(wrong)}; {latency['posted_with_title']} of {len(part.alerts)} with "
+        f"their title ({args.titles} title look-ups)"
     )
 
     # 2. ramp
@@ -595,6 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-ms", type=int, default=gen_capture.DEFAULT_SWEEP_WINDOW_MS, help="SWEEP_WINDOW_MS")
     parser.add_argument("--stats-interval", type=float, default=0.5, help="STATS_INTERVAL_S for the daemon")
     parser.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate on the server")
+    parser.add_argument(
+        "--titles",
+        choices=sorted(TITLE_PROFILES),
+        default="realistic",
+        help="how the REST stub answers title look-ups (latency, 503s, stalls past the budget)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=180.0, help="time budget for the ramp")
     args = parser.parse_args(argv)

@@ -307,7 +307,7 @@ class KalshiRest:
         if guess and self._events.get(guess) is None:
             guessed = asyncio.create_task(self._event(guess), name=f"title_event:{guess}")
         try:
-            market = (await self._get_once(path)).get("market")
+            market = (await self._get_title_json(path)).get("market")
             if not isinstance(market, dict):
                 raise KalshiRestError("bad_response", path, status=200, detail="no market object")
             event_ticker = _text_field(market, "event_ticker")
@@ -329,7 +329,7 @@ class KalshiRest:
         if cached is not None:
             return cached
         path = f"/events/{event_ticker}"
-        data = await self._get_once(path)
+        data = await self._get_title_json(path)
         raw = data.get("event")
         if not isinstance(raw, dict):
             raise KalshiRestError("bad_response", path, status=200, detail="no event object")
@@ -345,9 +345,10 @@ class KalshiRest:
         self._events.put(event_ticker, event, self._label_ttl_s)
         return event
 
-    async def _get_once(self, path: str) -> dict[str, Any]:
+    async def _get_title_json(self, path: str) -> dict[str, Any]:
         """One GET (in the rate limiter's queue, with the timeout) for a title: no retry, a failure is raised."""
-        # Title lookups must not retry (see market_label); `get_json` does, so titles take this path.
+        # Titles must not retry (see market_label) and `get_json` does (until the one-retry-layer change makes it
+        # one attempt too; then this is `get_json`).
         await self.limiter.wait()
         self.requests += 1
         try:
