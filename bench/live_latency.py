@@ -41,7 +41,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -157,8 +157,9 @@ TITLE_PREFIX = "Title of "
 class _RestHandler(BaseHTTPRequestHandler):
     """Kalshi REST, as far as a daemon in dry-run asks: no missed trades, a market, its event (with `faults`)."""
 
-    faults = TitleFaults()
-    rand = random.Random(1)
+    faults: ClassVar[TitleFaults] = TitleFaults()
+    rand: ClassVar[random.Random] = random.Random(1)
+    markets_of: ClassVar[dict[str, list[str]]] = {}  # event ticker -> its markets' tickers (the generator's)
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0].removeprefix("/trade-api/v2")
@@ -175,13 +176,12 @@ class _RestHandler(BaseHTTPRequestHandler):
             if roll > 1 - faults.stall_share:
                 time.sleep(faults.stall_s)
             if path.startswith("/markets/"):
-                ticker = path.removeprefix("/markets/")
-                market = {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}
-                body = {"market": market}
+                body = {"market": _market(path.removeprefix("/markets/"))}
             else:
                 name = path.removeprefix("/events/")
                 event = {"event_ticker": name, "title": TITLE_PREFIX + name, "series_ticker": name.split("-")[0]}
-                body = {"event": event}
+                # Like Kalshi, the event comes with its markets.
+                body = {"event": event, "markets": [_market(t) for t in self.markets_of.get(name, [])]}
         else:
             self.send_error(404)
             return
@@ -196,17 +196,25 @@ class _RestHandler(BaseHTTPRequestHandler):
         """No access log: the bench's terminal is for results."""
 
 
-def _serve_rest(ports: Connection, faults: TitleFaults) -> None:
+def _market(ticker: str) -> dict[str, Any]:
+    return {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}
+
+
+def _serve_rest(ports: Connection, faults: TitleFaults, tickers: list[str]) -> None:
     _RestHandler.faults = faults
+    for ticker in tickers:
+        _RestHandler.markets_of.setdefault(ticker.rsplit("-", 1)[0], []).append(ticker)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _RestHandler)
     ports.send(server.server_address[1])
     server.serve_forever()
 
 
-def start_rest_stub(faults: TitleFaults) -> tuple[multiprocessing.Process, int]:
+def start_rest_stub(faults: TitleFaults, seeds: range) -> tuple[multiprocessing.Process, int]:
     """The REST stub in its own process, so a busy sender here cannot slow the daemon's title lookups."""
+    # Every market the generator can use with these seeds, so that each event lists its markets.
+    tickers = sorted({m.ticker for seed in seeds for m in gen_capture.build_markets(random.Random(f"markets-{seed}"))})
     receive, send = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_serve_rest, args=(send, faults), daemon=True)
+    process = multiprocessing.Process(target=_serve_rest, args=(send, faults, tickers), daemon=True)
     process.start()
     if not receive.poll(10):
         process.kill()
@@ -427,7 +435,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "titles": args.titles,
         "load_average_at_start": os.getloadavg(),
     }
-    rest, rest_port = start_rest_stub(TITLE_PROFILES[args.titles])
+    rest, rest_port = start_rest_stub(TITLE_PROFILES[args.titles], range(args.seed, args.seed + len(args.ramp) + 1))
     compression = None if args.no_compression else "deflate"
     with (
         tempfile.TemporaryDirectory(prefix="valshi-live-") as tmp,

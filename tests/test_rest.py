@@ -111,7 +111,8 @@ async def test_titles_from_market_and_event(
     assert await rest.market_label("KXMVESPORTS-S2026AB-CD") == MarketLabel(
         "Combo: yes Atlas, yes Cruz Azul, no Over 2.5 goals", None
     )
-    assert fake.counts == {"market": 4, "event": 4}
+    # One request each: the guessed event, which lists its markets; a combo's own market (its legs).
+    assert fake.counts == {"event": 3, "market": 1}
 
 
 @pytest.mark.parametrize(
@@ -151,15 +152,16 @@ async def test_cache_hits_and_expiry(fake: FakeKalshiRest, session: aiohttp.Clie
     rest = make_rest(session, fake, clock, label_ttl_s=6 * 3600.0)
     first = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
     assert await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC") == first
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # same event: only the market is asked for
-    assert fake.counts == {"market": 2, "event": 1}
+    # Same event: its answer listed this market too, so nothing is asked for.
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")).title.endswith("— Buffalo")
+    assert fake.counts == {"event": 1}
 
     clock.now += 6 * 3600 - 1
     await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
-    assert fake.counts == {"market": 2, "event": 1}
+    assert fake.counts == {"event": 1}
     clock.now += 2
     await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
-    assert fake.counts == {"market": 3, "event": 2}
+    assert fake.counts == {"event": 2}
 
 
 async def test_failures_are_cached_briefly(
@@ -171,7 +173,7 @@ async def test_failures_are_cached_briefly(
     assert (first.value.reason, first.value.status) == ("not_found", 404)
     with pytest.raises(KalshiRestError, match="cached failure"):
         await rest.market_label("KXNOPE-1")
-    assert fake.counts["market"] == 1  # (the guessed event "KXNOPE" was asked for beside it, once)
+    assert fake.counts == {"event": 1, "market": 1}  # the guessed event "KXNOPE" (404), then the market
     clock.now += 61
     nfl(fake)
     fake.add_market("KXNOPE-1", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Now it exists")
@@ -287,8 +289,8 @@ async def test_rate_limiter_spaces_requests(
 ) -> None:
     nfl(fake)
     rest = make_rest(session, fake, clock, max_requests_per_s=10.0)
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")  # market + event
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # market (event cached)
+    for _ in range(3):
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert clock.sleeps == [0.1, 0.1]
 
 
@@ -310,7 +312,7 @@ async def test_label_for_gives_up_within_budget(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
 ) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 10 * UNIT
+    fake.delay_s["event"] = 10 * UNIT
     rest = KalshiRest(session, fake.base_url, timeout_s=20 * UNIT)
     lookup = TitleLookup(rest)
     loop = asyncio.get_running_loop()
@@ -326,13 +328,13 @@ async def test_label_for_gives_up_within_budget(
     label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=0)
     assert label is not None
     assert label.title.endswith("Kansas City")
-    assert fake.counts == {"market": 1, "event": 1}
+    assert fake.counts == {"event": 1}
     await lookup.aclose()
 
 
 async def test_the_default_budget_is_half_a_second(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    fake.script("market", Fault(delay_s=40 * UNIT))
+    fake.script("event", Fault(delay_s=40 * UNIT))
     lookup = TitleLookup(KalshiRest(session, fake.base_url))
     assert lookup.budget_s == rest_module.TITLE_BUDGET_S == 0.5
     loop = asyncio.get_running_loop()
@@ -343,18 +345,18 @@ async def test_the_default_budget_is_half_a_second(fake: FakeKalshiRest, session
     await lookup.aclose()
 
 
-async def test_market_and_event_are_asked_for_at_once(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+async def test_one_request_gives_the_label_and_its_siblings(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 20 * UNIT
-    fake.delay_s["event"] = 20 * UNIT
-    lookup = TitleLookup(KalshiRest(session, fake.base_url, max_requests_per_s=float("inf")))
-    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")
-    # Both requests are in before either is answered: the event's ticker was guessed from the market's.
-    await fake_wait(lambda: fake.counts == {"market": 1, "event": 1})
-    assert [r.path.rsplit("/", 1)[1] for r in fake.requests] == ["KXNFLGAME-26NOV01KCBUF-KC", "KXNFLGAME-26NOV01KCBUF"]
-    assert all(r.at_s - fake.requests[0].at_s < 20 * UNIT for r in fake.requests)
+    lookup = TitleLookup(KalshiRest(session, fake.base_url))
     label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=100 * UNIT)
     assert label == MarketLabel("Kansas City at Buffalo Winner? — Kansas City", "KXNFLGAME")
+    assert [r.path.rsplit("/", 1)[1] for r in fake.requests] == ["KXNFLGAME-26NOV01KCBUF"]
+    # The other side of the game came with it: its alert needs no request and no wait.
+    sibling = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-BUF", budget_s=0)
+    assert sibling == MarketLabel("Kansas City at Buffalo Winner? — Buffalo", "KXNFLGAME")
+    assert fake.counts == {"event": 1}
     await lookup.aclose()
 
 
@@ -377,11 +379,11 @@ async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
 ) -> None:
     nfl(fake)
-    fake.script("market", 503)
+    fake.script("event", 503)
     rest = make_rest(session, fake, clock)  # get_json would retry this client's 503s up to five times
     lookup = TitleLookup(rest)
     assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
-    assert fake.counts["market"] == 1
+    assert fake.counts == {"event": 1}
     assert clock.sleeps == []
     failed = [e for e in logs if e["event"] == "title_lookup_failed"]
     assert [(e["reason"], e["status"]) for e in failed] == [("server_error", 503)]
@@ -389,14 +391,14 @@ async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
     # A 5xx says nothing about the market: the next alert asks again, and gets the title.
     label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT)
     assert label is not None
-    assert fake.counts["market"] == 2
+    assert fake.counts == {"event": 2}
     assert lookup.failures == 1
     await lookup.aclose()
 
 
 async def test_concurrent_lookups_share_one_request(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 2 * UNIT
+    fake.delay_s["event"] = 2 * UNIT
     lookup = TitleLookup(KalshiRest(session, fake.base_url))
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")
     labels = await asyncio.gather(
@@ -404,7 +406,7 @@ async def test_concurrent_lookups_share_one_request(fake: FakeKalshiRest, sessio
     )
     assert len(set(labels)) == 1
     assert labels[0] is not None
-    assert fake.counts == {"market": 1, "event": 1}
+    assert fake.counts == {"event": 1}
     await lookup.aclose()
 
 
@@ -412,7 +414,7 @@ async def test_prefetch_lets_the_alert_find_the_title_at_once(
     fake: FakeKalshiRest, session: aiohttp.ClientSession
 ) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 4 * UNIT  # slower than an alert could wait with a budget of 0
+    fake.delay_s["event"] = 4 * UNIT  # slower than an alert could wait with a budget of 0
     lookup = TitleLookup(KalshiRest(session, fake.base_url))
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep is nearing the threshold
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # running already: nothing more is asked
@@ -421,7 +423,7 @@ async def test_prefetch_lets_the_alert_find_the_title_at_once(
     assert label is not None
     assert label.title.endswith("Kansas City")
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # cached: nothing is asked
-    assert fake.counts == {"market": 1, "event": 1}
+    assert fake.counts == {"event": 1}
     await lookup.aclose()
 
 
@@ -481,11 +483,11 @@ async def test_failing_lookups_open_the_breaker_and_a_probe_closes_it(
     for ticker in ("KXA-1", "KXB-1", "KXC-1"):
         assert await lookup.label_for(ticker, budget_s=40 * UNIT) is None
     assert lookup.breaker.state == "open"
-    asked = fake.counts["market"]
+    asked = fake.counts.total()
     # Open: alerts get the ticker at once, and Kalshi is not asked.
     assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-BUF")
-    assert fake.counts["market"] == asked
+    assert fake.counts.total() == asked
     assert lookup.skipped == 1
     clock.now += 30
     label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT)  # the probe
@@ -516,7 +518,7 @@ async def test_disabled_lookup_asks_nothing() -> None:
 
 async def test_aclose_cancels_background_lookups(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 100 * UNIT
+    fake.delay_s["event"] = 100 * UNIT
     lookup = TitleLookup(KalshiRest(session, fake.base_url, timeout_s=200 * UNIT))
     assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=UNIT) is None
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-BUF")

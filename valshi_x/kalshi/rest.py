@@ -7,7 +7,8 @@ and dropped connections, a bounded number of times; then it raises `KalshiRestEr
 
 `TitleLookup` wraps the title lookup for the poster: it answers within half a second or gives up (None), so a
 slow or failing Kalshi never holds a post back; the post falls back to the ticker. Titles are never retried:
-lookups make one attempt per request, and a circuit breaker pauses them while Kalshi keeps failing.
+lookups make one attempt per request (usually one request: the market's event, which lists its markets), and a
+circuit breaker pauses them while Kalshi keeps failing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
 TRANSIENT_REASONS: Final = frozenset({"timeout", "connection_error", "server_error", "rate_limited"})
 # What an alert waits for its market's title at most (the poster bounds it too); then it uses the ticker.
 TITLE_BUDGET_S: Final = 0.5
+# Labels cached from one event answer at most: a big event must not push every other label out of the cache.
+_SIBLINGS_CACHED: Final = 50
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -292,39 +295,38 @@ class KalshiRest:
         return label
 
     async def _fetch_label(self, ticker: str) -> MarketLabel:
-        """The market and its event, asked for at the same time when the event's ticker can be guessed.
+        """The label from as few requests as possible: usually one, for the market's event.
 
-        Kalshi does not document how an event ticker relates to its markets' tickers, but in practice it is
-        the market ticker without its last `-` part (KXNFLGAME-26NOV01KCBUF-KC -> KXNFLGAME-26NOV01KCBUF). So
-        that guess is fetched beside the market, and the market's own `event_ticker` decides: when it names
-        another event, the guess is dropped and the named event fetched after all. Events are cached.
+        Kalshi does not document how an event ticker relates to its markets' tickers, but in practice it is the
+        market ticker without its last `-` part (KXNFLGAME-26NOV01KCBUF-KC -> KXNFLGAME-26NOV01KCBUF), and an
+        event comes with its markets. So the guessed event is asked for first: one request gives the label of
+        this market and of its siblings (cached). Only when the guess is wrong or the event does not list the
+        market is the market asked for, and then the event its `event_ticker` names (events are cached). A
+        combo (KXMVE…) is labelled by its legs: its market alone, never its event (thousands of combos).
         """
         path = f"/markets/{ticker}"
         if not _TICKER_RE.fullmatch(ticker):
             raise KalshiRestError("bad_ticker", path)
         guess, _, _ = ticker.rpartition("-")
-        guessed: asyncio.Task[_Event] | None = None
-        if guess and self._events.get(guess) is None:
-            guessed = asyncio.create_task(self._event(guess), name=f"title_event:{guess}")
-        try:
-            market = (await self._get_title_json(path)).get("market")
-            if not isinstance(market, dict):
-                raise KalshiRestError("bad_response", path, status=200, detail="no market object")
-            event_ticker = _text_field(market, "event_ticker")
-            event: _Event | None = None
-            if guessed is not None and event_ticker == guess:
-                event = await guessed
-            elif _TICKER_RE.fullmatch(event_ticker):
-                event = await self._event(event_ticker)
-        finally:
-            if guessed is not None and not guessed.done():
-                guessed.cancel()
-                guessed.add_done_callback(_retrieve)
-            elif guessed is not None:
-                _retrieve(guessed)  # a wrong guess's 404 is no failure of this lookup
+        combo = _is_combo(ticker, None)
+        if guess and not combo:
+            try:
+                await self._event(guess)
+            except KalshiRestError as exc:
+                if exc.reason != "not_found":
+                    raise
+            found = self._labels.get(ticker)
+            if isinstance(found, MarketLabel):
+                return found
+        market = (await self._get_title_json(path)).get("market")
+        if not isinstance(market, dict):
+            raise KalshiRestError("bad_response", path, status=200, detail="no market object")
+        event_ticker = _text_field(market, "event_ticker")
+        event = await self._event(event_ticker) if not combo and _TICKER_RE.fullmatch(event_ticker) else None
         return label_from(ticker, market, event)
 
     async def _event(self, event_ticker: str) -> _Event:
+        """The event (cached); fetching it also caches the labels of the markets it lists."""
         cached = self._events.get(event_ticker)
         if cached is not None:
             return cached
@@ -343,6 +345,11 @@ class KalshiRest:
             markets=len(markets) if isinstance(markets, list) else None,
         )
         self._events.put(event_ticker, event, self._label_ttl_s)
+        if isinstance(markets, list):
+            for market in markets[:_SIBLINGS_CACHED]:
+                ticker = market.get("ticker") if isinstance(market, dict) else None
+                if isinstance(ticker, str) and _TICKER_RE.fullmatch(ticker):
+                    self._labels.put(ticker, label_from(ticker, market, event), self._label_ttl_s)
         return event
 
     async def _get_title_json(self, path: str) -> dict[str, Any]:
