@@ -3,6 +3,8 @@
 Starts a minimal Kalshi look-alike on 127.0.0.1 (a WebSocket server that acks `subscribe` and streams generated
 trade frames, and a REST stub so nothing can reach the internet), runs `python -m valshi_x --dry-run` against it
 as a subprocess (unsigned: no key in its environment), and reads the daemon's JSON log lines from its stdout.
+Titles are on, as in any live run: the stub answers the daemon's market and event look-ups the way `--titles`
+says (default "realistic": 30-120 ms each, 5 % answered 503; "harsh" adds 5 % answered only after 2 s).
 
 1. Latency: frames at `--rate` (default 2,000/s, steady) for `--seconds`, with whales planted (single fills and
    sweeps). For each whale: the time its last fill was handed to the socket -> the time its `would_post` line
@@ -399,9 +401,10 @@ def latencies(part: Part, sent: Sent, log: DaemonLog) -> tuple[list[float], list
 
 
 def titled(part: Part, log: DaemonLog) -> int:
-    """How many of the part's whales were posted with their market's title rather than the ticker."""
+    """How many of the part's whales were posted with a label from REST (a title, or a combo's "Combo") rather
+    than the ticker that stands in when the look-up failed or was late."""
     return sum(
-        TITLE_PREFIX in log.alerts[alert["alert_id"]][1].get("text", "")
+        alert["ticker"] not in log.alerts[alert["alert_id"]][1].get("text", "")
         for alert in part.alerts
         if alert["alert_id"] in log.alerts
     )
