@@ -381,14 +381,21 @@ async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
     nfl(fake)
     fake.script("event", 503)
     rest = make_rest(session, fake, clock)  # get_json would retry this client's 503s up to five times
-    lookup = TitleLookup(rest)
-    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
+    lookup = TitleLookup(rest, retry_after_s=10.0, clock=clock)
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep nears the threshold; Kalshi answers 503
+    await fake_wait(lambda: not lookup._running)
     assert fake.counts == {"event": 1}
     assert clock.sleeps == []
     failed = [e for e in logs if e["event"] == "title_lookup_failed"]
     assert [(e["reason"], e["status"]) for e in failed] == [("server_error", 503)]
     assert not [e for e in logs if e["event"] == "kalshi_rest_retry"]
-    # A 5xx says nothing about the market: the next alert asks again, and gets the title.
+    # The alert a moment later does not ask again (that would be a retry): the ticker, at once.
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")
+    assert fake.counts == {"event": 1}
+    assert lookup.skipped == 1
+    # A 5xx says nothing lasting about the market: a later alert asks again, and gets the title.
+    clock.now += 10
     label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT)
     assert label is not None
     assert fake.counts == {"event": 2}

@@ -481,8 +481,10 @@ class TitleLookup:
     Lookups run as background tasks, at most `max_running` started by `prefetch` at a time (an alert's own
     lookup always starts). A lookup that outlasts the budget goes on, so its answer is cached for the next
     alert of that market; `prefetch` starts one early (when a sweep nears the threshold) so the alert finds
-    the title at once. A `TitleBreaker` stops lookups while Kalshi keeps failing. `aclose` cancels what is
-    still running. Built with `rest=None` it never looks anything up (replays without network).
+    the title at once. Nothing is retried: a market whose lookup just failed is not asked about again for
+    `retry_after_s` (its alert goes out with the ticker at once), and a `TitleBreaker` stops all lookups while
+    Kalshi keeps failing. `aclose` cancels what is still running. Built with `rest=None` it never looks
+    anything up (replays without network).
     """
 
     def __init__(
@@ -491,19 +493,25 @@ class TitleLookup:
         *,
         budget_s: float = TITLE_BUDGET_S,
         max_running: int = 8,
+        retry_after_s: float = 10.0,
         breaker: TitleBreaker | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._rest = rest
         self.budget_s = budget_s
         self.max_running = max_running
-        self.breaker = breaker or TitleBreaker()
+        self.retry_after_s = retry_after_s
+        self.breaker = breaker or TitleBreaker(clock=clock)
         self._running: dict[str, asyncio.Task[MarketLabel | None]] = {}
+        self._failed_lately: TTLCache[str, str] = TTLCache(1000, clock)  # ticker -> reason
         self.failures = 0  # lookups that failed
-        self.skipped = 0  # alerts that got no lookup at all (breaker open)
+        self.skipped = 0  # alerts that got no lookup at all (breaker open, or failed a moment ago)
 
     def prefetch(self, ticker: str) -> None:
         """Start looking `ticker` up in the background unless it is cached, running, paused or too many run."""
         if self._rest is None or ticker in self._running or self._rest.has_label(ticker):
+            return
+        if self._failed_lately.get(ticker) is not None:
             return
         if len(self._running) >= self.max_running or not self.breaker.allow():
             return
@@ -521,7 +529,7 @@ class TitleLookup:
                     return await rest.market_label(ticker)  # from the cache: no request, no wait
                 except KalshiRestError:
                     return None  # a market that failed for good lately: already logged
-            if not self.breaker.allow():
+            if self._failed_lately.get(ticker) is not None or not self.breaker.allow():
                 self.skipped += 1
                 return None
             task = self._start(rest, ticker)
@@ -545,7 +553,12 @@ class TitleLookup:
         except KalshiRestError as exc:
             self.failures += 1
             log.warning("title_lookup_failed", ticker=ticker, reason=exc.reason, status=exc.status)
-            self.breaker.record(ok=exc.reason not in TRANSIENT_REASONS, reason=exc.reason)
+            transient = exc.reason in TRANSIENT_REASONS
+            if transient:
+                # Asking again at once would be a retry: a lookup started ahead (prefetch) that failed must not
+                # cost its alert a second round trip. (Lasting failures are cached by KalshiRest itself.)
+                self._failed_lately.put(ticker, exc.reason, self.retry_after_s)
+            self.breaker.record(ok=not transient, reason=exc.reason)
             return None
         self.breaker.record(ok=True)
         return label
