@@ -338,18 +338,6 @@ class TradeStream:
                 self._unknown_types.add(name)
                 log.warning("ws_unknown_frame_type", type=name)
 
-    def _first_trade(self, frame: dict[str, Any]) -> None:
-        """Deliver the connection's first trade; once subscribed, that proves it works: the backoffs start over.
-
-        Not uptime: a connection that stays open but never delivers (accepted, then dropped or refused) must
-        keep backing off. Later trades go to `deliver` directly, with no check per frame.
-        """
-        if self.sid is not None:
-            self._backoff.reset()
-            self._slow_backoff.reset()
-            self._deliver = self._deliver_trade
-        self._deliver_trade(frame)
-
     def _handle_subscribed(self, frame: dict[str, Any]) -> None:
         msg = frame.get("msg")
         sid = msg.get("sid") if isinstance(msg, dict) else None
@@ -495,3 +483,15 @@ class TradeStream:
             retry_in_s=round(delay_s, 3),
         )
         return delay_s
+
+    def _first_trade(self, frame: dict[str, Any]) -> None:
+        """Deliver the connection's first trade; once subscribed, that proves it works: the backoffs start over.
+
+        Not uptime: a connection that stays open but never delivers (accepted, then dropped or refused) must
+        keep backing off. Later trades go to `deliver` directly, with no check per frame.
+        """
+        if self.sid is not None:
+            self._backoff.reset()
+            self._slow_backoff.reset()
+            self._deliver = self._deliver_trade
+        self._deliver_trade(frame)
