@@ -375,6 +375,16 @@ async def test_a_wrong_event_guess_is_dropped_for_the_event_the_market_names(
     assert fake.counts == {"market": 2, "event": 2}
 
 
+async def test_an_odd_answer_for_the_guessed_event_falls_back_to_the_market(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.script("event", 400)  # not a sign of a struggling Kalshi: the market is asked, and names its event
+    rest = make_rest(session, fake, clock)
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).title.endswith("— Kansas City")
+    assert fake.counts == {"event": 2, "market": 1}
+
+
 async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
 ) -> None:

@@ -313,8 +313,9 @@ class KalshiRest:
             try:
                 await self._event(guess)
             except KalshiRestError as exc:
-                if exc.reason != "not_found":
-                    raise
+                if exc.reason in TRANSIENT_REASONS:
+                    raise  # Kalshi is struggling: one failed request is enough for this lookup
+                # Otherwise (a 404, an odd answer) the guess was wrong: the market will name its event.
             found = self._labels.get(ticker)
             if isinstance(found, MarketLabel):
                 return found
