@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from tests.fake_kalshi_rest import FakeKalshiRest, Fault
 from tests.fake_x import (
     FakeX,
     Reply,
@@ -33,11 +35,13 @@ from tests.fake_x import (
 )
 from valshi_x.check import show_status
 from valshi_x.config import Settings
+from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.store import RateLimitWindow, Store, db_path
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.poster import (
     GATE_CHECKPOINT,
     RATE_LIMIT_BACKOFF,
+    TITLE_BUDGET_S,
     TRANSIENT_BACKOFF,
     Backoff,
     DryRunTransport,
@@ -584,7 +588,59 @@ async def test_titles_are_looked_up_within_a_budget_and_never_hold_a_post(time: 
         await drive(rig, time)
     texts = [e["text"] for e in logs if e["event"] == "would_post"]
     assert [t.split(" on ")[1].split(" (")[0] for t in texts] == ["Title of GOOD", "SLOW", "BROKEN", "UNKNOWN"]
-    assert [e["event"] for e in logs if e["event"].startswith("title_")] == ["title_lookup_slow", "title_lookup_failed"]
+    assert [e["event"] for e in logs if e["event"].startswith("title_")] == ["title_lookup_late", "title_lookup_failed"]
+    await rig.close()
+
+
+async def test_no_post_waits_longer_than_the_title_budget_when_kalshi_fails(
+    time: FakeTime, fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    tickers = ["KXA-1", "KXB-1", "KXC-1", "KXD-1", "KXE-1", "KXF-1"]
+    for ticker in tickers:
+        event = ticker.split("-")[0]
+        fake.add_event(event, f"Title of {event}?", series_ticker=event)
+        fake.add_market(ticker, event)
+    # Look-ups (one request each: the event, which lists its market), in posting order: A answers after 1 s,
+    # B 503, C drops (twice: aiohttp resends once), D 503. Three failures in a row open the breaker, so E and F
+    # are not even asked.
+    fake.script("event", Fault(delay_s=20 * UNIT_S), 503, Fault(drop=True), Fault(drop=True), 503)
+    titles = TitleLookup(KalshiRest(session, fake.base_url))
+    loop = asyncio.get_running_loop()
+    waits: dict[str, float] = {}
+
+    async def lookup(ticker: str) -> MarketLabel | None:
+        started = loop.time()
+        try:
+            return await titles.label_for(ticker)
+        finally:
+            waits[ticker] = loop.time() - started
+
+    rig = await open_rig(None, time, None, lookup_label=lookup)  # the poster's own budget: TITLE_BUDGET_S
+    for n, ticker in enumerate(tickers):
+        await rig.poster.submit(whale(n, value=400_000 - n * 1000, ticker=ticker))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    assert TITLE_BUDGET_S == 0.5
+    assert sorted(waits) == tickers
+    # An upper bound with room for a busy machine; before, a failing title held each post up to 3 s.
+    assert max(waits.values()) < TITLE_BUDGET_S + 0.25, waits
+    texts = [e["text"] for e in logs if e["event"] == "would_post"]
+    assert [t.split(" on ")[1].split(" (")[0] for t in texts] == tickers  # every post went with its ticker
+    assert fake.counts == {"event": 5}
+    assert [e["event"] for e in logs if e["event"].startswith("title_lookups_")] == ["title_lookups_paused"]
+
+    # A's lookup carried on in the background: the next alert of that market has the title at once.
+    async def settled() -> bool:
+        return not titles._running
+
+    await eventually(settled)
+    await rig.poster.submit(whale(10, value=500_000, ticker="KXA-1"))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    (text,) = [e["text"] for e in logs if e["event"] == "would_post"]
+    assert "Title of KXA?" in text
+    assert waits["KXA-1"] < TITLE_BUDGET_S
+    await titles.aclose()
     await rig.close()
 
 

@@ -246,8 +246,9 @@ TRANSIENT_BACKOFF = Backoff(5.0, 300.0)  # 8 tries span 10-12 minutes, inside th
 RESET_JITTER_S = (1.0, 5.0)  # after a reset X named: at least a second late, spread so restarts do not align
 PAUSE_PROBE_S = 1800.0
 MAX_FAILURES = 8
-# A backstop: `TitleLookup.label_for` keeps its own 3 s budget; this only bounds a lookup that ignores its own.
-TITLE_BUDGET_S = 4.0
+# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
+# A lookup that is cut off goes on in the background (TitleLookup), so the next alert of that market has it.
+TITLE_BUDGET_S = 0.5
 # Checkpoint holding the end of a rate-limit or backoff wait, so a restart does not send early. A pause is not
 # kept: after a restart (new keys, new credits) one probe at once is what the user wants.
 GATE_CHECKPOINT = "x_not_before_ms"
@@ -621,7 +622,7 @@ class Poster:
                 async with asyncio.timeout(self._title_budget_s):
                     label = await self._lookup_label(alert.ticker)
             except TimeoutError:
-                log.warning("title_lookup_slow", ticker=alert.ticker, budget_s=self._title_budget_s)
+                log.info("title_lookup_late", ticker=alert.ticker, budget_s=self._title_budget_s)
             except Exception as exc:
                 # The title is a nicety: whatever goes wrong finding it, the whale is posted with its ticker.
                 log.warning("title_lookup_failed", ticker=alert.ticker, error=_describe(exc))
