@@ -40,11 +40,13 @@ API_PREFIX = "/trade-api/v2"
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One scripted answer: wait `delay_s`, then drop the connection, or answer `status`, or answer normally."""
+    """One scripted answer: wait `delay_s`, then drop the connection, or answer `body` (raw bytes, status 200), or
+    answer `status`, or answer normally."""
 
     status: int | None = None
     delay_s: float = 0.0
     drop: bool = False
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,8 @@ class FakeKalshiRest:
             assert request.transport is not None
             request.transport.close()
             raise web.HTTPServiceUnavailable  # never reaches the client: the connection is gone
+        if fault.body is not None:
+            return web.Response(body=fault.body, status=200, content_type="application/json")
         if fault.status is None or fault.status == 200:
             return None
         if fault.status == 429:

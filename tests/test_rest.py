@@ -656,3 +656,23 @@ async def test_bad_pager_arguments(fake: FakeKalshiRest, session: aiohttp.Client
         await collect(rest, T0_S, T0_S + 1, limit=1001)
     with pytest.raises(ValueError, match="min_ts_s"):
         await collect(rest, T0_S + 1, T0_S)
+
+
+async def test_a_probe_that_ends_in_an_unexpected_error_still_gives_the_breaker_its_verdict(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    # A half-open breaker that never hears how its probe went would keep titles off for the rest of the run.
+    nfl(fake)
+    fake.script("event", 503, 503, 503, Fault(body=b"[" * 100_000))  # the probe's answer: nesting past any limit
+    rest = make_rest(session, fake, clock)
+    lookup = TitleLookup(rest, breaker=TitleBreaker(failures_to_open=3, open_s=30.0, clock=clock))
+    for ticker in ("KXA-1", "KXB-1", "KXC-1"):
+        assert await lookup.label_for(ticker, budget_s=40 * UNIT) is None
+    assert lookup.breaker.state == "open"
+    clock.now += 30
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
+    assert lookup.breaker.state == "open"  # the probe failed: open again, to probe once more later
+    clock.now += 30
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is not None
+    assert lookup.breaker.state == "closed"
+    await lookup.aclose()

@@ -561,6 +561,13 @@ class TitleLookup:
                 self._failed_lately.put(ticker, exc.reason, self.retry_after_s)
             self.breaker.record(ok=not transient, reason=exc.reason)
             return None
+        except Exception as exc:
+            # Whatever else a hostile answer sets off (a bug in reading it included), the breaker must hear of it:
+            # a probe that ends without a verdict would leave it half-open, and titles off, for the rest of the run.
+            self.failures += 1
+            log.warning("title_lookup_failed", ticker=ticker, reason="unexpected", error=type(exc).__name__)
+            self.breaker.record(ok=False, reason=type(exc).__name__)
+            return None
         self.breaker.record(ok=True)
         return label
 
