@@ -908,7 +908,7 @@ DAY_S = 24 * 3600
 @pytest.mark.parametrize(
     ("reset", "wait_s"),
     [
-        (str(T0_MS + 60_000), DAY_S + JITTER_S),  # milliseconds: the year 58886 as seconds
+        (str(T0_MS + 60_000), 60 + JITTER_S),  # milliseconds (the year 58886 as seconds): read as milliseconds
         (str(T0_MS // 1000 + 3 * DAY_S), DAY_S + JITTER_S),  # three days away
         ("9" * 40, 66.0),  # absurd: no number that long is a time, so as if absent
         ("-60", 66.0),

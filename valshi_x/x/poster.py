@@ -118,10 +118,17 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
 
 
 def cap_reset_s(reset_s: int | None, now_ms: int) -> int | None:
-    """`reset_s`, but never more than `MAX_RESET_AHEAD_MS` after `now_ms`."""
+    """`reset_s`, but never more than `MAX_RESET_AHEAD_MS` after `now_ms`.
+
+    A reset that is a time in milliseconds (it lands within the next 24 h once divided by 1000) is read as one:
+    capping it to a whole day would stop posting for a day over a 15-minute limit. Any other far reset is capped.
+    """
     if reset_s is None:
         return None
-    return min(reset_s, (now_ms + MAX_RESET_AHEAD_MS) // 1000)
+    latest_s = (now_ms + MAX_RESET_AHEAD_MS) // 1000
+    if reset_s > latest_s and now_ms - MAX_RESET_AHEAD_MS <= reset_s <= now_ms + MAX_RESET_AHEAD_MS:
+        return reset_s // 1000
+    return min(reset_s, latest_s)
 
 
 def parse_rate_limits(headers: Mapping[str, str], now_ms: int) -> list[RateLimitWindow]:
