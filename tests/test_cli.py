@@ -137,6 +137,20 @@ def test_misspelled_setting_gets_one_warning_naming_the_closest_key(tmp_path: Pa
     assert "5000" not in json.dumps(warnings)  # the key's name only: a misspelled secret stays out of the log
 
 
+def test_a_misspelled_required_key_is_named_beside_the_missing_one(tmp_path: Path) -> None:
+    # Without it the operator reads "X_ACCESS_TOKEN_SECRET: required" while staring at a line that sets it.
+    keys = {"X_API_KEY": "a", "X_API_SECRET": "b", "X_ACCESS_TOKEN": "c", "X_ACCES_TOKEN_SECRET": "d-secret"}
+    done = run_cli(cwd=tmp_path, STATE_DIR=str(tmp_path / "state"), **keys)
+    assert done.returncode == 78, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith(CONFIG_ERROR + "X_ACCESS_TOKEN_SECRET: ")
+    assert lines[1:] == [
+        CONFIG_ERROR + "X_ACCES_TOKEN_SECRET: not a setting, ignored (did you mean X_ACCESS_TOKEN_SECRET?)"
+    ]
+    assert "d-secret" not in done.stderr
+
+
 def test_unknown_settings_use_the_prefixes_of_the_table() -> None:
     assert {"KALSHI_", "X_", "WHALE_", "SWEEP_", "POST_", "BACKFILL_"} <= set(SETTING_PREFIXES)
     env = {

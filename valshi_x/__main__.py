@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replay is not None:
         args.dry_run = True  # a capture's whales are history: never post them
     configure_logging(args.log_format, env=os.environ)
+    env: dict[str, str] = {}
     try:
         env = read_environment(args.env_file)
         if args.key_file is not None:
@@ -111,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signer = KalshiSigner(settings.kalshi_api_key_id, key)
             key_text = _key_file_text(settings)
     except ConfigError as exc:
-        return _config_error(exc)
+        # A misspelled key is often why a required one is "missing": name the likely culprit beside the error.
+        hints = [f"{key}: not a setting, ignored (did you mean {closest}?)" for key, closest in unknown_settings(env)]
+        return _config_error(ConfigError(exc.problems + hints) if hints and type(exc) is ConfigError else exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
     unknown_keys = unknown_settings(env)
