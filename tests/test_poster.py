@@ -622,8 +622,9 @@ async def test_no_post_waits_longer_than_the_title_budget_when_kalshi_fails(
         await drive(rig, time)
     assert TITLE_BUDGET_S == 0.5
     assert sorted(waits) == tickers
-    # An upper bound with room for a busy machine; before, a failing title held each post up to 3 s.
-    assert max(waits.values()) < TITLE_BUDGET_S + 0.25, waits
+    # An upper bound with room for a busy machine (the bench measures the real figure); before, a failing title
+    # held each post up to 3 s.
+    assert max(waits.values()) < TITLE_BUDGET_S + 1.0, waits
     texts = [e["text"] for e in logs if e["event"] == "would_post"]
     assert [t.split(" on ")[1].split(" (")[0] for t in texts] == tickers  # every post went with its ticker
     assert fake.counts == {"event": 5}
