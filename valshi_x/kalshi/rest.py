@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import aiohttp
-import msgspec
 import structlog
 
 from valshi_x.backoff import capped_step_s, equal_jitter
+from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.errors import ValshiError
 from valshi_x.x.text import MarketLabel
 
@@ -49,6 +49,16 @@ class KalshiRestError(ValshiError):
         self.path = path
         self.status = status
         self.detail = detail
+
+
+async def _read_capped(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
+    """A response body, read no further than one chunk past `max_bytes`; DecodeRefused beyond it."""
+    body = bytearray()
+    while chunk := await content.read(64 * 1024):
+        body += chunk
+        if len(body) > max_bytes:
+            raise DecodeRefused("too_large", f"body over {max_bytes} bytes")
+    return bytes(body)
 
 
 class RateLimiter:
@@ -230,19 +240,21 @@ class KalshiRest:
                     url, params=params, timeout=self._timeout, allow_redirects=False
                 ) as response:
                     status = response.status
-                    body = await response.read()
+                    body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
             except TimeoutError:
                 failure = KalshiRestError("timeout", path)
                 continue
             except aiohttp.ClientError as exc:
                 failure = KalshiRestError("connection_error", path, detail=type(exc).__name__)
                 continue
+            except DecodeRefused as exc:  # the body passed MAX_REST_BODY_BYTES: the same answer would again
+                raise KalshiRestError("bad_response", path, detail=exc.detail) from None
 
             if status == 200:
                 try:
-                    data = msgspec.json.decode(body)
-                except msgspec.DecodeError:
-                    failure = KalshiRestError("bad_response", path, status=status, detail="not JSON")
+                    data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+                except DecodeRefused as exc:
+                    failure = KalshiRestError("bad_response", path, status=status, detail=exc.reason)
                     continue
                 if not isinstance(data, dict):
                     raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
