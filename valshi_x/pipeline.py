@@ -141,7 +141,7 @@ class Pipeline:
                 self.on_bad_frame(frame, exc)
                 return []
             return self._take(trade)
-        if kind in _CONTROL_TYPES:
+        if isinstance(kind, str) and kind in _CONTROL_TYPES:  # a list as a type must not raise (unhashable)
             self.counts.control += 1
             return []
         self.counts.unknown += 1
@@ -234,7 +234,10 @@ def _excerpt(raw: object) -> str:
     if isinstance(raw, bytes):
         text = raw.decode("utf-8", "replace")
     elif isinstance(raw, dict):
-        text = msgspec.json.encode(raw, enc_hook=repr).decode()
+        try:
+            text = msgspec.json.encode(raw, enc_hook=repr).decode()
+        except UnicodeEncodeError:  # a lone surrogate (a decoder other than msgspec's lets "\ud800" through)
+            text = repr(raw)
     else:
         text = str(raw)
     return text if len(text) <= 200 else text[:200] + "..."
