@@ -247,7 +247,6 @@ def _safe_length(text: str) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Cleaning what comes from outside (titles, tickers)
 
-_SPACE_RUNS = re.compile(r"\s+")
 _HANDLE = re.compile(r"(?<![A-Za-z0-9_])[@\uff20](?=[A-Za-z0-9_])")
 _AT = re.compile(r"\s*[@\uff20]\s*")
 _CASHTAG = re.compile(r"[$\uff04]+(?=[^\W\d_])")
@@ -263,7 +262,8 @@ def _clean(raw: str) -> str:
     text = _HANDLE.sub("", text)
     text = _AT.sub(" at ", text)
     text = _CASHTAG.sub("", text)
-    return _SPACE_RUNS.sub(" ", text).strip()
+    # Once more: dropping an "@" or "$" can join a dot to letters ("a.\uff20aa" -> "a.aa"); the sanitizer adds neither.
+    return clean_post_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
