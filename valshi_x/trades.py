@@ -135,12 +135,18 @@ def fast_trade_from_raw(raw: str | bytes) -> Trade | None:
         return None
     try:
         trade = _decode_trade_frame(raw).msg
-        # Types are checked by the decoder; ranges and precision are ours (`_exact_money`).
+        # Types are checked by the decoder; ranges and precision are ours (`_exact_money`, inline: the hot path).
+        yes, no, count = trade.yes_price_dollars, trade.no_price_dollars, trade.count_fp
         if (
             _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
             and 0 < len(trade.trade_id) <= MAX_TEXT_LEN
             and 0 < len(trade.ticker) <= MAX_TEXT_LEN
-            and _exact_money(trade.yes_price_dollars, trade.no_price_dollars, trade.count_fp)
+            and _QUANTUM <= yes < _ONE
+            and _QUANTUM <= no < _ONE
+            and _QUANTUM <= count <= _MAX_COUNT
+            and not yes % _QUANTUM
+            and not no % _QUANTUM
+            and not count % _QUANTUM
         ):
             return trade
     except (msgspec.DecodeError, InvalidOperation, RecursionError):
