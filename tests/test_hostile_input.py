@@ -38,7 +38,7 @@ from valshi_x.pipeline import MAX_NOTED_TYPES, Pipeline
 from valshi_x.sanitize import clean_log_text, find_link
 from valshi_x.trades import FUTURE_TOLERANCE_MS, MalformedTrade, fast_trade_from_raw, parse_frame
 from valshi_x.whales import Alert, WhaleDetector
-from valshi_x.x.poster import post_renderer
+from valshi_x.x.poster import OutcomeKind, SendResult, classify, post_renderer
 from valshi_x.x.text import render_post
 
 NOW_MS = 1_793_000_000_000  # the tests' wall clock
@@ -254,6 +254,11 @@ async def test_item2_a_deep_rest_page_or_title_answer_is_a_rest_error(
         titles = TitleLookup(rest)
         assert await titles.label_for("KXA-1") is None  # the post falls back to the ticker
         await titles.aclose()
+
+
+def test_item2_a_deep_answer_from_x_is_classified_not_raised() -> None:
+    outcome = classify(SendResult(status=503, body=DEEP.encode()))
+    assert outcome.kind is OutcomeKind.TRANSIENT
 
 
 # ---------------------------------------------------------------------------------------------------------------
