@@ -12,7 +12,7 @@ pipeline in-process (no subprocess, no logging) and cProfile reports of either, 
 
 Targets on the reference machine: >= 300,000 frames/s, peak RSS <= 100 MB. With `--future-frame`, the same
 capture with one background trade (in the middle) dated an hour ahead is replayed too, alternating with the
-plain one: it must take no more than 1.2x the time and peak RSS of the plain capture (issue 9, item 1).
+plain one: it must take no more than 1.2x the (CPU) time and peak RSS of the plain capture (issue 9, item 1).
 """
 
 from __future__ import annotations
@@ -175,16 +175,21 @@ def compare_future_frame(capture: Path, manifest: dict[str, Any], runs: int) -> 
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
             "runs": rows,
         }
-    time_ratio = summary["future"]["median_wall_s"] / summary["plain"]["median_wall_s"]
-    rss_ratio = summary["future"]["peak_rss_mb"] / summary["plain"]["peak_rss_mb"]
-    meets = time_ratio <= TARGET_FUTURE_FRAME_RATIO and rss_ratio <= TARGET_FUTURE_FRAME_RATIO
     plain, ahead = summary["plain"], summary["future"]
+    # The target is judged on CPU time: the replay is one busy thread, and CPU time is what a loaded machine
+    # (other processes on the same cores) disturbs least. Wall time is shown beside it.
+    time_ratio = ahead["median_cpu_s"] / plain["median_cpu_s"]
+    wall_ratio = ahead["median_wall_s"] / plain["median_wall_s"]
+    rss_ratio = ahead["peak_rss_mb"] / plain["peak_rss_mb"]
+    meets = time_ratio <= TARGET_FUTURE_FRAME_RATIO and rss_ratio <= TARGET_FUTURE_FRAME_RATIO
     print(
-        f"one frame an hour ahead: median wall {ahead['median_wall_s']:.2f} s vs {plain['median_wall_s']:.2f} s "
-        f"({time_ratio:.3f}x), peak RSS {ahead['peak_rss_mb']:.1f} MB vs {plain['peak_rss_mb']:.1f} MB "
-        f"({rss_ratio:.3f}x); target <= {TARGET_FUTURE_FRAME_RATIO}x: {'met' if meets else 'NOT met'}"
+        f"one frame an hour ahead: median cpu {ahead['median_cpu_s']:.2f} s vs {plain['median_cpu_s']:.2f} s "
+        f"({time_ratio:.3f}x; wall {ahead['median_wall_s']:.2f} s vs {plain['median_wall_s']:.2f} s, "
+        f"{wall_ratio:.3f}x), "
+        f"peak RSS {ahead['peak_rss_mb']:.1f} MB vs {plain['peak_rss_mb']:.1f} MB ({rss_ratio:.3f}x); "
+        f"target <= {TARGET_FUTURE_FRAME_RATIO}x: {'met' if meets else 'NOT met'}"
     )
-    summary |= {"time_ratio": time_ratio, "rss_ratio": rss_ratio, "meets": meets}
+    summary |= {"time_ratio": time_ratio, "wall_ratio": wall_ratio, "rss_ratio": rss_ratio, "meets": meets}
     return ok and meets, summary
 
 
