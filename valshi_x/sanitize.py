@@ -73,7 +73,9 @@ def _clean_log_value(value: Any, keep: frozenset[str], max_len: int) -> Any:
     if value is None or isinstance(value, bool | int | float | Decimal):
         return value
     if isinstance(value, dict):
-        return {key: _clean_log_value(item, keep, max_len) for key, item in value.items()}
+        return {
+            _clean_log_value(key, keep, max_len): _clean_log_value(item, keep, max_len) for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
         return type(value)(_clean_log_value(item, keep, max_len) for item in value)
     # An exception, a path, a datetime: its text is what the renderers would show.
