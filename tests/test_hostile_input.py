@@ -8,6 +8,7 @@ Item 7 (`"seq": "2"`) lives with the other sequence tests in tests/test_stream.p
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -15,8 +16,10 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
+from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,14 +31,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fake_kalshi import FakeSession, KeyPair, kalshi_keys, rsa_private_key, trade_msg  # noqa: F401
+from tests.fake_kalshi_rest import FakeKalshiRest
 from tests.test_stream import Client, server_for, signer_for
 from valshi_x import pipeline as pipeline_module
+from valshi_x.backoff import Backoff
+from valshi_x.config import load_settings
+from valshi_x.daemon import CHECKPOINT_NAME, Daemon, RunOptions
 from valshi_x.decode import MAX_FRAME_BYTES, MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.kalshi import stream as stream_module
+from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError, TitleLookup
 from valshi_x.logs import LogFormat, configure_logging
 from valshi_x.pipeline import MAX_NOTED_TYPES, Pipeline
 from valshi_x.sanitize import clean_log_text, find_link
+from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.trades import FUTURE_TOLERANCE_MS, MalformedTrade, fast_trade_from_raw, parse_frame
 from valshi_x.whales import Alert, WhaleDetector
 from valshi_x.x.poster import OutcomeKind, SendResult, classify, post_renderer
@@ -111,6 +120,67 @@ def test_item1_a_trade_ahead_of_the_wall_clock_is_future_time_and_the_next_sweep
     alerts += pipeline.flush()
     (alert,) = alerts
     assert (alert.value_usd, alert.fills) == (Decimal("180000.00000000"), 3)
+
+
+async def test_item1_live_daemon_a_frame_an_hour_ahead_moves_neither_sweep_nor_backfill_nor_checkpoint(
+    kalshi_keys: KeyPair,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The whole attack on the real daemon: loopback Kalshi (WebSocket and REST), durable state, a reconnect."""
+    sent_at_ms = wall_ms()
+    sweep = [
+        msg_at(sent_at_ms - 1_000 + 300 * i, ticker="KXBIG-1", count="120000.00", yes_price="0.5") for i in range(3)
+    ]
+
+    async def first(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trade(sweep[0])
+        await session.send_trade(msg_at(sent_at_ms + 3_600_000, ticker="KXOTHER-1"))  # between two fills
+        await session.send_trades(sweep[1:], pause_s=0.3)  # 300 ms apart in real time too
+        await asyncio.sleep(2.0)  # the sweep closes on the stream clock
+        await session.drop()
+
+    async def second(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.wait_closed()
+
+    async with (
+        server_for(kalshi_keys, attempts=[first, second]) as kalshi,
+        FakeKalshiRest() as rest,
+    ):
+        settings = load_settings(
+            {
+                "KALSHI_WS_URL": kalshi.url,
+                "KALSHI_API_URL": rest.base_url,
+                "KALSHI_API_KEY_ID": kalshi_keys.key_id,
+                "KALSHI_PRIVATE_KEY_PATH": str(kalshi_keys.pkcs8_path),
+                "STATS_INTERVAL_S": "3600",
+            },
+            need_x=False,
+        )
+        signer = KalshiSigner(settings.kalshi_api_key_id, load_private_key(settings.kalshi_private_key_path, None))
+        fast = {"backoff": Backoff(initial_s=0.05, factor=2.0, cap_s=0.2), "ping_interval_s": None}
+        daemon = Daemon(
+            settings, RunOptions(dry_run=True, state_dir=tmp_path / "state"), signer=signer, stream_options=fast
+        )
+        with structlog.testing.capture_logs() as events:
+            run = asyncio.create_task(daemon.run())
+            async with asyncio.timeout(30):
+                while not any(e["event"] == "backfill_done" for e in events):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            daemon.stop.set()
+            await run
+    stopped_at_ms = wall_ms()
+
+    posted = [(e["value_usd"], e["fills"]) for e in events if e["event"] == "would_post"]
+    assert posted == [("180000.00", 3)]  # one sweep, whole (it was $120,000 of 2 fills)
+    for done in (e for e in events if e["event"] == "backfill_done"):  # the reconnect's window is this hour
+        assert datetime.fromisoformat(done["to_time"]).timestamp() * 1000 <= stopped_at_ms + 5_000
+    store = await Store.open(db_path(tmp_path / "state"))
+    checkpoint = await store.get_checkpoint(CHECKPOINT_NAME)
+    await store.close()
+    assert checkpoint is not None and int(checkpoint) <= stopped_at_ms + FUTURE_TOLERANCE_MS
+    assert [e["reason"] for e in events if e["event"] == "malformed_frame"] == ["future_time"]
 
 
 def test_item1_a_rest_trade_ahead_of_the_wall_clock_is_future_time_too(
