@@ -3,6 +3,8 @@
 Starts a minimal Kalshi look-alike on 127.0.0.1 (a WebSocket server that acks `subscribe` and streams generated
 trade frames, and a REST stub so nothing can reach the internet), runs `python -m valshi_x --dry-run` against it
 as a subprocess (unsigned: no key in its environment), and reads the daemon's JSON log lines from its stdout.
+Titles are on, as in any live run: the stub answers the daemon's market and event look-ups the way `--titles`
+says (default "realistic": 30-120 ms each, 5 % answered 503; "harsh" adds 5 % answered only after 2 s).
 
 1. Latency: frames at `--rate` (default 2,000/s, steady) for `--seconds`, with whales planted (single fills and
    sweeps). For each whale: the time its last fill was handed to the socket -> the time its `would_post` line
@@ -29,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 import statistics
 import sys
@@ -40,7 +43,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -132,20 +135,55 @@ class FakeKalshi:
                 self.subscribed.clear()
 
 
+@dataclass(frozen=True)
+class TitleFaults:
+    """How the REST stub answers title look-ups (market and event requests): latency, 503s and stalls."""
+
+    delay_s: tuple[float, float] = (0.0, 0.0)  # each answer waits a random time in this range
+    error_share: float = 0.0  # this share of answers is a 503, at once
+    stall_share: float = 0.0  # this share of answers comes only after `stall_s` (past the title budget)
+    stall_s: float = 2.0
+
+
+# "realistic": Kalshi seen from a VM, a round trip of 30-120 ms, and a 503 now and then (5 %) for the breaker
+# and the ticker fallback to show up. "harsh" adds answers 2 s late (5 %): past the 0.5 s title budget, so an
+# alert whose look-up stalls waits the whole budget unless the look-up started before the alert (prefetch).
+TITLE_PROFILES = {
+    "instant": TitleFaults(),
+    "realistic": TitleFaults(delay_s=(0.03, 0.12), error_share=0.05),
+    "harsh": TitleFaults(delay_s=(0.03, 0.12), error_share=0.05, stall_share=0.05),
+}
+TITLE_PREFIX = "Title of "
+
+
 class _RestHandler(BaseHTTPRequestHandler):
-    """Kalshi REST, as far as a daemon in dry-run asks: no missed trades, a market, its event."""
+    """Kalshi REST, as far as a daemon in dry-run asks: no missed trades, a market, its event (with `faults`)."""
+
+    faults: ClassVar[TitleFaults] = TitleFaults()
+    rand: ClassVar[random.Random] = random.Random(1)
+    markets_of: ClassVar[dict[str, list[str]]] = {}  # event ticker -> its markets' tickers (the generator's)
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0].removeprefix("/trade-api/v2")
         body: dict[str, Any]
         if path in ("/markets/trades", "/historical/trades"):
             body = {"trades": [], "cursor": ""}
-        elif path.startswith("/markets/"):
-            ticker = path.removeprefix("/markets/")
-            body = {"market": {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}}
-        elif path.startswith("/events/"):
-            name = path.removeprefix("/events/")
-            body = {"event": {"event_ticker": name, "title": name, "series_ticker": name.split("-")[0]}}
+        elif path.startswith(("/markets/", "/events/")):
+            faults, roll = self.faults, self.rand.random()
+            low_s, high_s = faults.delay_s
+            time.sleep(low_s + (high_s - low_s) * self.rand.random())
+            if roll < faults.error_share:
+                self.send_error(503)
+                return
+            if roll > 1 - faults.stall_share:
+                time.sleep(faults.stall_s)
+            if path.startswith("/markets/"):
+                body = {"market": _market(path.removeprefix("/markets/"))}
+            else:
+                name = path.removeprefix("/events/")
+                event = {"event_ticker": name, "title": TITLE_PREFIX + name, "series_ticker": name.split("-")[0]}
+                # Like Kalshi, the event comes with its markets.
+                body = {"event": event, "markets": [_market(t) for t in self.markets_of.get(name, [])]}
         else:
             self.send_error(404)
             return
@@ -160,16 +198,25 @@ class _RestHandler(BaseHTTPRequestHandler):
         """No access log: the bench's terminal is for results."""
 
 
-def _serve_rest(ports: Connection) -> None:
+def _market(ticker: str) -> dict[str, Any]:
+    return {"ticker": ticker, "event_ticker": ticker.rsplit("-", 1)[0], "status": "active"}
+
+
+def _serve_rest(ports: Connection, faults: TitleFaults, tickers: list[str]) -> None:
+    _RestHandler.faults = faults
+    for ticker in tickers:
+        _RestHandler.markets_of.setdefault(ticker.rsplit("-", 1)[0], []).append(ticker)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _RestHandler)
     ports.send(server.server_address[1])
     server.serve_forever()
 
 
-def start_rest_stub() -> tuple[multiprocessing.Process, int]:
+def start_rest_stub(faults: TitleFaults, seeds: range) -> tuple[multiprocessing.Process, int]:
     """The REST stub in its own process, so a busy sender here cannot slow the daemon's title lookups."""
+    # Every market the generator can use with these seeds, so that each event lists its markets.
+    tickers = sorted({m.ticker for seed in seeds for m in gen_capture.build_markets(random.Random(f"markets-{seed}"))})
     receive, send = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=_serve_rest, args=(send,), daemon=True)
+    process = multiprocessing.Process(target=_serve_rest, args=(send, faults, tickers), daemon=True)
     process.start()
     if not receive.poll(10):
         process.kill()
@@ -353,6 +400,16 @@ def latencies(part: Part, sent: Sent, log: DaemonLog) -> tuple[list[float], list
     return found, missing, wrong, logged
 
 
+def titled(part: Part, log: DaemonLog) -> int:
+    """How many of the part's whales were posted with a label from REST (a title, or a combo's "Combo") rather
+    than the ticker that stands in when the look-up failed or was late."""
+    return sum(
+        alert["ticker"] not in log.alerts[alert["alert_id"]][1].get("text", "")
+        for alert in part.alerts
+        if alert["alert_id"] in log.alerts
+    )
+
+
 def counted(log: DaemonLog, frames: int) -> Callable[[], bool]:
     return lambda: log.last_stats().get("frames", 0) >= frames
 
@@ -375,8 +432,13 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: floa
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     OUT.mkdir(exist_ok=True)
-    report: dict[str, Any] = {"window_ms": args.window_ms, "compression": not args.no_compression}
-    rest, rest_port = start_rest_stub()
+    report: dict[str, Any] = {
+        "window_ms": args.window_ms,
+        "compression": not args.no_compression,
+        "titles": args.titles,
+        "load_average_at_start": os.getloadavg(),
+    }
+    rest, rest_port = start_rest_stub(TITLE_PROFILES[args.titles], range(args.seed, args.seed + len(args.ramp) + 1))
     compression = None if args.no_compression else "deflate"
     with (
         tempfile.TemporaryDirectory(prefix="valshi-live-") as tmp,
@@ -467,6 +529,7 @@ async def phases(
         "wrong": wrong,
         "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
         "lost_connection": sent.lost_connection,
+        "posted_with_title": titled(part, log),
     }
     latency["met"] = bool(found) and not missing and not wrong and latency["p99_ms"] <= target
     result["latency"] = latency
@@ -474,7 +537,8 @@ async def phases(
         f"  alert latency p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms over "
         f"{len(found)} whales (target p99 <= {target} ms: {'met' if latency['met'] else 'NOT met'}); "
         f"p99 by the daemon's own timestamps {latency['p99_ms_by_daemon_timestamp']} ms; "
-        f"missing {len(missing)}, wrong {len(wrong)}"
+        f"missing {len(missing)}, wrong {len(wrong)}; {latency['posted_with_title']} of {len(part.alerts)} with "
+        f"their title ({args.titles} title look-ups)"
     )
 
     # 2. ramp
@@ -595,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-ms", type=int, default=gen_capture.DEFAULT_SWEEP_WINDOW_MS, help="SWEEP_WINDOW_MS")
     parser.add_argument("--stats-interval", type=float, default=0.5, help="STATS_INTERVAL_S for the daemon")
     parser.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate on the server")
+    parser.add_argument(
+        "--titles",
+        choices=sorted(TITLE_PROFILES),
+        default="realistic",
+        help="how the REST stub answers title look-ups (latency, 503s, stalls past the budget)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=180.0, help="time budget for the ramp")
     args = parser.parse_args(argv)

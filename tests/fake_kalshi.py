@@ -1,10 +1,10 @@
 """A fake Kalshi WebSocket server on loopback, scriptable per connection attempt, plus key fixtures.
 
-The server behaves like Kalshi where the daemon can tell: it checks the RSA-PSS handshake signature with the
-public key (and that the timestamp is fresh) and answers 401 when it is bad, or missing while auth is
-required; it acks `subscribe` with `subscribed` and a new `sid` on every connection, numbers frames per sid
-with `seq` from 1, answers `unsubscribe` / `list_subscriptions`, sends a `heartbeat` ping every
-`ping_interval_s`, and keeps a tape of every trade frame it sent.
+The server behaves like Kalshi where the daemon can tell: it checks the handshake signature with the
+public key (RSA-PSS for an RSA key, Ed25519 for an Ed25519 key) and that the timestamp is fresh, and answers
+401 when it is bad, or missing while auth is required; it acks `subscribe` with `subscribed` and a new `sid`
+on every connection, numbers frames per sid with `seq` from 1, answers `unsubscribe` / `list_subscriptions`,
+sends a `heartbeat` ping every `ping_interval_s`, and keeps a tape of every trade frame it sent.
 
 Each handshake is one attempt (1, 2, 3...). `attempts[i]` says what attempt i+1 does: an `Attempt` (reject
 the handshake, refuse the subscription, run a script) or a bare script. Attempts past the list use `default`
@@ -35,7 +35,7 @@ import msgspec
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -94,15 +94,19 @@ def dumps(frame: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- keys
 
 
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
 @dataclass(frozen=True)
 class KeyPair:
-    """An RSA key pair written as Kalshi users have it: PKCS#8 and PKCS#1 PEM files."""
+    """A key pair written as Kalshi users have it: a PKCS#8 PEM file, plus a PKCS#1 one for RSA keys."""
 
     key_id: str
-    private_key: rsa.RSAPrivateKey
-    public_key: rsa.RSAPublicKey
+    private_key: PrivateKey
+    public_key: PublicKey
     pkcs8_path: Path
-    pkcs1_path: Path
+    pkcs1_path: Path | None = None  # RSA only: Ed25519 has no PKCS#1 form
 
     @property
     def pkcs8_pem(self) -> str:
@@ -110,10 +114,11 @@ class KeyPair:
 
     @property
     def pkcs1_pem(self) -> str:
+        assert self.pkcs1_path is not None, "PKCS#1 exists for RSA keys only"
         return self.pkcs1_path.read_text()
 
 
-def write_pem(path: Path, key: rsa.RSAPrivateKey, fmt: serialization.PrivateFormat) -> Path:
+def write_pem(path: Path, key: PrivateKey, fmt: serialization.PrivateFormat) -> Path:
     pem = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
     path.write_bytes(pem)
     return path
@@ -143,18 +148,50 @@ def kalshi_keys(tmp_path: Path, rsa_private_key: rsa.RSAPrivateKey) -> KeyPair:
     )
 
 
+@pytest.fixture
+def ed25519_keys(tmp_path: Path) -> KeyPair:
+    """An Ed25519 key pair (Kalshi accepts them since 2026-09-24), as the PKCS#8 PEM Kalshi hands out."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    return KeyPair(
+        key_id="5d0c7a9e-3f7b-4d8e-9a51-0b2e6c4f8d17",
+        private_key=key,
+        public_key=key.public_key(),
+        pkcs8_path=write_pem(tmp_path / "kalshi-ed25519.pem", key, serialization.PrivateFormat.PKCS8),
+    )
+
+
+@pytest.fixture(params=["rsa", "ed25519"])
+def any_keys(request: pytest.FixtureRequest, tmp_path: Path) -> KeyPair:
+    """Each kind of key Kalshi accepts, in turn."""
+    fixture = "kalshi_keys" if request.param == "rsa" else "ed25519_keys"
+    keys: KeyPair = request.getfixturevalue(fixture)
+    return keys
+
+
+def other_key_like(keys: KeyPair) -> PrivateKey:
+    """A fresh private key of the same kind as `keys`: Kalshi does not know it."""
+    if isinstance(keys.private_key, ed25519.Ed25519PrivateKey):
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 def verify_kalshi_signature(
-    public_key: rsa.RSAPublicKey, timestamp_ms: str, method: str, path: str, signature_b64: str
+    public_key: PublicKey, timestamp_ms: str, method: str, path: str, signature_b64: str
 ) -> bool:
-    """True when `signature_b64` is Kalshi's RSA-PSS signature of timestamp + method + path (no query)."""
+    """True when `signature_b64` is Kalshi's signature of timestamp + method + path (no query) for this key:
+    RSA-PSS (SHA-256, MGF1-SHA-256, salt = digest length) for RSA, plain Ed25519 over the text for Ed25519."""
+    text = f"{timestamp_ms}{method}{path.split('?', 1)[0]}".encode()
     try:
         signature = base64.b64decode(signature_b64, validate=True)
-        public_key.verify(
-            signature,
-            f"{timestamp_ms}{method}{path.split('?', 1)[0]}".encode(),
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
-            hashes.SHA256(),
-        )
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, text)
+        else:
+            public_key.verify(
+                signature,
+                text,
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
+                hashes.SHA256(),
+            )
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -298,7 +335,7 @@ class FakeKalshi:
     def __init__(
         self,
         *,
-        public_key: rsa.RSAPublicKey | None = None,
+        public_key: PublicKey | None = None,
         key_id: str | None = None,
         require_auth: bool = False,
         attempts: Sequence[Attempt | Script] = (),

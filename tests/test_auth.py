@@ -1,4 +1,5 @@
-"""The Kalshi signer and key loader: signatures verify with the public key; each bad key names its problem."""
+"""The Kalshi signer and key loader: RSA and Ed25519 signatures verify with the public key (also in a real
+handshake with the loopback fake); each bad key names its problem."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests.fake_kalshi import (
+    FakeKalshi,
     KeyPair,
+    any_keys,  # noqa: F401  # fixture
+    ed25519_keys,  # noqa: F401  # fixture
     kalshi_keys,  # noqa: F401  # fixture
+    other_key_like,
     rsa_private_key,  # noqa: F401  # fixture
     verify_kalshi_signature,
 )
@@ -174,18 +181,68 @@ def test_encrypted_key(tmp_path: Path, kalshi_keys: KeyPair, fmt: str) -> None: 
     assert _problem(exc).startswith("KALSHI_PRIVATE_KEY: the key is encrypted")
 
 
-def test_ec_and_ed25519_keys_are_refused_as_not_rsa(tmp_path: Path) -> None:
+def test_ed25519_pkcs8_loads_from_a_file_and_inline_and_signs_verifiably(ed25519_keys: KeyPair) -> None:  # noqa: F811
+    for key in (load_private_key(ed25519_keys.pkcs8_path, ""), load_private_key(None, ed25519_keys.pkcs8_pem)):
+        signer = KalshiSigner(ed25519_keys.key_id, key)
+        assert signer.key_type == "Ed25519"
+        headers = signer.headers("get", WS_PATH + "?x=1", now_ms=1_793_000_000_123)
+        signature = headers["KALSHI-ACCESS-SIGNATURE"]
+        assert verify_kalshi_signature(ed25519_keys.public_key, "1793000000123", "GET", WS_PATH, signature)
+        assert not verify_kalshi_signature(ed25519_keys.public_key, "1793000000124", "GET", WS_PATH, signature)
+        # Ed25519 over the raw text: 64 bytes, deterministic, and exactly what the library gives for that text.
+        raw = base64.b64decode(signature)
+        assert len(raw) == 64
+        assert raw == ed25519_keys.private_key.sign(b"1793000000123GET" + WS_PATH.encode())
+
+
+def test_the_rsa_key_type_names_its_size(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    assert KalshiSigner(kalshi_keys.key_id, load_private_key(kalshi_keys.pkcs1_path, "")).key_type == "RSA-2048"
+
+
+@pytest.mark.parametrize("verdict", ["right key", "wrong key"])
+async def test_a_real_handshake_with_each_key_type(any_keys: KeyPair, verdict: str) -> None:  # noqa: F811
+    # The fake checks the signature with the public key, the way Kalshi does, and answers 401 when it fails.
+    private_key = load_private_key(any_keys.pkcs8_path, "") if verdict == "right key" else other_key_like(any_keys)
+    signer = KalshiSigner(any_keys.key_id, private_key)
+    async with FakeKalshi(public_key=any_keys.public_key, key_id=any_keys.key_id, require_auth=True) as kalshi:
+        if verdict == "right key":
+            async with connect(kalshi.url, additional_headers=signer.headers("GET", WS_PATH)) as ws:
+                await ws.send('{"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}')
+                assert '"subscribed"' in str(await ws.recv())
+        else:
+            with pytest.raises(InvalidStatus) as rejected:
+                async with connect(kalshi.url, additional_headers=signer.headers("GET", WS_PATH)):
+                    pass
+            assert rejected.value.response.status_code == 401
+    (handshake,) = kalshi.handshakes
+    assert handshake.signed
+    assert handshake.signature_ok is (verdict == "right key")
+
+
+def test_other_key_types_are_refused_by_name(tmp_path: Path) -> None:
     for name, key in (
         ("EC", ec.generate_private_key(ec.SECP256R1())),
-        ("Ed25519", ed25519.Ed25519PrivateKey.generate()),
+        ("Ed448", ed448.Ed448PrivateKey.generate()),
     ):
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         with pytest.raises(KeyLoadError) as exc:
             load_private_key(None, pem.decode())
-        assert _problem(exc).startswith("KALSHI_PRIVATE_KEY: not an RSA key")
+        assert _problem(exc).startswith("KALSHI_PRIVATE_KEY: not an RSA or Ed25519 key")
         assert name in _problem(exc)
+        assert _problem(exc).endswith("Kalshi API keys are RSA or Ed25519")
+
+
+def test_an_openssh_key_is_named_as_such(tmp_path: Path) -> None:
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    path = tmp_path / "id_ed25519"
+    path.write_bytes(pem)
+    with pytest.raises(KeyLoadError) as exc:
+        load_private_key(path, "")
+    assert "this is an OpenSSH key" in _problem(exc)
 
 
 def test_public_key_instead_of_private(kalshi_keys: KeyPair, tmp_path: Path) -> None:  # noqa: F811

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -155,9 +156,100 @@ def test_console_lines_hold_event_level_and_fields() -> None:
     out = configured("console")
     structlog.get_logger("valshi_x").warning("ws_reconnecting", delay_s=2.5)
     (line,) = lines(out)
-    assert "[warning" in line
-    assert "ws_reconnecting" in line
-    assert "delay_s=2.5" in line
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARN  ws_reconnecting delay_s=2\.5", line)
+
+
+_WHALE_TEXT = (
+    "🐋 $196,601 on NO\n"
+    "Chicago at Jacksonville Winner? — Chicago\n"
+    "Bought NO at 46.4¢ · market says 53.6% YES\n"
+    "423,926.72 contracts · 7 fills\n"
+    "Pays $423,927 if NO wins · 17:05:01 UTC"
+)
+_WHALE_FIELDS: dict[str, object] = {
+    "alert_id": "7e91a7fe-d327-4829-a921-52705ca15b7e",
+    "trade_ids": [f"7e91a7fe-0000-4000-8000-00000000000{n}" for n in range(7)],
+    "ticker": "KXNFLGAME-26SEP13CHIJAC-CHI",
+    "side": "no",
+    "contracts": "423926.72",
+    "value_usd": "196600.62",
+    "fills": 7,
+    "price_low": "0.4500",
+    "price_high": "0.4900",
+    "is_block_trade": False,
+    "created_time": "2026-09-13T17:05:01.606000Z",
+}
+
+
+def test_console_shows_a_whale_as_its_post_under_a_header_with_value_and_ticker() -> None:
+    out = configured("console")
+    structlog.get_logger("valshi_x.x.poster").info("would_post", **_WHALE_FIELDS, text=_WHALE_TEXT)
+    header, *body = lines(out)
+    assert header[8:] == " info  would_post      $196,600.62 NO KXNFLGAME-26SEP13CHIJAC-CHI · 7 fills"
+    assert body == ["    " + line for line in _WHALE_TEXT.splitlines()]
+
+
+def test_console_posted_whale_keeps_the_tweet_id_and_a_block_trade_says_so() -> None:
+    out = configured("console")
+    fields = {**_WHALE_FIELDS, "fills": 1, "is_block_trade": True, "side": "yes"}
+    structlog.get_logger("valshi_x.x.poster").info("posted", **fields, text="🐋 post", tweet_id="1234", attempts=1)
+    header, body = lines(out)
+    assert header.endswith(
+        " posted          $196,600.62 YES KXNFLGAME-26SEP13CHIJAC-CHI · block trade tweet_id=1234 attempts=1"
+    )
+    assert body == "    🐋 post"
+
+
+def test_console_malformed_frame_is_one_short_line_with_the_reason_and_the_bad_part() -> None:
+    out = configured("console")
+    frame = (
+        '{"type":"trade","sid":1,"seq":533,"msg":{"trade_id":"e189eedc-55f7-4f2b-9780-134688e56019",'
+        '"market_ticker":"KXBTCD-26SEP1315-T118249.99","yes_price_dollars":"abc","no_price_dollars":"0.5000",'
+        '"count_fp":"300000.00","taker_side":"yes","ts":1789319104,"ts_ms":1789319104123}'
+    )
+    log = structlog.get_logger("valshi_x.pipeline")
+    log.warning("malformed_frame", reason="bad_number", detail="yes_price_dollars='abc'", frame=frame)
+    log.warning("malformed_frame", reason="not_json", detail="", frame="trade\x1b[2J KX\u202e yes\n")
+    first, second = lines(out)
+    head, _, excerpt = first.partition(" │ ")
+    assert head[8:] == " WARN  malformed_frame bad_number yes_price_dollars='abc'"
+    # At most 80 characters of the frame, around the field the detail names, never a 300-character dump.
+    assert len(excerpt) <= 80
+    assert '"yes_price_dollars":"abc"' in excerpt
+    assert excerpt.startswith("…") and excerpt.endswith("…")
+    # A control character or a bidi override in a frame is shown escaped: it cannot act on the operator's screen.
+    assert second.endswith("malformed_frame not_json │ trade\\x1b[2J KX\\u202e yes")
+    assert "\x1b" not in out.getvalue() and "\u202e" not in out.getvalue()
+
+
+def test_console_malformed_frame_given_as_fields_or_already_escaped() -> None:
+    out = configured("console")
+    log = structlog.get_logger("valshi_x.pipeline")
+    # A trade refused after decoding is logged with a few of its fields, not the raw frame.
+    log.warning("malformed_frame", reason="future_time", detail="", frame={"trade_id": "t1", "ts_ms": 1})
+    # A sanitizing processor before the renderer may already have escaped the capture line's newline.
+    log.warning("malformed_frame", reason="not_json", detail="", frame="trade KX yes\\x0a")
+    first, second = lines(out)
+    assert first.endswith('malformed_frame future_time │ {"trade_id":"t1","ts_ms":1}')
+    assert second.endswith("malformed_frame not_json │ trade KX yes")
+
+
+def test_console_keeps_other_lines_short() -> None:
+    out = configured("console")
+    log = structlog.get_logger("valshi_x")
+    log.info("backfill_done", trade_ids=[str(n) for n in range(40)], note="x" * 300, missing=None)
+    log.info("daemon_stopped", frames=4000, trades=3980, malformed=19, gaps=0, frames_dropped=0, would_have_posted=10)
+    first, second = lines(out)
+    assert first[8:] == " info  backfill_done   trade_ids=[40 items] note=" + "x" * 59 + "…"
+    assert second[8:] == " info  daemon_stopped  frames=4000 trades=3980 malformed=19 would_have_posted=10"
+
+
+def test_machine_formats_keep_every_field_of_a_whale() -> None:
+    out = configured("json")
+    structlog.get_logger("valshi_x.x.poster").info("would_post", **_WHALE_FIELDS, text=_WHALE_TEXT)
+    record = json.loads(out.getvalue())
+    assert {key: record[key] for key in _WHALE_FIELDS} == _WHALE_FIELDS
+    assert record["text"] == _WHALE_TEXT
 
 
 def test_reconfiguring_changes_loggers_already_in_use() -> None:

@@ -4,15 +4,18 @@ chooses (on a fake clock), its own budget, freshness, biggest-first, crash safet
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from tests.fake_kalshi_rest import FakeKalshiRest, Fault
 from tests.fake_x import (
     FakeX,
     Reply,
@@ -30,11 +33,15 @@ from tests.fake_x import (
     unavailable_html,
     usage_capped,
 )
+from valshi_x.check import show_status
 from valshi_x.config import Settings
-from valshi_x.store import Store, db_path
+from valshi_x.kalshi.rest import KalshiRest, TitleLookup
+from valshi_x.store import RateLimitWindow, Store, db_path
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.poster import (
+    GATE_CHECKPOINT,
     RATE_LIMIT_BACKOFF,
+    TITLE_BUDGET_S,
     TRANSIENT_BACKOFF,
     Backoff,
     DryRunTransport,
@@ -240,7 +247,7 @@ def test_a_429_lifts_at_the_latest_reset_among_limits_at_zero() -> None:
         "x-app-limit-24hour-remaining": "1200",
         "x-app-limit-24hour-reset": str(now_s + 80_000),  # later, but not exhausted: not the reason
     }
-    assert classify(SendResult(429, headers=headers)).reset_ms == (now_s + 50_000) * 1000
+    assert classify(SendResult(429, headers=headers), now_ms=T0_MS).reset_ms == (now_s + 50_000) * 1000
     windows = parse_rate_limits({"x-rate-limit-remaining": "4", "x-rate-limit-reset": str(now_s + 60)}, T0_MS)
     assert limit_lifts_at_ms(windows) == (now_s + 60) * 1000  # none at 0: the 15-minute reset
     assert limit_lifts_at_ms(parse_rate_limits({"x-rate-limit-reset": "soon"}, T0_MS)) is None
@@ -275,7 +282,14 @@ async def test_a_201_is_posted_with_its_id_and_the_request_is_signed(path: Path,
     assert "cs-test-secret" not in auth
     posted = [e for e in logs if e["event"] == "posted"]
     assert posted == [
-        {**alert_log_fields(alert), "tweet_id": item.tweet_id, "attempts": 1, "event": "posted", "log_level": "info"}
+        {
+            **alert_log_fields(alert),
+            "tweet_id": item.tweet_id,
+            "attempts": 1,
+            "text": render(alert, None),  # the console shows a posted whale as its text, as README says
+            "event": "posted",
+            "log_level": "info",
+        }
     ]
     assert time.waits == []
     await rig.close()
@@ -574,7 +588,59 @@ async def test_titles_are_looked_up_within_a_budget_and_never_hold_a_post(time: 
         await drive(rig, time)
     texts = [e["text"] for e in logs if e["event"] == "would_post"]
     assert [t.split(" on ")[1].split(" (")[0] for t in texts] == ["Title of GOOD", "SLOW", "BROKEN", "UNKNOWN"]
-    assert [e["event"] for e in logs if e["event"].startswith("title_")] == ["title_lookup_slow", "title_lookup_failed"]
+    assert [e["event"] for e in logs if e["event"].startswith("title_")] == ["title_lookup_late", "title_lookup_failed"]
+    await rig.close()
+
+
+async def test_no_post_waits_longer_than_the_title_budget_when_kalshi_fails(
+    time: FakeTime, fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    tickers = ["KXA-1", "KXB-1", "KXC-1", "KXD-1", "KXE-1", "KXF-1"]
+    for ticker in tickers:
+        event = ticker.split("-")[0]
+        fake.add_event(event, f"Title of {event}?", series_ticker=event)
+        fake.add_market(ticker, event)
+    # Look-ups (one request each: the event, which lists its market), in posting order: A answers after 1 s,
+    # B 503, C drops (twice: aiohttp resends once), D 503. Three failures in a row open the breaker, so E and F
+    # are not even asked.
+    fake.script("event", Fault(delay_s=20 * UNIT_S), 503, Fault(drop=True), Fault(drop=True), 503)
+    titles = TitleLookup(KalshiRest(session, fake.base_url))
+    loop = asyncio.get_running_loop()
+    waits: dict[str, float] = {}
+
+    async def lookup(ticker: str) -> MarketLabel | None:
+        started = loop.time()
+        try:
+            return await titles.label_for(ticker)
+        finally:
+            waits[ticker] = loop.time() - started
+
+    rig = await open_rig(None, time, None, lookup_label=lookup)  # the poster's own budget: TITLE_BUDGET_S
+    for n, ticker in enumerate(tickers):
+        await rig.poster.submit(whale(n, value=400_000 - n * 1000, ticker=ticker))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    assert TITLE_BUDGET_S == 0.5
+    assert sorted(waits) == tickers
+    # An upper bound with room for a busy machine; before, a failing title held each post up to 3 s.
+    assert max(waits.values()) < TITLE_BUDGET_S + 0.25, waits
+    texts = [e["text"] for e in logs if e["event"] == "would_post"]
+    assert [t.split(" on ")[1].split(" (")[0] for t in texts] == tickers  # every post went with its ticker
+    assert fake.counts == {"event": 5}
+    assert [e["event"] for e in logs if e["event"].startswith("title_lookups_")] == ["title_lookups_paused"]
+
+    # A's lookup carried on in the background: the next alert of that market has the title at once.
+    async def settled() -> bool:
+        return not titles._running
+
+    await eventually(settled)
+    await rig.poster.submit(whale(10, value=500_000, ticker="KXA-1"))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    (text,) = [e["text"] for e in logs if e["event"] == "would_post"]
+    assert "Title of KXA?" in text
+    assert waits["KXA-1"] < TITLE_BUDGET_S
+    await titles.aclose()
     await rig.close()
 
 
@@ -831,4 +897,69 @@ async def test_must_show_the_same_run_with_restarts_in_the_middle(path: Path, ti
     assert x.requests[34].text == x.requests[35].text
     assert_each_posted_once_and_no_request_while_limited(x, time, alerts)
     assert await rig.store.counts() == {"pending": 0, "posting": 0, "posted": 50, "failed": 0, "skipped": 0}
+    await rig.close()
+
+
+# --- hostile answers (issue 9) ---------------------------------------------------------------------------------
+
+DAY_S = 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("reset", "wait_s"),
+    [
+        (str(T0_MS + 60_000), DAY_S + JITTER_S),  # milliseconds: the year 58886 as seconds
+        (str(T0_MS // 1000 + 3 * DAY_S), DAY_S + JITTER_S),  # three days away
+        ("9" * 40, 66.0),  # absurd: no number that long is a time, so as if absent
+        ("-60", 66.0),
+        ("soon", 66.0),
+        ("١٧٩٣٠٠٠٠٦٠", 66.0),  # Arabic-Indic digits, which int() would take
+    ],
+    ids=["milliseconds", "three_days", "forty_digits", "negative", "not_a_number", "non_ascii_digits"],
+)
+async def test_a_429_reset_from_x_never_holds_posting_beyond_24h_nor_crashes_the_log(
+    path: Path, time: FakeTime, x: FakeX, reset: str, wait_s: float
+) -> None:
+    # Issue 9 #3: a reset in milliseconds crashed the daemon while logging (`year 58886 is out of range`).
+    body = {"title": "Too Many Requests", "detail": "Too Many Requests", "type": "about:blank", "status": 429}
+    limits = {"x-rate-limit-limit": "100", "x-rate-limit-remaining": "0", "x-rate-limit-reset": reset}
+    bad = Reply(429, json=body, headers=limits)
+    x.queue(bad, bad)
+    rig = await open_rig(path, time, x)
+    await rig.poster.submit(whale(1))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    first = time.waits[0]
+    assert first == wait_s
+    assert all(w <= DAY_S + 5 for w in time.waits)
+    assert x.answered() == [429, 429, 201]
+    capped = [e for e in logs if e["event"] == "x_reset_capped"]
+    assert len(capped) == 1 and capped[0]["source"] == "x_answer"  # once, though two answers said it
+    assert all(e["until"].endswith("Z") for e in logs if e["event"] == "x_rate_limited")
+    assert await status_of(rig, 1) == "posted"
+    saved = await rig.store.load_rate_limits()
+    assert all(w.reset_s is None or w.reset_s * 1000 <= time.ms + DAY_S * 1000 for w in saved)
+    await rig.close()
+
+
+async def test_a_reset_saved_by_an_older_version_is_capped_at_restart_and_status_shows_it(
+    path: Path, time: FakeTime, x: FakeX
+) -> None:
+    # The state an older version left after the millisecond reset: the limit and the wait, both in year 58886.
+    store = await Store.open(path, clock_ms=time.now_ms)
+    await store.save_rate_limits([RateLimitWindow("15min", 100, 0, T0_MS + 60_000, T0_MS)])
+    await store.set_checkpoint(GATE_CHECKPOINT, str((T0_MS + 60_000) * 1000))
+    await store.close()
+    out, err = io.StringIO(), io.StringIO()
+    assert show_status(path.parent, out=out, err=err) == 0, err.getvalue()
+    assert "out of range" in out.getvalue()
+
+    x.queue(created())
+    rig = await open_rig(path, time, x)
+    await rig.poster.submit(whale(1))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    assert time.waits and max(time.waits) <= DAY_S + 5  # not forever: posting resumes within a day
+    assert await status_of(rig, 1) == "posted"
+    assert [e["source"] for e in logs if e["event"] == "x_reset_capped"] == ["saved_state"]
     await rig.close()

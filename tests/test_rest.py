@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -18,6 +18,7 @@ from valshi_x.kalshi.rest import (
     KalshiRest,
     KalshiRestError,
     RateLimiter,
+    TitleBreaker,
     TitleLookup,
     TTLCache,
     _Event,
@@ -110,7 +111,8 @@ async def test_titles_from_market_and_event(
     assert await rest.market_label("KXMVESPORTS-S2026AB-CD") == MarketLabel(
         "Combo: yes Atlas, yes Cruz Azul, no Over 2.5 goals", None
     )
-    assert fake.counts == {"market": 4, "event": 4}
+    # One request each: the guessed event, which lists its markets; a combo's own market (its legs).
+    assert fake.counts == {"event": 3, "market": 1}
 
 
 @pytest.mark.parametrize(
@@ -150,15 +152,16 @@ async def test_cache_hits_and_expiry(fake: FakeKalshiRest, session: aiohttp.Clie
     rest = make_rest(session, fake, clock, label_ttl_s=6 * 3600.0)
     first = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
     assert await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC") == first
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # same event: only the market is asked for
-    assert fake.counts == {"market": 2, "event": 1}
+    # Same event: its answer listed this market too, so nothing is asked for.
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")).title.endswith("— Buffalo")
+    assert fake.counts == {"event": 1}
 
     clock.now += 6 * 3600 - 1
     await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
-    assert fake.counts == {"market": 2, "event": 1}
+    assert fake.counts == {"event": 1}
     clock.now += 2
     await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
-    assert fake.counts == {"market": 3, "event": 2}
+    assert fake.counts == {"event": 2}
 
 
 async def test_failures_are_cached_briefly(
@@ -170,7 +173,7 @@ async def test_failures_are_cached_briefly(
     assert (first.value.reason, first.value.status) == ("not_found", 404)
     with pytest.raises(KalshiRestError, match="cached failure"):
         await rest.market_label("KXNOPE-1")
-    assert fake.counts == {"market": 1}
+    assert fake.counts == {"event": 1, "market": 1}  # the guessed event "KXNOPE" (404), then the market
     clock.now += 61
     nfl(fake)
     fake.add_market("KXNOPE-1", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Now it exists")
@@ -207,10 +210,9 @@ async def test_429_backs_off_then_succeeds(
     nfl(fake)
     fake.script("market", 429, 429, 429)
     rest = make_rest(session, fake, clock)
-    label = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
-    assert label.title.endswith("— Kansas City")
+    assert "market" in await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert clock.sleeps == [1.0, 2.0, 4.0]  # doubling; jitter pinned at its top
-    assert fake.counts == {"market": 4, "event": 1}
+    assert fake.counts == {"market": 4}
     retries = [e for e in logs if e["event"] == "kalshi_rest_retry"]
     assert [(e["reason"], e["status"], e["wait_s"]) for e in retries] == [("rate_limited", 429, w) for w in (1, 2, 4)]
 
@@ -229,7 +231,7 @@ async def test_jitter_spreads_waits(fake: FakeKalshiRest, session: aiohttp.Clien
     nfl(fake)
     fake.script("market", 503, 503)
     rest = make_rest(session, fake, clock, jitter=lambda: 0.0, backoff_initial_s=2.0)
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert clock.sleeps == [1.0, 2.0]  # the bottom of the range: half of 2 s, half of 4 s
 
 
@@ -237,10 +239,10 @@ async def test_503_then_success(fake: FakeKalshiRest, session: aiohttp.ClientSes
     nfl(fake)
     fake.script("event", 503)
     rest = make_rest(session, fake, clock)
-    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).series_ticker == "KXNFLGAME"
+    assert (await rest.get_json("/events/KXNFLGAME-26NOV01KCBUF"))["event"]["series_ticker"] == "KXNFLGAME"
     assert clock.sleeps == [1.0]
-    assert fake.counts == {"market": 1, "event": 2}
-    assert (rest.requests, rest.retries) == (3, 1)
+    assert fake.counts == {"event": 2}
+    assert (rest.requests, rest.retries) == (2, 1)
 
 
 async def test_gives_up_after_bounded_attempts(
@@ -250,7 +252,7 @@ async def test_gives_up_after_bounded_attempts(
     fake.script("market", *([503] * 10))
     rest = make_rest(session, fake, clock, max_attempts=4, backoff_max_s=3.0)
     with pytest.raises(KalshiRestError) as caught:
-        await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert (caught.value.reason, caught.value.status) == ("server_error", 503)
     assert fake.counts == {"market": 4}
     assert clock.sleeps == [1.0, 2.0, 3.0]  # capped
@@ -263,7 +265,7 @@ async def test_client_errors_are_not_retried(
     fake.script("market", 400)
     rest = make_rest(session, fake, clock)
     with pytest.raises(KalshiRestError, match="http_error") as caught:
-        await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert caught.value.status == 400
     assert fake.counts == {"market": 1}
     assert clock.sleeps == []
@@ -276,7 +278,7 @@ async def test_dropped_connection_and_timeout_are_retried(
     # aiohttp itself resends an idempotent request once when the server drops it; the second drop reaches us.
     fake.script("market", Fault(drop=True), Fault(drop=True), Fault(delay_s=4 * UNIT))
     rest = make_rest(session, fake, clock, timeout_s=2 * UNIT)
-    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).title.endswith("Kansas City")
+    assert "market" in await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     reasons = [e["reason"] for e in logs if e["event"] == "kalshi_rest_retry"]
     assert reasons == ["connection_error", "timeout"]
     assert fake.counts["market"] == 4
@@ -287,8 +289,8 @@ async def test_rate_limiter_spaces_requests(
 ) -> None:
     nfl(fake)
     rest = make_rest(session, fake, clock, max_requests_per_s=10.0)
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")  # market + event
-    await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")  # market (event cached)
+    for _ in range(3):
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert clock.sleeps == [0.1, 0.1]
 
 
@@ -310,62 +312,241 @@ async def test_label_for_gives_up_within_budget(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
 ) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 10 * UNIT
-    rest = KalshiRest(session, fake.base_url, timeout_s=20 * UNIT, max_attempts=1)
+    fake.delay_s["event"] = 10 * UNIT
+    rest = KalshiRest(session, fake.base_url, timeout_s=20 * UNIT)
     lookup = TitleLookup(rest)
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=2 * UNIT) is None
     elapsed = loop.time() - started
     assert 2 * UNIT * 0.9 <= elapsed < 5 * UNIT
-    failed = [e for e in logs if e["event"] == "title_lookup_failed"]
-    assert [(e["ticker"], e["reason"]) for e in failed] == [("KXNFLGAME-26NOV01KCBUF-KC", "timeout")]
+    late = [e for e in logs if e["event"] == "title_lookup_late"]
+    assert [(e["ticker"], e["budget_s"]) for e in late] == [("KXNFLGAME-26NOV01KCBUF-KC", 2 * UNIT)]
 
     # The lookup went on in the background; once done, its answer is cached and comes at once.
     await asyncio.sleep(12 * UNIT)
-    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=2 * UNIT)
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=0)
     assert label is not None
     assert label.title.endswith("Kansas City")
-    assert fake.counts["market"] == 1
+    assert fake.counts == {"event": 1}
     await lookup.aclose()
 
 
-async def test_label_for_failure_is_none_and_logged_once(
+async def test_the_default_budget_is_half_a_second(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+    nfl(fake)
+    fake.script("event", Fault(delay_s=40 * UNIT))
+    lookup = TitleLookup(KalshiRest(session, fake.base_url))
+    assert lookup.budget_s == rest_module.TITLE_BUDGET_S == 0.5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC") is None
+    # Generous slack for a busy machine; the point is "about half a second", not the 2 s the answer takes.
+    assert loop.time() - started < 0.5 + 10 * UNIT
+    await lookup.aclose()
+
+
+async def test_one_request_gives_the_label_and_its_siblings(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    nfl(fake)
+    lookup = TitleLookup(KalshiRest(session, fake.base_url))
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=100 * UNIT)
+    assert label == MarketLabel("Kansas City at Buffalo Winner? — Kansas City", "KXNFLGAME")
+    assert [r.path.rsplit("/", 1)[1] for r in fake.requests] == ["KXNFLGAME-26NOV01KCBUF"]
+    # The other side of the game came with it: its alert needs no request and no wait.
+    sibling = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-BUF", budget_s=0)
+    assert sibling == MarketLabel("Kansas City at Buffalo Winner? — Buffalo", "KXNFLGAME")
+    assert fake.counts == {"event": 1}
+    await lookup.aclose()
+
+
+async def test_a_wrong_event_guess_is_dropped_for_the_event_the_market_names(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    fake.add_event("KXODD-EV", "Odd event?", series_ticker="KXODD")
+    fake.add_market("KXODD-26-A", "KXODD-EV", yes_sub_title="A")
+    rest = make_rest(session, fake, clock)
+    assert await rest.market_label("KXODD-26-A") == MarketLabel("Odd event? — A", "KXODD")
+    events = [r.path.rsplit("/", 1)[1] for r in fake.requests if r.route == "event"]
+    assert sorted(events) == ["KXODD-26", "KXODD-EV"]  # the guess (a 404, ignored), then the named one
+    # The named event is cached: another market of it needs only its own request (and a guess already known).
+    fake.add_market("KXODD-EV-B", "KXODD-EV", yes_sub_title="B")
+    assert (await rest.market_label("KXODD-EV-B")).title == "Odd event? — B"
+    assert fake.counts == {"market": 2, "event": 2}
+
+
+async def test_an_odd_answer_for_the_guessed_event_falls_back_to_the_market(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.script("event", 400)  # not a sign of a struggling Kalshi: the market is asked, and names its event
+    rest = make_rest(session, fake, clock)
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).title.endswith("— Kansas City")
+    assert fake.counts == {"event": 2, "market": 1}
+
+
+async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
 ) -> None:
-    fake.script("market", 503, 503)
-    rest = make_rest(session, fake, clock, max_attempts=2)
-    lookup = TitleLookup(rest)
-    assert await lookup.label_for("KXGONE-1", budget_s=40 * UNIT) is None
+    nfl(fake)
+    fake.script("event", 503)
+    rest = make_rest(session, fake, clock)  # get_json would retry this client's 503s up to five times
+    lookup = TitleLookup(rest, retry_after_s=10.0, clock=clock)
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep nears the threshold; Kalshi answers 503
+    await fake_wait(lambda: not lookup._running)
+    assert fake.counts == {"event": 1}
+    assert clock.sleeps == []
     failed = [e for e in logs if e["event"] == "title_lookup_failed"]
     assert [(e["reason"], e["status"]) for e in failed] == [("server_error", 503)]
+    assert not [e for e in logs if e["event"] == "kalshi_rest_retry"]
+    # The alert a moment later does not ask again (that would be a retry): the ticker, at once.
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")
+    assert fake.counts == {"event": 1}
+    assert lookup.skipped == 1
+    # A 5xx says nothing lasting about the market: a later alert asks again, and gets the title.
+    clock.now += 10
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT)
+    assert label is not None
+    assert fake.counts == {"event": 2}
     assert lookup.failures == 1
     await lookup.aclose()
 
 
 async def test_concurrent_lookups_share_one_request(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 2 * UNIT
+    fake.delay_s["event"] = 2 * UNIT
     lookup = TitleLookup(KalshiRest(session, fake.base_url))
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")
     labels = await asyncio.gather(
         *(lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=20 * UNIT) for _ in range(5))
     )
     assert len(set(labels)) == 1
-    assert fake.counts == {"market": 1, "event": 1}
+    assert labels[0] is not None
+    assert fake.counts == {"event": 1}
+    await lookup.aclose()
+
+
+async def test_prefetch_lets_the_alert_find_the_title_at_once(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    nfl(fake)
+    fake.delay_s["event"] = 4 * UNIT  # slower than an alert could wait with a budget of 0
+    lookup = TitleLookup(KalshiRest(session, fake.base_url))
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep is nearing the threshold
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # running already: nothing more is asked
+    await fake_wait(lambda: not lookup._running)
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=0)  # the alert
+    assert label is not None
+    assert label.title.endswith("Kansas City")
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # cached: nothing is asked
+    assert fake.counts == {"event": 1}
+    await lookup.aclose()
+
+
+async def test_prefetch_is_bounded(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
+    fake.delay_s["market"] = 10 * UNIT
+    lookup = TitleLookup(KalshiRest(session, fake.base_url, max_requests_per_s=float("inf")), max_running=2)
+    for n in range(5):
+        lookup.prefetch(f"KXA-{n}")
+    assert sorted(lookup._running) == ["KXA-0", "KXA-1"]
+    # An alert's own lookup is never refused for want of room.
+    assert await lookup.label_for("KXA-9", budget_s=0) is None
+    assert sorted(lookup._running) == ["KXA-0", "KXA-1", "KXA-9"]
+    await lookup.aclose()
+
+
+def test_breaker_opens_after_failures_in_a_row_probes_once_and_closes(logs: list[dict[str, Any]]) -> None:
+    clock = FakeClock()
+    breaker = TitleBreaker(failures_to_open=3, open_s=30.0, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record(ok=False, reason="timeout")
+    breaker.record(ok=True)  # an answer in between: the count starts again
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.record(ok=False, reason="server_error")
+    assert breaker.state == "open"
+    assert not breaker.allow()
+    clock.now += 29.9
+    assert not breaker.allow()
+    clock.now += 0.1
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one
+    breaker.record(ok=False, reason="timeout")  # the probe failed: another pause, not another log line
+    assert (breaker.state, breaker.allow()) == ("open", False)
+    clock.now += 30
+    assert breaker.allow()
+    breaker.record(ok=True)
+    assert breaker.state == "closed"
+    assert breaker.allow()
+    assert breaker.opened == 1
+    names = [e["event"] for e in logs if e["event"].startswith("title_lookups_")]
+    assert names == ["title_lookups_paused", "title_lookups_resumed"]
+    paused = next(e for e in logs if e["event"] == "title_lookups_paused")
+    assert (paused["failures_in_row"], paused["reason"], paused["retry_in_s"]) == (3, "server_error", 30.0)
+    resumed = next(e for e in logs if e["event"] == "title_lookups_resumed")
+    assert resumed["paused_s"] == pytest.approx(60.0)
+
+
+async def test_failing_lookups_open_the_breaker_and_a_probe_closes_it(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
+) -> None:
+    nfl(fake)
+    # A 503, a dropped connection (twice: aiohttp resends an idempotent request once), a timeout.
+    fake.script("market", 503, Fault(drop=True), Fault(drop=True), Fault(delay_s=10 * UNIT))
+    rest = make_rest(session, fake, clock, timeout_s=4 * UNIT)
+    lookup = TitleLookup(rest, breaker=TitleBreaker(failures_to_open=3, open_s=30.0, clock=clock))
+    for ticker in ("KXA-1", "KXB-1", "KXC-1"):
+        assert await lookup.label_for(ticker, budget_s=40 * UNIT) is None
+    assert lookup.breaker.state == "open"
+    asked = fake.counts.total()
+    # Open: alerts get the ticker at once, and Kalshi is not asked.
+    assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT) is None
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-BUF")
+    assert fake.counts.total() == asked
+    assert lookup.skipped == 1
+    clock.now += 30
+    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=40 * UNIT)  # the probe
+    assert label is not None
+    assert lookup.breaker.state == "closed"
+    names = [e["event"] for e in logs if e["event"].startswith("title_")]
+    assert names == ["title_lookup_failed"] * 3 + ["title_lookups_paused", "title_lookups_resumed"]
+    await lookup.aclose()
+
+
+async def test_a_404_is_an_answer_not_a_reason_to_pause(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    rest = make_rest(session, fake, clock)
+    lookup = TitleLookup(rest, breaker=TitleBreaker(failures_to_open=2, clock=clock))
+    for n in range(4):
+        assert await lookup.label_for(f"KXGONE-{n}", budget_s=40 * UNIT) is None
+    assert lookup.breaker.state == "closed"
+    assert lookup.failures == 4
     await lookup.aclose()
 
 
 async def test_disabled_lookup_asks_nothing() -> None:
-    assert await TitleLookup(None).label_for("KXA-1") is None
+    lookup = TitleLookup(None)
+    lookup.prefetch("KXA-1")
+    assert await lookup.label_for("KXA-1") is None
 
 
 async def test_aclose_cancels_background_lookups(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    fake.delay_s["market"] = 100 * UNIT
+    fake.delay_s["event"] = 100 * UNIT
     lookup = TitleLookup(KalshiRest(session, fake.base_url, timeout_s=200 * UNIT))
     assert await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC", budget_s=UNIT) is None
+    lookup.prefetch("KXNFLGAME-26NOV01KCBUF-BUF")
     await lookup.aclose()
     assert lookup._running == {}
+
+
+async def fake_wait(condition: Callable[[], bool], timeout_s: float = 100 * UNIT) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (polls the fake's counters, which have no event of their own)
+            await asyncio.sleep(UNIT / 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,9 @@ def test_summary_counts_the_whole_sample(
     assert counts["malformed"] == expected["malformed"]["count"]
     assert counts["duplicates"] == expected["duplicates"]
     assert counts["alerts"] == len(expected["alerts"])
+    # A replay is a dry run: its stop line says what it would have posted, never that anything was posted.
+    assert counts["would_have_posted"] == len(expected["alerts"])
+    assert "posted" not in counts
 
 
 def test_sample_through_the_pure_core(expected: dict[str, Any]) -> None:

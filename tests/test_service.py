@@ -458,7 +458,7 @@ def check_verdicts(lines: list[str]) -> dict[str, tuple[str, str]]:
     """`check` output as {item: (verdict, detail)}; items named by their first two words (URLs left out)."""
     verdicts = {}
     for line in lines:
-        if line[:4] in ("PASS", "FAIL", "SKIP"):
+        if line[:4] in ("PASS", "FAIL", "WARN"):
             item, _, detail = line[6:].partition(": ")
             verdicts[" ".join(item.split()[:2])] = (line[:4], detail)
     return verdicts
@@ -489,9 +489,9 @@ async def test_check_command_against_the_fakes(
     assert len(lines) == len(child.events), child.events  # plain lines, no log noise
     verdicts = check_verdicts(lines)
     assert verdicts["settings"] == ("PASS", "threshold $100000, window 100 ms")
-    assert verdicts["kalshi key"] == ("PASS", f"RSA key loaded for key id {kalshi_keys.key_id}")
+    assert verdicts["kalshi key"] == ("PASS", f"RSA-2048 key loaded for key id {kalshi_keys.key_id}")
     assert verdicts["kalshi rest"][0] == "PASS"
-    assert verdicts["x credentials"][0] == "SKIP"  # no X keys: fine for --dry-run
+    assert verdicts["x credentials"][0] == "WARN"  # no X keys: fine for --dry-run only
     assert len(kalshi.handshakes) == 1 and kalshi.handshakes[0].signed
     if key == "right":
         assert verdicts["kalshi websocket"] == ("PASS", "handshake signed, subscribed (sid 1)")

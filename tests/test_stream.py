@@ -4,6 +4,7 @@ connection can go wrong (drops, 1011, accept-then-drop, stalls, refused keys, er
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from tests.fake_kalshi import (
     send_then_stall,
     trade_msg,
 )
+from valshi_x.backoff import OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream, reconnect_backoff, rejected_backoff
 from valshi_x.trades import MalformedTrade
@@ -49,9 +51,8 @@ class Client:
         *,
         real_sleep: bool = True,
         idle_timeout_s: float = 40 * UNIT,
-        backoff: Backoff | None = None,
-        slow_backoff: Backoff | None = None,
-        stable_after_s: float = 60.0,
+        backoff: RetryDelays | None = None,
+        slow_backoff: RetryDelays | None = None,
     ) -> None:
         self.delivered: list[dict[str, Any]] = []
         self.bad: list[tuple[str | bytes, MalformedTrade]] = []
@@ -74,7 +75,6 @@ class Client:
             on_subscribed=self._on_subscribed,
             on_disconnect=self._on_disconnect,
             on_gap=self._on_gap,
-            stable_after_s=stable_after_s,
             open_timeout_s=20 * UNIT,
             close_timeout_s=4 * UNIT,
             sleep=self._sleep,
@@ -166,16 +166,44 @@ def test_backoff_defaults_never_retry_sooner_than_their_floor() -> None:
     normal, slow = reconnect_backoff(rand=always(0.0)), rejected_backoff(rand=always(0.0))  # the worst roll
     assert normal.next_delay() == 0.5
     assert slow.next_delay() == 30.0
-    for _ in range(20):
+    for _ in range(40):
         normal_delay, slow_delay = normal.next_delay(), slow.next_delay()
-    assert 30.0 <= normal_delay <= 60.0
+    assert normal_delay == 7.5  # half the 15 s cap
     assert 300.0 <= slow_delay <= 600.0
+
+
+def test_reconnect_delays_follow_the_outage_length() -> None:
+    rolls = iter([1.0] * 4 + [0.0] + [1.0] * 50)
+    backoff = OutageBackoff(initial_s=1.0, fraction=0.25, cap_s=15.0, rand=lambda: next(rolls))
+    delays = [backoff.next_delay() for _ in range(8)]
+    # 1 s steps until 4 s were waited (one roll at the bottom: half a step), then a quarter of the time waited.
+    assert delays == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5, 1.125, 1.40625, 1.7578125])
+    assert backoff.waited_s == pytest.approx(sum(delays))
+    # However the rolls fall, a try due after t seconds of outage comes at most max(1, t / 4) later.
+    backoff = OutageBackoff(rand=random.Random(7).random)
+    waited_s = 0.0
+    for _ in range(60):
+        delay_s = backoff.next_delay()
+        step_s = min(15.0, max(1.0, waited_s / 4))
+        assert step_s / 2 <= delay_s <= step_s
+        waited_s += delay_s
+    assert delay_s >= 7.5  # at the cap, and never hot: 60 tries took minutes
+    assert waited_s > 300
+    backoff.reset()
+    assert (backoff.failures, backoff.waited_s) == (0, 0.0)
+    assert backoff.next_delay() <= 1.0
 
 
 @pytest.mark.parametrize(("initial_s", "factor", "cap_s"), [(0.0, 2.0, 1.0), (1.0, 0.5, 2.0), (2.0, 2.0, 1.0)])
 def test_backoff_rejects_settings_that_could_hot_loop(initial_s: float, factor: float, cap_s: float) -> None:
     with pytest.raises(ValueError, match="backoff needs"):
         Backoff(initial_s=initial_s, factor=factor, cap_s=cap_s)
+
+
+@pytest.mark.parametrize(("initial_s", "fraction", "cap_s"), [(0.0, 0.25, 1.0), (1.0, 0.0, 2.0), (2.0, 0.25, 1.0)])
+def test_outage_backoff_rejects_settings_that_could_hot_loop(initial_s: float, fraction: float, cap_s: float) -> None:
+    with pytest.raises(ValueError, match="backoff needs"):
+        OutageBackoff(initial_s=initial_s, fraction=fraction, cap_s=cap_s)
 
 
 # ------------------------------------------------------------------------------------------------ happy path
@@ -273,8 +301,8 @@ async def test_abrupt_drop_and_close_1011_reconnect_and_resubscribe_with_new_sid
     # A new sid starts again at seq 1: that is not a gap.
     assert stream.gaps == 0
     assert not events(captured, "ws_seq_gap")
-    # Short-lived connections: the delays kept growing.
-    assert client.delays == [UNIT, 2 * UNIT]
+    # Each connection delivered trades, so each drop starts the backoff over: the first delay every time.
+    assert client.delays == [UNIT, UNIT]
 
 
 async def test_accept_then_drop_server_makes_delays_grow_to_the_cap(kalshi_keys: KeyPair) -> None:  # noqa: F811
@@ -315,21 +343,75 @@ async def test_accept_then_drop_server_cannot_cause_a_hot_loop_in_real_time(kals
     assert 3 <= len(kalshi.handshakes) <= 5, (len(kalshi.handshakes), elapsed_units)
 
 
-async def test_backoff_resets_only_after_a_connection_stayed_up(kalshi_keys: KeyPair) -> None:  # noqa: F811
-    async def stay_then_drop(session: FakeSession) -> None:
+async def test_backoff_resets_once_a_subscribed_connection_delivered_a_trade(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def quiet_then_drop(session: FakeSession) -> None:
         await session.wait_subscribed()
-        await asyncio.sleep(4 * UNIT)
+        await asyncio.sleep(4 * UNIT)  # up and subscribed a while, but nothing delivered
         await session.drop()
 
-    attempts = [accept_then_drop(), accept_then_drop(), stay_then_drop, accept_then_drop()]
+    attempts = [accept_then_drop(), accept_then_drop(), quiet_then_drop, send_then_drop(msgs(1)), accept_then_drop()]
     async with server_for(kalshi_keys, attempts=attempts) as kalshi:
-        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False, stable_after_s=2 * UNIT)
+        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
         client.start()
-        await client.wait_for(lambda: len(client.delays) >= 4)
+        await client.wait_for(lambda: len(client.delays) >= 5)
         await client.stop()
 
-    # 1, 2 units while failing; the stable third connection resets; the fourth failure starts again at 1, 2.
-    assert client.delays[:4] == pytest.approx([UNIT, 2 * UNIT, UNIT, 2 * UNIT])
+    # 1, 2, 4 units while no connection delivered (staying up proves nothing); the trade resets: 1, 2 again.
+    assert client.delays[:5] == pytest.approx([UNIT, 2 * UNIT, 4 * UNIT, UNIT, 2 * UNIT])
+
+
+async def test_after_an_outage_the_reconnect_comes_soon_after_the_server_is_back(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    unit = 4 * UNIT  # stands for 1 s of the production policy; the outage is "6 s"
+    outage_started = asyncio.Event()
+
+    async def deliver_until_the_outage(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(2))
+        await outage_started.wait()
+        await session.drop()
+
+    async def back(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(1))
+
+    # Failures before the good connection: its trades must reset the backoff they raised (to 1.25 units).
+    attempts = [*(accept_then_drop() for _ in range(5)), deliver_until_the_outage]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+            policy = OutageBackoff(initial_s=unit, fraction=0.25, cap_s=15 * unit, rand=always(1.0))
+            client = Client(kalshi.url, signer_for(kalshi_keys), backoff=policy)
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 2)
+            kalshi.default = Attempt(reject_status=503)  # the outage: handshakes refused
+            outage_started.set()
+            await asyncio.sleep(6 * unit)
+            kalshi.default = Attempt(script=back)
+            accepting_at = time.monotonic()
+            await client.wait_for(lambda: len(client.delivered) == 3)
+            await client.stop()
+
+    refused = [h for h in kalshi.handshakes if h.status == 503]
+    assert len(refused) >= 4  # tried about once a unit through the outage, never hot
+    reconnected = kalshi.handshakes[-1]
+    assert reconnected.status == 101
+    # Within a quarter of the outage (1.5 units) by the policy; the bound leaves room for a busy machine.
+    assert reconnected.received_monotonic - accepting_at < 3 * unit
+    disconnected = events(captured, "ws_disconnected")
+    assert disconnected[-1]["retry_in_s"] == pytest.approx(unit, abs=0.001)  # reset by the delivered trades
+
+
+async def test_the_default_policy_keeps_backing_off_from_an_accept_then_drop_server(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async with server_for(kalshi_keys, default=accept_then_drop()) as kalshi:
+        policy = OutageBackoff(initial_s=UNIT, fraction=0.25, cap_s=15 * UNIT, rand=always(0.5))
+        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False, backoff=policy)
+        client.start()
+        await client.wait_for(lambda: len(client.delays) >= 30)
+        await client.stop()
+
+    delays = client.delays[:30]
+    assert delays == sorted(delays)  # never reset: these connections delivered nothing
+    assert delays[0] == pytest.approx(0.75 * UNIT)
+    assert delays[-1] == pytest.approx(0.75 * 15 * UNIT)  # the cap
 
 
 async def test_connection_refused_and_5xx_use_the_normal_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811

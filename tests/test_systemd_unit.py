@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from valshi_x.config import SETTINGS
+from valshi_x.config import SETTINGS, load_settings
+from valshi_x.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_PATH = ROOT / "deploy" / "valshi-x.service"
@@ -129,6 +130,48 @@ def test_hardening_settings_present(unit: dict[str, list[str]]) -> None:
     assert unit["SystemCallFilter"][0] == "@system-service"
 
 
+# --- the env file the README has the operator copy from .env.example ----------------------------------------
+
+# What systemd puts in for the specifiers the unit's Environment= lines use (system manager, unit valshi-x.service).
+SPECIFIERS = {"%S": "/var/lib", "%d": "/run/credentials/valshi-x.service"}
+_ENV_LINE = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"\\#]*)")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile= as systemd reads it, for the plain shape .env.example keeps (no quotes, escapes,
+    `export` or trailing comments, where systemd and python-dotenv could read a line differently)."""
+    found = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        match = _ENV_LINE.fullmatch(line)
+        assert match is not None, f"{path.name}: a line systemd and dotenv may read differently: {line!r}"
+        found[match["key"]] = match["value"]
+    return found
+
+
+def test_env_example_copied_as_is_keeps_the_units_key_path_and_state_dir(unit: dict[str, list[str]]) -> None:
+    unit_env = {key: value.replace("%S", SPECIFIERS["%S"]) for key, value in environment(unit).items()}
+    unit_env = {key: value.replace("%d", SPECIFIERS["%d"]) for key, value in unit_env.items()}
+    copied = env_file(ROOT / ".env.example")
+    # systemd.exec: variables read from EnvironmentFile= override those set with Environment=.
+    service_env = {**unit_env, **copied}
+    # The operator fills in the Kalshi key id and the four X keys, nothing else.
+    filled = {**service_env, "KALSHI_API_KEY_ID": "a952bcbe", **{key: "x" for key in _X_KEYS}}
+    settings = load_settings(filled, need_x=True)
+    assert settings.kalshi_private_key_path == Path("/run/credentials/valshi-x.service/kalshi.pem")
+    assert settings.kalshi_private_key == ""
+    assert settings.state_dir == Path("/var/lib/valshi-x")
+    # Copied and not filled in yet, the one complaint is the key id the operator still has to write.
+    with pytest.raises(ConfigError) as unfilled:
+        load_settings(service_env, need_x=False)
+    assert unfilled.value.problems == ["KALSHI_API_KEY_ID: required when a Kalshi private key is set"]
+
+
+_X_KEYS = ("X_API_KEY", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET")
+
+
 # --- systemd-analyze ------------------------------------------------------------------------------------------
 
 
@@ -207,7 +250,7 @@ if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 
 os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
 """
 
-# What the daemon does that could need writable+executable memory: load every module, sign with RSA-PSS,
+# What the daemon does that could need writable+executable memory: load every module, sign with RSA-PSS and Ed25519,
 # parse JSON with msgspec, set up TLS, use SQLite from a thread, talk HTTP and WebSocket over loopback.
 _WORKLOAD = r"""
 import mmap
@@ -226,7 +269,7 @@ for module in pkgutil.walk_packages(valshi_x.__path__, "valshi_x."):
 import aiohttp, tweepy.asynchronous
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
@@ -234,6 +277,8 @@ key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 key.public_key().verify(key.sign(b"GET/trade-api/ws/v2", pss, hashes.SHA256()), b"GET/trade-api/ws/v2", pss,
                         hashes.SHA256())
+ed_key = ed25519.Ed25519PrivateKey.generate()
+ed_key.public_key().verify(ed_key.sign(b"GET/trade-api/ws/v2"), b"GET/trade-api/ws/v2")
 assert msgspec.json.decode(msgspec.json.encode({"yes_price_dollars": "0.62"})) == {"yes_price_dollars": "0.62"}
 ssl.create_default_context()
 

@@ -160,8 +160,44 @@ def test_sweep_post_exactly() -> None:
     assert text == (
         "🐋 $118,800 on YES\n"
         "Kansas City at Buffalo Winner? — Kansas City\n"
-        "200,000 contracts at 59.4¢ (59.4% implied) · 3 fills\n"
-        "Pays $200,000 if right · 14:03:27 UTC"
+        "Bought YES at 59.4¢ · market says 59.4% YES\n"
+        "200,000 contracts · 3 fills\n"
+        "Pays $200,000 if YES wins · 14:03:27 UTC"
+    )
+
+
+def test_no_post_names_nos_price_and_the_yes_chance() -> None:
+    # The misreading of issue 10: "at 8¢ (8% implied)" under a title reads as the event's chance. A NO post names
+    # the side beside its price and gives the market's chance of YES, labelled, which is 100 minus NO's price.
+    long_no = alert_of(
+        trade(0, "KXFEDDECISION-26DEC-H0", "0.9200", "1000000.00", "no"),
+        trade(1, "KXFEDDECISION-26DEC-H0", "0.9300", "500000.00", "no"),
+    )
+    text = render_post(long_no, title="Fed decision in Dec 2026? — Hike 0bps")
+    assert text == (
+        "🐋 $115,000 on NO\n"
+        "Fed decision in Dec 2026? — Hike 0bps\n"
+        "Bought NO at 7.7¢ · market says 92.3% YES\n"
+        "1,500,000 contracts · 2 fills\n"
+        "Pays $1,500,000 if NO wins · 14:03:27 UTC"
+    )
+    assert "implied" not in text
+
+
+@pytest.mark.parametrize(
+    ("no_price", "price_cents", "yes_pct"),
+    [
+        ("0.0845", "8.5¢", "91.5%"),  # rounded half up once, on the side bought; the two still add to 100
+        ("0.0035", "0.35¢", "99.65%"),
+        ("0.9996", "99.96¢", "0.04%"),
+        ("0.5000", "50¢", "50%"),
+    ],
+)
+def test_no_price_and_yes_chance_add_to_100(no_price: str, price_cents: str, yes_pct: str) -> None:
+    count = (Decimal(100000) / Decimal(no_price)).quantize(Decimal("0.01")) + 1
+    alert = alert_of(trade(0, "KXA-1", str(1 - Decimal(no_price)), str(count), "no"))
+    assert render_post(alert, title=None, template="{price_cents} {yes_pct} {time}") == (
+        f"{price_cents} {yes_pct} 14:03:27 UTC"
     )
 
 
@@ -195,6 +231,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 *_COMMON,
                 NFL,
                 LINK,
+                "59.4%",
             ],
         ),
         (
@@ -213,6 +250,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 *_COMMON,
                 "KXFED-26DEC-T4.00",
                 LINK,
+                "55%",
             ],
         ),
         (
@@ -231,6 +269,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 *_COMMON,
                 "KXBTCD-26SEP0117-T110000",
                 LINK,
+                "71%",
             ],
         ),
         (
@@ -249,6 +288,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 *_COMMON,
                 "KXPRES-28-JDOE",
                 LINK,
+                "0.25%",
             ],
         ),
     ],

@@ -1,12 +1,14 @@
 """The edge: command line, .env, logging, signals, asyncio.run and exit codes. The only place that exits.
 
-Exit codes: 0 clean stop, 78 configuration error (EX_CONFIG, one line per bad key), 1 unexpected crash.
+Exit codes: 0 clean stop, 78 configuration error (EX_CONFIG, one line per bad key; also a state directory held by
+another daemon, or corrupt), 1 unexpected crash or a state that cannot be opened right now (disk full, I/O error).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import signal
 import sys
@@ -16,10 +18,11 @@ from pathlib import Path
 import structlog
 from dotenv import dotenv_values
 
+from valshi_x.capture import capture_problem
 from valshi_x.check import run_checks, show_status
-from valshi_x.config import Settings, load_settings
+from valshi_x.config import Settings, load_settings, readable_by_others, unknown_settings
 from valshi_x.daemon import Daemon, RunOptions
-from valshi_x.errors import ConfigError
+from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.logs import configure_logging, default_format
 
@@ -56,11 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--env-file", type=Path, metavar="PATH", help="read settings from this file (default: ./.env)")
     parser.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="PATH",
+        help="the Kalshi private key PEM (instead of KALSHI_PRIVATE_KEY_PATH / KALSHI_PRIVATE_KEY)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
         "--log-format",
         choices=("json", "console", "journal"),
         help="log line format (default: journal under systemd, console on a terminal, JSON lines otherwise)",
     )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject's), or "unknown" when run from an uninstalled tree."""
+    try:
+        return importlib.metadata.version("valshi-x")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def read_environment(env_file: Path | None) -> dict[str, str]:
@@ -79,9 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, env=os.environ)
     try:
         env = read_environment(args.env_file)
+        if args.key_file is not None:
+            # The service gets its key at a path only it can see; by hand, name the file itself.
+            env = {**env, "KALSHI_PRIVATE_KEY_PATH": str(args.key_file), "KALSHI_PRIVATE_KEY": ""}
         settings = load_settings(env, need_x=args.command == "run" and not args.dry_run)
         if args.replay is not None and not args.replay.is_file():
             raise ConfigError([f"--replay: {args.replay} is not a readable file"])
+        _check_capture_options(args.replay, args.record)
         signer = None
         key_text: tuple[str, ...] = ()
         if args.replay is None and args.command != "status" and settings.has_kalshi_key:
@@ -92,10 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_error(exc)
 
     configure_logging(args.log_format, secrets=(*settings.secrets, *key_text), env=os.environ)
+    unknown_keys = unknown_settings(env)
+    if args.command == "run":  # status prints a plain report and check a WARN line; a log line would break in
+        for unknown, closest in unknown_keys:
+            log.warning("unknown_setting", key=unknown, did_you_mean=closest, note="not a setting; ignored")
     if args.command == "status":
         return show_status(args.state_dir or settings.state_dir)
+    secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
     if args.command == "check":
-        return asyncio.run(run_checks(settings, signer))
+        return asyncio.run(run_checks(settings, signer, secret_files=secret_files, unknown_keys=unknown_keys))
+    for path, mode in readable_by_others(secret_files):
+        log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
     options = RunOptions(
         dry_run=args.dry_run,
         replay_path=args.replay,
@@ -111,10 +140,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         # Found only once running (an unusable STATE_DIR): still a setting to fix, and 78 stops systemd's restarts.
         return _config_error(exc)
+    except StateUnavailable as exc:
+        # Disk full, locked, an I/O error: nothing to fix in the settings, so exit 1 and let systemd try again.
+        log.error("state_unavailable", error=str(exc))
+        return EXIT_CRASH
     except Exception:
         log.exception("daemon_crashed")
         return EXIT_CRASH
     return EXIT_OK
+
+
+def _check_capture_options(replay: Path | None, record: Path | None) -> None:
+    """Refuse capture options that cannot work, before anything starts (exit 78, one line naming the file)."""
+    if replay is not None and record is not None:
+        # A replay receives no frames: recording it would only leave an empty file behind.
+        raise ConfigError(["--record: cannot be combined with --replay (a replay receives no frames to record)"])
+    if replay is not None:
+        try:
+            problem = capture_problem(replay)
+        except OSError as exc:
+            raise ConfigError([f"--replay: cannot read {replay}: {exc.strerror or exc}"]) from None
+        if problem:
+            raise ConfigError([f"--replay: {replay} {problem}"])
+    if record is not None:
+        try:
+            # Append mode, as the recorder opens it: creates the file, never truncates an earlier capture.
+            with record.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            where = "" if record.parent.is_dir() else f" (the folder {record.parent} does not exist)"
+            raise ConfigError([f"--record: cannot write {record}: {exc.strerror or exc}{where}"]) from None
 
 
 def _config_error(exc: ConfigError) -> int:
@@ -122,7 +177,7 @@ def _config_error(exc: ConfigError) -> int:
     # them as errors, so `journalctl -p err` shows why the service stopped.
     prefix = "<3>" if default_format(os.environ, sys.stdout) == "journal" else ""
     for problem in exc.problems:
-        print(f"{prefix}valshi-x: configuration error: {problem}", file=sys.stderr, flush=True)
+        print(f"{prefix}valshi-x: {exc.label}: {problem}", file=sys.stderr, flush=True)
     return EXIT_CONFIG
 
 

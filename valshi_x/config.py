@@ -7,7 +7,9 @@ one line per bad key and raises `ConfigError` with all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import difflib
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -107,7 +109,10 @@ def _url(*schemes: str) -> Callable[[str], str]:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("KALSHI_API_KEY_ID", "", "Kalshi API key id; signs the WebSocket handshake.", _text),
     SettingSpec(
-        "KALSHI_PRIVATE_KEY_PATH", "", "Path to the Kalshi RSA private key (PEM, PKCS#1 or PKCS#8).", _optional_path
+        "KALSHI_PRIVATE_KEY_PATH",
+        "",
+        "Path to the Kalshi private key: RSA (PEM, PKCS#1 or PKCS#8) or Ed25519 (PEM, PKCS#8).",
+        _optional_path,
     ),
     SettingSpec(
         "KALSHI_PRIVATE_KEY", "", "The PEM itself, inline, instead of KALSHI_PRIVATE_KEY_PATH.", _text, secret=True
@@ -213,6 +218,28 @@ class Settings:
 
 _X_KEYS = ("X_API_KEY", "X_API_SECRET", "X_ACCESS_TOKEN", "X_ACCESS_TOKEN_SECRET")
 
+# The first word of every setting (KALSHI_, X_, WHALE_, SWEEP_, POST_, BACKFILL_, ...): an unknown key that
+# starts with one is most likely a misspelled setting, which would otherwise be ignored without a word.
+SETTING_PREFIXES = tuple(sorted({spec.key.split("_", 1)[0] + "_" for spec in SETTINGS}))
+# Set by others in the service's environment: systemd's StateDirectory= exports STATE_DIRECTORY.
+_FOREIGN_KEYS = frozenset({"STATE_DIRECTORY"})
+
+
+def unknown_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(unknown key, closest known key) for each key in `env` that looks like a setting but is none; key names only.
+
+    Values are never looked at: a misspelled secret (`X_API_SECRETT`) must not reach a log line.
+    """
+    known = [spec.key for spec in SETTINGS]
+    found: list[tuple[str, str]] = []
+    for key in sorted(env):
+        if key in _FOREIGN_KEYS or key in known or not key.startswith(SETTING_PREFIXES):
+            continue
+        # cutoff 0: always name the nearest key; a far one still tells the reader which family the key is in.
+        closest = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
+        found.append((key, closest[0] if closest else ""))
+    return found
+
 
 def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
     """Parse every known key from `env`; raise `ConfigError` listing each bad key, one line each."""
@@ -240,3 +267,21 @@ def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
+    """The files among `paths` (a key, an env file) that group or others may read, with their permission bits.
+
+    A file that cannot be looked at is left to whoever reads it next: this only warns.
+    """
+    found = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o044:
+            found.append((path, mode))
+    return found

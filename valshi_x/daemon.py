@@ -57,7 +57,7 @@ _CLOCK_SLACK_MS = 2_000
 # Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
 _BACKFILL_MARGIN_MS = 5_000
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
-_MAX_BACKOFF_S = 60.0
+_MAX_BACKOFF_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,7 +565,7 @@ class Daemon:
             open_groups=detector.open_groups,
             alerts=detector.alerts,
             alerts_refused=self.alerts_refused,
-            posted=poster.posted if poster else 0,
+            **(poster.posted_field() if poster else {"posted": 0}),
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,

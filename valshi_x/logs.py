@@ -8,7 +8,7 @@ Formats:
   The `<N>` prefix is the syslog priority, which journald strips and stores, so `journalctl -p warning` shows
   exactly the warnings and errors. No timestamp: journald records one.
 - `json`: one JSON object per line (default when stdout is neither a terminal nor the journal).
-- `console`: aligned, coloured lines for a terminal (default on a TTY).
+- `console`: short lines for a person at a terminal (default on a TTY); a whale shows as its post text.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -135,6 +136,128 @@ class JournalRenderer:
         return "\n".join(prefix + line for line in lines)
 
 
+# Events that carry a whale; on the console they show as the post itself.
+_WHALE_EVENTS = frozenset({"would_post", "posted", "whale_detected"})
+# Count lines: on the console only the counts that are not zero, so the line says what happened.
+_COUNT_EVENTS = frozenset({"stats", "daemon_stopped"})
+# Fields the whale header already says, or that nobody reads at a glance (they stay in journal/JSON lines).
+_WHALE_SKIP = frozenset({"text", "value_usd", "ticker", "side", "fills", "is_block_trade", "alert_id", "trade_ids"})
+_WHALE_FIGURES = frozenset({"contracts", "price_low", "price_high", "created_time"})
+_CONSOLE_VALUE_CHARS = 60
+_CONSOLE_EXCERPT_CHARS = 80
+_CONSOLE_EVENT_WIDTH = 15
+_CONSOLE_INDENT = "    "
+_CONSOLE_LEVELS = {"critical": "ERROR", "exception": "ERROR", "error": "ERROR", "warning": "WARN", "warn": "WARN"}
+_ANSI = {"ERROR": "\x1b[31;1m", "WARN": "\x1b[33m", "whale": "\x1b[1m", "dim": "\x1b[2m"}
+_ANSI_RESET = "\x1b[0m"
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A captured line's own line ending, raw or already escaped by an earlier processor: not part of the frame.
+_LINE_END = re.compile(r"(?:\s|\\x0[ad]|\\[nr])+$")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline, an escape sequence or a bidi override from a hostile frame) shown escaped."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ConsoleRenderer:
+    """Render an event for a person at a terminal: short lines, and a whale shown as the post it makes.
+
+    - a whale (`would_post`, `posted`, `whale_detected`): a header with value, side, ticker and fills, then the
+      post text indented below it, line by line;
+    - `malformed_frame`: one line, the reason and an excerpt of the frame of at most 80 characters, taken
+      around the field the reason names;
+    - anything else: the event and its fields, each value cut to 60 characters, lists counted, and on the
+      `stats` / `daemon_stopped` lines only the counts that are not zero.
+
+    The machine formats (journal, JSON) keep every field; this one is for reading, not for parsing.
+    """
+
+    def __init__(self, *, colors: bool = False) -> None:
+        self._colors = colors
+
+    def _paint(self, style: str, text: str) -> str:
+        return f"{_ANSI[style]}{text}{_ANSI_RESET}" if self._colors and style in _ANSI else text
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+        name = str(event.get("event", ""))
+        level = _CONSOLE_LEVELS.get(str(event.get("level", "")).lower(), "")
+        head = [self._paint("dim", str(event.get("timestamp", ""))), self._paint(level, f"{level or 'info':5}")]
+        fields = {k: v for k, v in event.items() if k not in _JOURNAL_SKIP}
+        logger_name = str(event.get("logger", ""))
+        if logger_name and not logger_name.startswith("valshi_x") and logger_name != "__main__":
+            fields = {"logger": logger_name, **fields}
+        body: list[str] = []
+        if name in _WHALE_EVENTS:
+            head.append(self._paint("whale", f"{name:{_CONSOLE_EVENT_WIDTH}} {_whale_headline(fields)}"))
+            text = fields.get("text")
+            body = [_CONSOLE_INDENT + _one_line(line) for line in str(text).splitlines()] if text else []
+            # With the text shown, the figures behind it would only say the same again.
+            skip = _WHALE_SKIP | _WHALE_FIGURES if text else _WHALE_SKIP
+            fields = {k: v for k, v in fields.items() if k not in skip}
+        elif name == "malformed_frame":
+            head.append(f"{name:{_CONSOLE_EVENT_WIDTH}} {_malformed_summary(fields)}")
+            fields = {}
+        else:
+            head.append(f"{name:{_CONSOLE_EVENT_WIDTH}}" if fields else name)
+        if name in _COUNT_EVENTS:
+            fields = {k: v for k, v in fields.items() if v not in (0, 0.0, None) or isinstance(v, bool)}
+        head.extend(f"{key}={_console_value(value)}" for key, value in fields.items() if value is not None)
+        lines = [" ".join(part for part in head if part).rstrip(), *body]
+        for key in ("stack", "exception"):
+            extra = event.get(key)
+            if extra:
+                lines.extend(_CONSOLE_INDENT + _one_line(line) for line in str(extra).splitlines())
+        return "\n".join(lines)
+
+
+def _console_value(value: Any) -> str:
+    if isinstance(value, list | tuple) and len(value) > 3:
+        return f"[{len(value)} items]"
+    return _shorten(_one_line(_journal_value(value)), _CONSOLE_VALUE_CHARS)
+
+
+def _whale_headline(fields: Mapping[str, Any]) -> str:
+    """`$196,600.62 NO KXNFLGAME-26SEP13CHIJAC-CHI · 7 fills`: what the whale is, before its post text."""
+    raw_value = str(fields.get("value_usd", ""))
+    try:
+        value = f"${Decimal(raw_value):,.2f}"
+    except InvalidOperation:
+        value = _one_line(raw_value)
+    parts = [value, str(fields.get("side", "")).upper(), _one_line(str(fields.get("ticker", "")))]
+    fills = fields.get("fills")
+    if fields.get("is_block_trade") is True:
+        parts.append("· block trade")
+    elif isinstance(fills, int) and fills > 1:
+        parts.append(f"· {fills} fills")
+    return " ".join(part for part in parts if part)
+
+
+def _malformed_summary(fields: Mapping[str, Any]) -> str:
+    """`bad_number yes_price_dollars='abc' │ …"yes_price_dollars":"abc","no_price_dollars":…`."""
+    reason = _one_line(str(fields.get("reason", "")))
+    detail = _shorten(_one_line(str(fields.get("detail") or "")), 40)
+    raw = fields.get("frame", "")
+    # A frame is its raw text; a trade refused after decoding comes as a few fields.
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False, separators=(",", ":"))
+    frame = _LINE_END.sub("", _one_line(text.strip()))
+    # Start the excerpt a little before the field the detail names, so the bad part is what shows.
+    start = 0
+    named = _FIELD_NAME.match(detail)
+    if named and f'"{named.group()}"' in frame:
+        start = max(0, frame.index(f'"{named.group()}"') - 10)
+    excerpt = frame[start : start + _CONSOLE_EXCERPT_CHARS]
+    if start > 0:
+        excerpt = "…" + excerpt[1:]
+    if start + _CONSOLE_EXCERPT_CHARS < len(frame):
+        excerpt = excerpt[:-1] + "…"
+    return " ".join(part for part in (reason, detail, "│", excerpt) if part)
+
+
 def _foreign_stack(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A stdlib record's `stack_info` is already text: keep it as `stack` rather than have it re-captured here."""
     stack = event.pop("stack_info", None)
@@ -209,11 +332,9 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
         stamp = [structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")]
     else:
-        # plain_traceback: a rich traceback would print locals, past the redactor.
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
-        stamp = [structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")]
+        renderer = ConsoleRenderer(colors=stream.isatty())
+        # The time of day is enough on a terminal (UTC, like every time the daemon shows).
+        stamp = [structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=True, key="timestamp")]
 
     # Everything that shapes or cleans a line runs in the handler, for structlog events and stdlib records alike,
     # so reconfiguring also changes loggers that structlog has already cached.

@@ -21,7 +21,11 @@ Outbox states::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,13 +40,16 @@ from typing import Any, Literal, TypeVar, cast
 import msgspec
 import structlog
 
-from valshi_x.errors import ConfigError
+from valshi_x.errors import ConfigError, StateError, StateUnavailable, ValshiError
 from valshi_x.trades import Side
 from valshi_x.whales import Alert
 
 log = structlog.get_logger(__name__)
 
 DB_FILENAME = "valshi-x.sqlite3"
+# Held (flock) by the one process that owns the state directory, with its pid inside; never deleted, since
+# removing a lock file lets a third process lock a fresh one while the second still holds the old.
+LOCK_FILENAME = "valshi-x.lock"
 SCHEMA_VERSION = 1
 Status = Literal["pending", "posting", "posted", "failed", "skipped"]
 STATUSES: tuple[Status, ...] = ("pending", "posting", "posted", "failed", "skipped")
@@ -117,8 +124,12 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+def utc_iso(ms: int) -> str:
+    """Unix ms as an ISO UTC time; a value no calendar holds (a bad header kept by an old version) as itself."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return f"{ms} ms (out of range)"
 
 
 def alert_to_json(alert: Alert) -> str:
@@ -214,17 +225,25 @@ class StatusReport:
     last_errors: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
     rate_limits: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False  # the state of a dry run: its `posted` rows are whales logged as `would_post`
 
     def lines(self) -> list[str]:
         """Plain text for a terminal, one fact per line."""
         if not self.exists:
             return [f"no state yet at {self.path}"]
         out = [f"state: {self.path} (schema {self.schema_version})"]
-        out.append("outbox: " + ", ".join(f"{k}={v}" for k, v in self.counts.items()))
-        out.append(
-            f"requests to X that may have posted: {self.requests_last_15min} in 15 min, "
-            f"{self.requests_last_24h} in 24 h"
-        )
+        # A dry run marks its whales `posted` in its own outbox; said as such here, it would read as real posts.
+        shown = "would_post" if self.dry_run else "posted"
+        if self.dry_run:
+            out.append("dry run: nothing here was sent to X; 'would post' marks what a real run would have sent")
+        out.append("outbox: " + ", ".join(f"{shown if k == 'posted' else k}={v}" for k, v in self.counts.items()))
+        if self.dry_run:
+            out.append("requests to X: none (dry run)")
+        else:
+            out.append(
+                f"requests to X that may have posted: {self.requests_last_15min} in 15 min, "
+                f"{self.requests_last_24h} in 24 h"
+            )
         for window in self.rate_limits:
             out.append(
                 f"x limit {window['family']}: remaining {window['remaining']} of {window['limit']}, "
@@ -232,11 +251,13 @@ class StatusReport:
             )
         for name, value in self.checkpoints.items():
             out.append(f"checkpoint {name} = {_readable_checkpoint(name, value)}")
-        out.append("last posts:" if self.last_posts else "last posts: none")
+        heading = "last would-post alerts (dry run)" if self.dry_run else "last posts"
+        out.append(f"{heading}:" if self.last_posts else f"{heading}: none")
         for row in self.last_posts:
+            status, tweet = ("would post", "") if self.dry_run else (row["status"], f" tweet={row['tweet_id']}")
             out.append(
-                f"  {row['updated']} {row['status']} ${Decimal(row['value_usd']):,.2f} {row['ticker']} {row['side']} "
-                f"alert={row['alert_id']} tweet={row['tweet_id']}"
+                f"  {row['updated']} {status} ${Decimal(row['value_usd']):,.2f} {row['ticker']} {row['side']} "
+                f"alert={row['alert_id']}{tweet}"
             )
         out.append("last errors:" if self.last_errors else "last errors: none")
         for row in self.last_errors:
@@ -254,8 +275,8 @@ _ITEM_COLUMNS = (
 
 def _readable_checkpoint(name: str, value: str) -> str:
     """Times kept as Unix ms (names ending in `_ms`) are shown as UTC too."""
-    if name.endswith("_ms") and value.isdigit():
-        return f"{value} ({_iso(int(value))})"
+    if name.endswith("_ms") and value.isascii() and value.isdigit() and len(value) <= 18:
+        return f"{value} ({utc_iso(int(value))})"
     return value
 
 
@@ -292,27 +313,29 @@ def _status_report(conn: sqlite3.Connection, path: str, now_ms: int, last: int) 
         )
         keys = ("alert_id", "status", "value_usd", "ticker", "side", "tweet_id", "attempts", "last_error")
         return [
-            {**dict(zip(keys, r[:-1], strict=True)), "updated": _iso(r[-1])}
+            {**dict(zip(keys, r[:-1], strict=True)), "updated": utc_iso(r[-1])}
             for r in conn.execute(sql, (last,)).fetchall()
         ]
 
+    checkpoints = dict(conn.execute("SELECT name, value FROM checkpoints ORDER BY name").fetchall())
     return StatusReport(
         path=path,
         exists=True,
+        dry_run=checkpoints.get("outbox_mode") == "dry_run",  # written by the daemon (daemon.MODE_CHECKPOINT)
         schema_version=version,
         counts=counts,
         requests_last_15min=requests_since(now_ms - 15 * 60 * 1000),
         requests_last_24h=requests_since(now_ms - 24 * 3600 * 1000),
         last_posts=rows("status = 'posted'"),
         last_errors=rows("last_error IS NOT NULL AND status != 'posted'"),
-        checkpoints=dict(conn.execute("SELECT name, value FROM checkpoints ORDER BY name").fetchall()),
+        checkpoints=checkpoints,
         rate_limits=[
             {
                 "family": r[0],
                 "limit": r[1],
                 "remaining": r[2],
-                "reset": _iso(r[3] * 1000) if r[3] is not None else None,
-                "observed": _iso(r[4]),
+                "reset": utc_iso(r[3] * 1000) if r[3] is not None else None,
+                "observed": utc_iso(r[4]),
             }
             for r in conn.execute(
                 "SELECT family, lim, remaining, reset_s, observed_ms FROM rate_limits ORDER BY family"
@@ -324,16 +347,119 @@ def _status_report(conn: sqlite3.Connection, path: str, now_ms: int, last: int) 
 def read_status(state_dir: Path, *, last: int = 10, now_ms: int | None = None) -> StatusReport:
     """The status of a state directory, read-only and without touching a running daemon's rows.
 
-    Blocking; meant for the `status` command, which runs outside any event loop.
+    Blocking; meant for the `status` command, which runs outside any event loop. A database that cannot be read
+    raises what opening it would (StateError when corrupt, ConfigError or StateUnavailable otherwise).
     """
     path = db_path(state_dir)
     if not path.exists():
         return StatusReport(path=str(path), exists=False)
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return _status_report(conn, str(path), wall_ms() if now_ms is None else now_ms, last)
-    finally:
-        conn.close()
+        conn = _connect_read_only(path)
+        try:
+            check_integrity(conn, path)
+            return _status_report(conn, str(path), wall_ms() if now_ms is None else now_ms, last)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise open_error(path, exc) from None
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    uri = path.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            conn.close()
+            raise
+    except sqlite3.OperationalError as exc:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        wal = path.with_name(path.name + "-wal")
+        if code not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY) or (wal.exists() and wal.stat().st_size):
+            raise
+        # A WAL reader must create the shared-memory file, which a read-only directory (or a user without write
+        # access) refuses. With no write-ahead log pending the file is the whole state: read it as it lies.
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+    return conn
+
+
+# sqlite's primary result codes (the low byte of an extended code) for troubles that pass on their own, and for
+# a file that is damaged; anything else at open (cannot open, read-only, no permission) is a setting to fix.
+_PASSING_SQLITE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_INTERRUPT,
+    }
+)
+_CORRUPT_SQLITE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_PASSING_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory's exclusive lock and write our pid into it; returns the descriptor that holds it.
+
+    StateError (exit 78) when another process holds it: two daemons on one outbox would post each whale twice
+    and reset each other's requests in flight. The lock goes with the process, even on a crash or SIGKILL.
+    """
+    path = state_dir / LOCK_FILENAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        raise StateError(
+            f"STATE_DIR: {state_dir} is in use by another valshi-x ({pid}, holding {path}); "
+            "stop it first, or give this one its own STATE_DIR"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    # Only for the message above: a full disk that refuses the pid does not make the lock any less held.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """StateError unless `PRAGMA quick_check` finds the database sound: a damaged outbox is refused at the door,
+    rather than failing half-way through a whale."""
+    problems = [" ".join(str(r[0]).split()) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+    if problems != ["ok"]:
+        raise _corrupt(path, "; ".join(problems)[:300])
+
+
+def _corrupt(path: Path, detail: str) -> StateError:
+    return StateError(
+        f"STATE_DIR: {path} is corrupt ({detail}); move it aside (with its -wal and -shm files) to start with an "
+        "empty outbox, or restore a backup"
+    )
+
+
+def open_error(path: Path, exc: OSError | sqlite3.Error) -> ValshiError:
+    """What a failure to open the state means: passing (exit 1, systemd retries), corrupt or a setting (exit 78)."""
+    if path.exists() and not path.is_file():  # sqlite calls reading a directory an I/O error
+        return ConfigError([f"STATE_DIR: cannot open {path}: not a regular file"])
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        if primary in _CORRUPT_SQLITE_CODES:
+            return _corrupt(path, str(exc))
+        if primary in _PASSING_SQLITE_CODES:
+            return StateUnavailable(f"{path}: {exc} ({getattr(exc, 'sqlite_errorname', '?')})")
+    elif exc.errno in _PASSING_ERRNOS:
+        return StateUnavailable(f"{path}: {exc}")
+    return ConfigError([f"STATE_DIR: cannot open {path}: {exc}"])
 
 
 class Store:
@@ -348,6 +474,7 @@ class Store:
         self._clock_ms = clock_ms
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valshi-store")
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        self._lock_fd: int | None = None  # the state directory's lock, held while the store is open
         self._closed = False
 
     @classmethod
@@ -375,29 +502,28 @@ class Store:
 
     def _open_sync(self) -> None:
         if self.path is None:
-            conn = sqlite3.connect(":memory:", isolation_level=None)
+            self._conn = sqlite3.connect(":memory:", isolation_level=None)
         else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, isolation_level=None)
+                # Before the database is touched: a second daemon must not reset the first one's posts in flight.
+                self._lock_fd = lock_state_dir(self.path.parent)
+                self._conn = sqlite3.connect(self.path, isolation_level=None)
                 # WAL lets `status` read while the daemon writes. synchronous=FULL: a handful of writes per
                 # whale cost nothing, and a power cut must not forget an enqueued alert or a `posted` mark.
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                check_integrity(self._conn, self.path)
             except (OSError, sqlite3.Error) as exc:
-                raise ConfigError([f"STATE_DIR: cannot open {self.path}: {exc}"]) from None
+                raise open_error(self.path, exc) from None
+        conn = self._conn
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
-        self._conn = conn
         try:
             self._migrate()
             self._recover()
-        except sqlite3.OperationalError:
-            # Locked by another process, disk full, I/O error: passing troubles, so a crash (exit 1) that
-            # systemd restarts, not a configuration error (exit 78) that it never retries.
-            raise
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError([f"STATE_DIR: {self.path} is not a usable valshi-x database: {exc}"]) from None
+        except sqlite3.Error as exc:
+            raise open_error(self.path or Path(":memory:"), exc) from None
 
     def _migrate(self) -> None:
         db = self._db
@@ -459,6 +585,9 @@ class Store:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock, last: the database is closed by now
+            self._lock_fd = None
 
     # --- outbox -------------------------------------------------------------------------------------------------
 

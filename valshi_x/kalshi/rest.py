@@ -5,8 +5,10 @@ its turn in a rate limiter (a fixed spacing), has a timeout, and is retried on 4
 Retry-After: exponential backoff with jitter, during which no other request goes out either), on 5xx, timeouts
 and dropped connections, a bounded number of times; then it raises `KalshiRestError`.
 
-`TitleLookup` wraps the title lookup for the poster: it answers within a budget or gives up (None), so a slow
-or failing Kalshi never holds a post back for long; the post falls back to the ticker.
+`TitleLookup` wraps the title lookup for the poster: it answers within half a second or gives up (None), so a
+slow or failing Kalshi never holds a post back; the post falls back to the ticker. Titles are never retried:
+lookups make one attempt per request (usually one request: the market's event, which lists its markets), and a
+circuit breaker pauses them while Kalshi keeps failing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import aiohttp
 import structlog
@@ -35,6 +37,13 @@ Sleep = Callable[[float], Awaitable[None]]
 
 # Tickers are upper-case letters, digits, '-' and '.'; anything else must not reach a URL path.
 _TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
+# Failures that say Kalshi is struggling rather than that the request was wrong: retryable, and what opens
+# the title breaker. The others (404, malformed answers, other 4xx) are answers.
+TRANSIENT_REASONS: Final = frozenset({"timeout", "connection_error", "server_error", "rate_limited"})
+# What an alert waits for its market's title at most (the poster bounds it too); then it uses the ticker.
+TITLE_BUDGET_S: Final = 0.5
+# Labels cached from one event answer at most: a big event must not push every other label out of the cache.
+_SIBLINGS_CACHED: Final = 50
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -272,8 +281,17 @@ class KalshiRest:
 
     # -- titles -------------------------------------------------------------------------------------------------
 
+    def has_label(self, ticker: str) -> bool:
+        """Whether the cache answers for this market now (its label, or a failure that is not asked again yet)."""
+        return self._labels.get(ticker) is not None
+
     async def market_label(self, ticker: str) -> MarketLabel:
-        """The label of a market (cached); raises KalshiRestError, also for a failure seen in the last minute."""
+        """The label of a market (cached); raises KalshiRestError, also for a market that failed for good lately.
+
+        One attempt per request, never retried here: a title is a nicety, and `TitleLookup`'s breaker decides
+        when a struggling Kalshi is worth asking again. Only answers that will not change soon (404, a
+        malformed answer) are cached as failures; a timeout or a 5xx is not held against the market.
+        """
         cached = self._labels.get(ticker)
         if isinstance(cached, _Failure):
             raise KalshiRestError(cached.reason, cached.path, status=cached.status, detail="cached failure")
@@ -282,28 +300,51 @@ class KalshiRest:
         try:
             label = await self._fetch_label(ticker)
         except KalshiRestError as exc:
-            self._labels.put(ticker, _Failure(exc.reason, exc.path, exc.status), self._failure_ttl_s)
+            if exc.reason not in TRANSIENT_REASONS:
+                self._labels.put(ticker, _Failure(exc.reason, exc.path, exc.status), self._failure_ttl_s)
             raise
         self._labels.put(ticker, label, self._label_ttl_s)
         return label
 
     async def _fetch_label(self, ticker: str) -> MarketLabel:
+        """The label from as few requests as possible: usually one, for the market's event.
+
+        Kalshi does not document how an event ticker relates to its markets' tickers, but in practice it is the
+        market ticker without its last `-` part (KXNFLGAME-26NOV01KCBUF-KC -> KXNFLGAME-26NOV01KCBUF), and an
+        event comes with its markets. So the guessed event is asked for first: one request gives the label of
+        this market and of its siblings (cached). Only when the guess is wrong or the event does not list the
+        market is the market asked for, and then the event its `event_ticker` names (events are cached). A
+        combo (KXMVE…) is labelled by its legs: its market alone, never its event (thousands of combos).
+        """
         path = f"/markets/{ticker}"
         if not _TICKER_RE.fullmatch(ticker):
             raise KalshiRestError("bad_ticker", path)
-        market = (await self.get_json(path)).get("market")
+        guess, _, _ = ticker.rpartition("-")
+        combo = _is_combo(ticker, None)
+        if guess and not combo:
+            try:
+                await self._event(guess)
+            except KalshiRestError as exc:
+                if exc.reason in TRANSIENT_REASONS:
+                    raise  # Kalshi is struggling: one failed request is enough for this lookup
+                # Otherwise (a 404, an odd answer) the guess was wrong: the market will name its event.
+            found = self._labels.get(ticker)
+            if isinstance(found, MarketLabel):
+                return found
+        market = (await self._get_title_json(path)).get("market")
         if not isinstance(market, dict):
             raise KalshiRestError("bad_response", path, status=200, detail="no market object")
         event_ticker = _text_field(market, "event_ticker")
-        event = await self._event(event_ticker) if _TICKER_RE.fullmatch(event_ticker) else None
+        event = await self._event(event_ticker) if not combo and _TICKER_RE.fullmatch(event_ticker) else None
         return label_from(ticker, market, event)
 
     async def _event(self, event_ticker: str) -> _Event:
+        """The event (cached); fetching it also caches the labels of the markets it lists."""
         cached = self._events.get(event_ticker)
         if cached is not None:
             return cached
         path = f"/events/{event_ticker}"
-        data = await self.get_json(path)
+        data = await self._get_title_json(path)
         raw = data.get("event")
         if not isinstance(raw, dict):
             raise KalshiRestError("bad_response", path, status=200, detail="no event object")
@@ -317,7 +358,46 @@ class KalshiRest:
             markets=len(markets) if isinstance(markets, list) else None,
         )
         self._events.put(event_ticker, event, self._label_ttl_s)
+        if isinstance(markets, list):
+            for market in markets[:_SIBLINGS_CACHED]:
+                ticker = market.get("ticker") if isinstance(market, dict) else None
+                if isinstance(ticker, str) and _TICKER_RE.fullmatch(ticker):
+                    self._labels.put(ticker, label_from(ticker, market, event), self._label_ttl_s)
         return event
+
+    async def _get_title_json(self, path: str) -> dict[str, Any]:
+        """One GET (in the rate limiter's queue, with the timeout) for a title: no retry, a failure is raised."""
+        # Titles must not retry (see market_label) and `get_json` does (until the one-retry-layer change makes it
+        # one attempt too; then this is `get_json`).
+        await self.limiter.wait()
+        self.requests += 1
+        try:
+            async with self._session.get(
+                self._base_url + path, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                status = response.status
+                body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
+        except TimeoutError:
+            raise KalshiRestError("timeout", path) from None
+        except aiohttp.ClientError as exc:
+            raise KalshiRestError("connection_error", path, detail=type(exc).__name__) from None
+        except DecodeRefused as exc:
+            raise KalshiRestError("bad_response", path, detail=exc.detail) from None
+        if status == 200:
+            try:
+                data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+            except DecodeRefused as exc:
+                raise KalshiRestError("bad_response", path, status=status, detail=exc.reason) from None
+            if not isinstance(data, dict):
+                raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
+            return data
+        if status == 429:
+            raise KalshiRestError("rate_limited", path, status=status)
+        if status >= 500:
+            raise KalshiRestError("server_error", path, status=status)
+        if status == 404:
+            raise KalshiRestError("not_found", path, status=status)
+        raise KalshiRestError("http_error", path, status=status, detail=body[:120].decode(errors="replace"))
 
     # -- trades -------------------------------------------------------------------------------------------------
 
@@ -356,43 +436,153 @@ class KalshiRest:
             params["cursor"] = cursor
 
 
-class TitleLookup:
-    """Market labels for the poster, within a time budget; None (and one log line) instead of an error.
+class TitleBreaker:
+    """Stops title lookups for a while after several failed in a row, so a Kalshi that is down costs one log line.
 
-    A lookup that runs out of budget goes on in the background, so its answer is cached for the next alert
-    on that market; `aclose` cancels what is still running. Built with `rest=None` it never looks anything
-    up (replays without network).
+    Closed: every lookup may go. After `failures_to_open` lookups in a row failed for a reason that says
+    Kalshi is struggling (timeouts, dropped connections, 5xx, 429) it opens for `open_s`: no lookups, posts
+    use the ticker. Then one lookup goes as a probe; its success closes the breaker, its failure opens it
+    again. Opening and closing are logged once each. Time comes from `clock` (monotonic seconds).
     """
 
-    def __init__(self, rest: KalshiRest | None) -> None:
-        self._rest = rest
-        self._running: dict[str, asyncio.Task[MarketLabel]] = {}
-        self.failures = 0
+    def __init__(self, *, failures_to_open: int = 3, open_s: float = 30.0, clock: Clock = time.monotonic) -> None:
+        if failures_to_open < 1 or open_s <= 0:
+            raise ValueError("the breaker needs failures_to_open >= 1 and open_s > 0")
+        self.failures_to_open = failures_to_open
+        self.open_s = open_s
+        self._clock = clock
+        self.failures_in_row = 0
+        self.state: Literal["closed", "open", "probing"] = "closed"
+        self._retry_at_s = 0.0
+        self._opened_at_s = 0.0
+        self.opened = 0  # times it opened from closed (stats)
 
-    async def label_for(self, ticker: str, budget_s: float = 3.0) -> MarketLabel | None:
-        if self._rest is None:
+    def allow(self) -> bool:
+        """Whether a lookup may start now; once the pause is over, True exactly once (the probe)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open" and self._clock() >= self._retry_at_s:
+            self.state = "probing"
+            return True
+        return False
+
+    def record(self, *, ok: bool, reason: str | None = None) -> None:
+        """A lookup's outcome: `ok` when Kalshi answered (a 404 too), not ok when it was unreachable."""
+        if ok:
+            self.failures_in_row = 0
+            if self.state != "closed":
+                log.info("title_lookups_resumed", paused_s=round(self._clock() - self._opened_at_s, 3))
+                self.state = "closed"
+            return
+        self.failures_in_row += 1
+        if self.state == "probing" or (self.state == "closed" and self.failures_in_row >= self.failures_to_open):
+            if self.state == "closed":
+                self.opened += 1
+                self._opened_at_s = self._clock()
+                log.warning(
+                    "title_lookups_paused",
+                    failures_in_row=self.failures_in_row,
+                    reason=reason,
+                    retry_in_s=self.open_s,
+                    hint="Kalshi REST is failing: posts use the market ticker until a probe lookup succeeds",
+                )
+            self.state = "open"
+            self._retry_at_s = self._clock() + self.open_s
+
+
+class TitleLookup:
+    """Market labels for the poster: an answer within a short budget, or None and the post uses the ticker.
+
+    Lookups run as background tasks, at most `max_running` started by `prefetch` at a time (an alert's own
+    lookup always starts). A lookup that outlasts the budget goes on, so its answer is cached for the next
+    alert of that market; `prefetch` starts one early (when a sweep nears the threshold) so the alert finds
+    the title at once. Nothing is retried: a market whose lookup just failed is not asked about again for
+    `retry_after_s` (its alert goes out with the ticker at once), and a `TitleBreaker` stops all lookups while
+    Kalshi keeps failing. `aclose` cancels what is still running. Built with `rest=None` it never looks
+    anything up (replays without network).
+    """
+
+    def __init__(
+        self,
+        rest: KalshiRest | None,
+        *,
+        budget_s: float = TITLE_BUDGET_S,
+        max_running: int = 8,
+        retry_after_s: float = 10.0,
+        breaker: TitleBreaker | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._rest = rest
+        self.budget_s = budget_s
+        self.max_running = max_running
+        self.retry_after_s = retry_after_s
+        self.breaker = breaker or TitleBreaker(clock=clock)
+        self._running: dict[str, asyncio.Task[MarketLabel | None]] = {}
+        self._failed_lately: TTLCache[str, str] = TTLCache(1000, clock)  # ticker -> reason
+        self.failures = 0  # lookups that failed
+        self.skipped = 0  # alerts that got no lookup at all (breaker open, or failed a moment ago)
+
+    def prefetch(self, ticker: str) -> None:
+        """Start looking `ticker` up in the background unless it is cached, running, paused or too many run."""
+        if self._rest is None or ticker in self._running or self._rest.has_label(ticker):
+            return
+        if self._failed_lately.get(ticker) is not None:
+            return
+        if len(self._running) >= self.max_running or not self.breaker.allow():
+            return
+        self._start(self._rest, ticker)
+
+    async def label_for(self, ticker: str, budget_s: float | None = None) -> MarketLabel | None:
+        """The label, waiting at most `budget_s` (default: the lookup's budget); None when there is none yet."""
+        rest = self._rest
+        if rest is None:
             return None
         task = self._running.get(ticker)
         if task is None:
-            task = asyncio.create_task(self._rest.market_label(ticker), name=f"title_lookup:{ticker}")
-            self._running[ticker] = task
-            task.add_done_callback(self._forget)
+            if rest.has_label(ticker):
+                try:
+                    return await rest.market_label(ticker)  # from the cache: no request, no wait
+                except KalshiRestError:
+                    return None  # a market that failed for good lately: already logged
+            if self._failed_lately.get(ticker) is not None or not self.breaker.allow():
+                self.skipped += 1
+                return None
+            task = self._start(rest, ticker)
+        wait_s = self.budget_s if budget_s is None else budget_s
         try:
-            return await asyncio.wait_for(asyncio.shield(task), budget_s)
+            return await asyncio.wait_for(asyncio.shield(task), wait_s)
         except TimeoutError:
-            reason, status = "timeout", None
-        except KalshiRestError as exc:
-            reason, status = exc.reason, exc.status
-        self.failures += 1
-        log.warning("title_lookup_failed", ticker=ticker, reason=reason, status=status, budget_s=budget_s)
-        return None
+            log.info("title_lookup_late", ticker=ticker, budget_s=wait_s)
+            return None
 
-    def _forget(self, task: asyncio.Task[MarketLabel]) -> None:
+    def _start(self, rest: KalshiRest, ticker: str) -> asyncio.Task[MarketLabel | None]:
+        task = asyncio.create_task(self._lookup(rest, ticker), name=f"title_lookup:{ticker}")
+        self._running[ticker] = task
+        task.add_done_callback(self._forget)
+        return task
+
+    async def _lookup(self, rest: KalshiRest, ticker: str) -> MarketLabel | None:
+        """One lookup, however many wait for it: its outcome is told to the breaker and logged once."""
+        try:
+            label = await rest.market_label(ticker)
+        except KalshiRestError as exc:
+            self.failures += 1
+            log.warning("title_lookup_failed", ticker=ticker, reason=exc.reason, status=exc.status)
+            transient = exc.reason in TRANSIENT_REASONS
+            if transient:
+                # Asking again at once would be a retry: a lookup started ahead (prefetch) that failed must not
+                # cost its alert a second round trip. (Lasting failures are cached by KalshiRest itself.)
+                self._failed_lately.put(ticker, exc.reason, self.retry_after_s)
+            self.breaker.record(ok=not transient, reason=exc.reason)
+            return None
+        self.breaker.record(ok=True)
+        return label
+
+    def _forget(self, task: asyncio.Task[MarketLabel | None]) -> None:
         ticker = task.get_name().removeprefix("title_lookup:")
         if self._running.get(ticker) is task:
             del self._running[ticker]
-        if not task.cancelled():
-            task.exception()  # a failure nobody waited for any more is already counted; mark it retrieved
+        _retrieve(task)
 
     async def aclose(self) -> None:
         """Cancel lookups still running in the background."""
@@ -400,3 +590,9 @@ class TitleLookup:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's outcome as seen: a failure nobody waits for any more must not be reported as unhandled."""
+    if not task.cancelled():
+        task.exception()

@@ -3,8 +3,9 @@
 Each session: sign the handshake afresh, connect, subscribe to `trade`, then read frames and hand each trade
 frame to `deliver` (synchronous, never blocking: the daemon puts it on a bounded queue). The loop owns its
 retries: every way a session ends is classified in `_end_of_session` / `_connect_failure_delay`, and the next
-delay comes from a jittered, capped `Backoff` that is reset only after a connection stayed up a while, so a
-server that accepts and drops at once cannot cause a hot reconnect loop.
+delay comes from a jittered, capped backoff that is reset only once a connection has subscribed and delivered a
+trade, so a server that accepts and drops at once cannot cause a hot reconnect loop, while after an outage the
+next try comes soon (`reconnect_backoff`).
 
 Liveness: Kalshi pings every 10 s. A connection that delivers neither a frame nor a server ping for
 `idle_timeout_s` is treated as stalled and replaced. Our own keepalive pings (`ping_interval_s`) notice a dead
@@ -35,7 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
-from valshi_x.backoff import Backoff
+from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.pipeline import WarningBudget
 from valshi_x.trades import MalformedTrade, parse_frame
@@ -68,9 +69,13 @@ Cause = Literal[
 ]
 
 
-def reconnect_backoff(rand: Callable[[], float] = random.random) -> Backoff:
-    """For transient failures: about 1 s, doubling, at most 60 s."""
-    return Backoff(initial_s=1.0, factor=2.0, cap_s=60.0, rand=rand)
+def reconnect_backoff(rand: Callable[[], float] = random.random) -> OutageBackoff:
+    """For transient failures: 0.5-1 s at first, then a quarter of the time already waited, at most 15 s.
+
+    A late reconnect is missed whales (their backfill holds alerts back), so after a 6 s outage the next
+    try comes within 1.5 s of Kalshi accepting again; a long outage is still tried only every 7.5-15 s.
+    """
+    return OutageBackoff(initial_s=1.0, fraction=0.25, cap_s=15.0, rand=rand)
 
 
 def rejected_backoff(rand: Callable[[], float] = random.random) -> Backoff:
@@ -124,12 +129,11 @@ class TradeStream:
         on_bad_frame: Callable[[str | bytes, MalformedTrade], None],
         record: Callable[[str], None] | None = None,
         idle_timeout_s: float = 30.0,
-        backoff: Backoff | None = None,
+        backoff: RetryDelays | None = None,
         on_subscribed: Callable[[int], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         on_gap: Callable[[SeqGap], None] | None = None,
-        slow_backoff: Backoff | None = None,
-        stable_after_s: float = 60.0,
+        slow_backoff: RetryDelays | None = None,
         open_timeout_s: float = 10.0,
         ping_interval_s: float | None = 20.0,
         ping_timeout_s: float | None = 20.0,
@@ -141,7 +145,8 @@ class TradeStream:
         self._path = urlsplit(url).path or "/"
         self._public_url = public_url(url)
         self._signer = signer
-        self._deliver = deliver
+        self._deliver_trade = deliver
+        self._deliver = deliver  # `_first_trade` in its place until a connection proves itself
         self._on_bad_frame = on_bad_frame
         self._record = record
         self.idle_timeout_s = idle_timeout_s
@@ -150,7 +155,6 @@ class TradeStream:
         self._on_subscribed = on_subscribed
         self._on_disconnect = on_disconnect
         self._on_gap = on_gap
-        self.stable_after_s = stable_after_s
         self._open_timeout_s = open_timeout_s
         self._ping_interval_s = ping_interval_s
         self._ping_timeout_s = ping_timeout_s
@@ -257,6 +261,7 @@ class TradeStream:
         self._seq_missing_noted = set()
         self._next_id = 1
         self._pending_subscribes = set()
+        self._deliver = self._first_trade
         log.info("ws_connected", url=self._public_url, attempt=self.attempts, signed=self._signer is not None)
 
     async def _read(self, ws: ObservedConnection) -> Cause:
@@ -475,9 +480,6 @@ class TradeStream:
         return delay_s
 
     def _end_of_session(self, ws: ObservedConnection, cause: Cause, uptime_s: float) -> float:
-        if uptime_s >= self.stable_after_s:
-            self._backoff.reset()
-            self._slow_backoff.reset()
         backoff = self._slow_backoff if cause == "auth_required" else self._backoff
         delay_s = backoff.next_delay()
         log_method = log.info if cause == "requested" else log.warning
@@ -490,3 +492,15 @@ class TradeStream:
             retry_in_s=round(delay_s, 3),
         )
         return delay_s
+
+    def _first_trade(self, frame: dict[str, Any]) -> None:
+        """Deliver the connection's first trade; once subscribed, that proves it works: the backoffs start over.
+
+        Not uptime: a connection that stays open but never delivers (accepted, then dropped or refused) must
+        keep backing off. Later trades go to `deliver` directly, with no check per frame.
+        """
+        if self.sid is not None:
+            self._backoff.reset()
+            self._slow_backoff.reset()
+            self._deliver = self._deliver_trade
+        self._deliver_trade(frame)

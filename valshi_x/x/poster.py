@@ -24,12 +24,13 @@ very same text, so a duplicate-content 403 proves that an attempt cut off by a t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -41,7 +42,7 @@ from tweepy.asynchronous import AsyncClient
 from valshi_x.backoff import capped_step_s
 from valshi_x.config import Settings
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
-from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, wall_ms
+from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
 
@@ -60,6 +61,11 @@ RATE_LIMIT_HEADERS = {
     "user_24h": "x-user-limit-24hour",
     "app_24h": "x-app-limit-24hour",
 }
+# No answer from X may hold the poster longer than this: its longest limit window is 24 hours. A reset further
+# away (milliseconds instead of seconds, a broken clock, an absurd number) is capped here and logged.
+MAX_RESET_AHEAD_MS = 24 * 60 * _MINUTE_MS
+# A header number: ASCII digits only (int() would take "٣", "1_0" and 4,000-digit strings), small enough for SQLite.
+_HEADER_INT = re.compile(r"[0-9]{1,18}")
 # 403 texts that say the account or app may not post at all (as opposed to "not this text").
 _PERMISSION_MARKERS = (
     "oauth1-permissions",
@@ -108,22 +114,45 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
     raw = headers.get(name)
     if raw is None:
         return None
-    try:
-        return int(raw.strip())
-    except ValueError:
+    text = raw.strip()
+    return int(text) if _HEADER_INT.fullmatch(text) else None
+
+
+def cap_reset_s(reset_s: int | None, now_ms: int) -> int | None:
+    """`reset_s`, but never more than `MAX_RESET_AHEAD_MS` after `now_ms`."""
+    if reset_s is None:
         return None
+    return min(reset_s, (now_ms + MAX_RESET_AHEAD_MS) // 1000)
 
 
 def parse_rate_limits(headers: Mapping[str, str], now_ms: int) -> list[RateLimitWindow]:
-    """The limits an answer reports: 15-minute, and the 24-hour ones when sent (headers in lower case)."""
+    """The limits an answer reports: 15-minute, and the 24-hour ones when sent (headers in lower case).
+
+    A value that is not a plain non-negative number counts as absent; a reset more than 24 h after `now_ms` is
+    capped at 24 h (`unusable_resets` names them, for the log).
+    """
     windows = []
     for family, prefix in RATE_LIMIT_HEADERS.items():
         limit = _header_int(headers, f"{prefix}-limit")
         remaining = _header_int(headers, f"{prefix}-remaining")
-        reset_s = _header_int(headers, f"{prefix}-reset")
+        reset_s = cap_reset_s(_header_int(headers, f"{prefix}-reset"), now_ms)
         if limit is not None or remaining is not None or reset_s is not None:
             windows.append(RateLimitWindow(family, limit, remaining, reset_s, now_ms))
     return windows
+
+
+def unusable_resets(headers: Mapping[str, str], now_ms: int) -> dict[str, str]:
+    """The reset headers of an answer that `parse_rate_limits` ignored or capped: name -> the value (shortened)."""
+    found = {}
+    for prefix in RATE_LIMIT_HEADERS.values():
+        name = f"{prefix}-reset"
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        reset_s = _header_int(headers, name)
+        if reset_s is None or cap_reset_s(reset_s, now_ms) != reset_s:
+            found[name] = ascii(raw[:40])
+    return found
 
 
 def limit_lifts_at_ms(windows: Sequence[RateLimitWindow]) -> int | None:
@@ -159,8 +188,11 @@ def _problem(body: bytes) -> tuple[dict[str, Any] | None, str]:
     return data, "; ".join(parts)[:300]
 
 
-def classify(result: SendResult) -> Outcome:
-    """Map one answer from X (or its absence) to what the poster does; see the table in the module docstring."""
+def classify(result: SendResult, *, now_ms: int | None = None) -> Outcome:
+    """Map one answer from X (or its absence) to what the poster does; see the table in the module docstring.
+
+    `now_ms` (default: the wall clock) is when the answer came: a rate-limit reset is capped 24 h after it.
+    """
     status = result.status
     if status is None:
         return Outcome(OutcomeKind.TRANSIENT, result.error or "no answer")
@@ -177,7 +209,8 @@ def classify(result: SendResult) -> Outcome:
     if status == 429:
         if "usagecap" in text.replace(" ", ""):
             return Outcome(OutcomeKind.PAUSED, reason, status)
-        reset_ms = limit_lifts_at_ms(parse_rate_limits(result.headers, 0))
+        windows = parse_rate_limits(result.headers, wall_ms() if now_ms is None else now_ms)
+        reset_ms = limit_lifts_at_ms(windows)
         return Outcome(OutcomeKind.RATE_LIMITED, reason, status, reset_ms=reset_ms)
     if status in (401, 402):
         return Outcome(OutcomeKind.PAUSED, reason, status)
@@ -214,8 +247,9 @@ TRANSIENT_BACKOFF = Backoff(5.0, 300.0)  # 8 tries span 10-12 minutes, inside th
 RESET_JITTER_S = (1.0, 5.0)  # after a reset X named: at least a second late, spread so restarts do not align
 PAUSE_PROBE_S = 1800.0
 MAX_FAILURES = 8
-# A backstop: `TitleLookup.label_for` keeps its own 3 s budget; this only bounds a lookup that ignores its own.
-TITLE_BUDGET_S = 4.0
+# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
+# A lookup that is cut off goes on in the background (TitleLookup), so the next alert of that market has it.
+TITLE_BUDGET_S = 0.5
 # Checkpoint holding the end of a rate-limit or backoff wait, so a restart does not send early. A pause is not
 # kept: after a restart (new keys, new credits) one probe at once is what the user wants.
 GATE_CHECKPOINT = "x_not_before_ms"
@@ -353,10 +387,11 @@ class PosterStats:
     transient: int = 0
     paused: bool = False
     last_posted_ms: int | None = None  # wall time of the last post X confirmed
+    dry_run: bool = False  # `posted` then counts whales logged as `would_post`: nothing reached X
 
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    def posted_field(self) -> dict[str, int]:
+        """`posted` for the stats and stop lines; `would_have_posted` in a dry run, which must not read as posts."""
+        return {"would_have_posted" if self.dry_run else "posted": self.posted}
 
 
 def _seconds(ms: int) -> float:
@@ -414,7 +449,7 @@ class Poster:
         self._max_failures = max_failures
         self._pause_probe_ms = int(pause_probe_s * 1000)
         self._title_budget_s = title_budget_s
-        self.stats = PosterStats()
+        self.stats = PosterStats(dry_run=transport.dry_run)
         self._gate_ms = 0  # no request before this: a rate limit, a pause or a backoff
         self._paused_reason: str | None = None
         self._limits: dict[str, RateLimitWindow] = {}
@@ -425,6 +460,7 @@ class Poster:
         self._idle.set()
         self._stopping = False
         self._loaded = False
+        self._reset_capped_logged = False
 
     @classmethod
     def from_settings(
@@ -489,9 +525,27 @@ class Poster:
 
     async def _load(self) -> None:
         if not self._loaded:
-            self._limits = {w.family: w for w in await self._store.load_rate_limits()}
-            self._gate_ms = int(await self._store.get_checkpoint(GATE_CHECKPOINT) or 0)
+            # What an older version saved from a bad header is capped like a fresh one: a restart must not wait
+            # for a reset in the year 58886, or crash writing it down.
+            now_ms = self._now_ms()
+            saved = await self._store.load_rate_limits()
+            self._limits = {w.family: dataclasses.replace(w, reset_s=cap_reset_s(w.reset_s, now_ms)) for w in saved}
+            gate = await self._store.get_checkpoint(GATE_CHECKPOINT) or "0"
+            gate_ms = int(gate) if _HEADER_INT.fullmatch(gate) else 0
+            capped = {w.family for w in saved if w.reset_s != self._limits[w.family].reset_s}
+            if gate_ms > now_ms + MAX_RESET_AHEAD_MS:
+                capped.add(GATE_CHECKPOINT)
+                gate_ms = now_ms + MAX_RESET_AHEAD_MS
+            if capped:
+                self._log_reset_capped(sorted(capped), source="saved_state")
+            self._gate_ms = gate_ms
             self._loaded = True
+
+    def _log_reset_capped(self, what: Sequence[str], *, source: str) -> None:
+        """Once per run: X (or a state saved from it) named a wait longer than 24 h, or no usable number."""
+        if not self._reset_capped_logged:
+            self._reset_capped_logged = True
+            log.warning("x_reset_capped", source=source, values=list(what), max_wait_s=MAX_RESET_AHEAD_MS // 1000)
 
     async def _set_gate(self, until_ms: int, *, persist: bool) -> None:
         self._gate_ms = until_ms
@@ -555,7 +609,7 @@ class Poster:
                     until_ms, why, detail = lifts_ms, f"x_{window.family}_remaining_0", {"limit": window.limit}
         if until_ms <= now_ms:
             return 0
-        log.info("post_budget_wait", reason=why, wait_s=_seconds(until_ms - now_ms), until=_iso(until_ms), **detail)
+        log.info("post_budget_wait", reason=why, wait_s=_seconds(until_ms - now_ms), until=utc_iso(until_ms), **detail)
         return until_ms - now_ms
 
     def _reset_jitter_ms(self) -> int:
@@ -569,7 +623,7 @@ class Poster:
                 async with asyncio.timeout(self._title_budget_s):
                     label = await self._lookup_label(alert.ticker)
             except TimeoutError:
-                log.warning("title_lookup_slow", ticker=alert.ticker, budget_s=self._title_budget_s)
+                log.info("title_lookup_late", ticker=alert.ticker, budget_s=self._title_budget_s)
             except Exception as exc:
                 # The title is a nicety: whatever goes wrong finding it, the whale is posted with its ticker.
                 log.warning("title_lookup_failed", ticker=alert.ticker, error=_describe(exc))
@@ -602,7 +656,7 @@ class Poster:
                     self._store.release(item.alert_id, 0, error="cancelled while posting", in_doubt=True)
                 )
                 raise
-            outcome = classify(result)
+            outcome = classify(result, now_ms=self._now_ms())
             # Bookkeeping finishes even if we are cancelled now: the answer is in and must not be lost.
             await asyncio.shield(
                 self._settle(item, text=text, fields=fields, sent_ms=sent_ms, result=result, outcome=outcome)
@@ -622,6 +676,8 @@ class Poster:
     ) -> None:
         now_ms = self._now_ms()
         attempt = Attempt(sent_ms, outcome.kind.value, outcome.http_status, outcome.tweet_id)
+        if unusable := unusable_resets(result.headers, now_ms):
+            self._log_reset_capped([f"{name}: {raw}" for name, raw in unusable.items()], source="x_answer")
         await self._observe(parse_rate_limits(result.headers, now_ms), posted=outcome.kind is OutcomeKind.POSTED)
         alert_id = item.alert_id
         kind = outcome.kind
@@ -631,7 +687,7 @@ class Poster:
             self.stats.last_posted_ms = now_ms
             self._answered()
             if not self._transport.dry_run:
-                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1)
+                log.info("posted", **fields, tweet_id=outcome.tweet_id, attempts=item.attempts + 1, text=text)
         elif kind is OutcomeKind.ALREADY_POSTED:
             await self._store.mark_posted(alert_id, None, attempt=attempt, note=f"already posted: {outcome.reason}")
             self.stats.already_posted += 1
@@ -656,7 +712,7 @@ class Poster:
                 "x_rate_limited",
                 alert_id=alert_id,
                 wait_s=_seconds(wait_ms),
-                until=_iso(self._gate_ms),
+                until=utc_iso(self._gate_ms),
                 source=source,
                 in_a_row=self._rate_limited_streak,
                 reason=outcome.reason,
@@ -675,7 +731,7 @@ class Poster:
                     hint="posting stopped; alerts stay queued. Check the X app's plan, credits, keys and permissions",
                 )
             else:
-                log.info("x_still_paused", reason=outcome.reason, next_probe=_iso(self._gate_ms))
+                log.info("x_still_paused", reason=outcome.reason, next_probe=utc_iso(self._gate_ms))
             self._paused_reason = outcome.reason
             self.stats.paused = True
         else:

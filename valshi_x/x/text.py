@@ -17,7 +17,10 @@ is dropped. The placeholders (`TEMPLATE_FIELDS`):
     {price_cents}  the average price paid per contract (value ÷ contracts), in cents: 62¢, 60.8¢, 0.35¢
     {price_range}  lowest and highest fill price, joined by an en dash: 58¢ and 62¢ (62¢ alone when all
                    fills had one price)
-    {odds_pct}     the implied chance of the side bought, which is the average price: 62%
+    {odds_pct}     the chance the price gives the side bought (NO's chance on a NO buy), which is the average
+                   price: 62%. Next to a title it reads as the event's chance; {yes_pct} cannot be misread
+    {yes_pct}      the market's YES probability at this trade: the average price on a YES buy, 100 minus it on
+                   a NO buy (NO at 8¢ → 92%); always about YES, so a post never leaves the reader to guess
     {contracts}    contracts bought: 1,991,237 or 147.53
     {payout}       what the contracts pay if the side bought wins ($1 each), whole dollars: $1,991,237
     {fills}        how many fills (trades) the order was made of: 3
@@ -40,7 +43,7 @@ Rules every post keeps
 - At most one cashtag: a "$" followed by a letter in a title or ticker loses the "$" (a dollar amount such as
   $125,000 is not a cashtag); a template may hold at most one.
 - No accidental links: titles and tickers go through `valshi_x.sanitize.clean_post_text` (invisible, bidi and
-  line-breaking characters dropped; a dot before a letter becomes U+2024 ONE DOT LEADER, which looks the same,
+  line-breaking characters dropped; a dot before two letters becomes U+2024 ONE DOT LEADER, which looks the same,
   so "Kalshi.com", "https://♥.com/x" or "kalshi\u200d.com" neither link nor bill the post as one with a URL).
   A last check refuses a post holding any link but the market's own, which is added only when POST_LINKS is on.
 """
@@ -59,11 +62,14 @@ from valshi_x.whales import Alert
 MAX_WEIGHTED_LENGTH = 280
 URL_WEIGHT = 23  # X counts every link as 23, whatever its length (t.co wrapping)
 
+# The side bought is named beside its price and in the payout line, and the only percentage is the market's
+# chance of YES, labelled so: a reader never has to work out whether "8%" is the event's chance or NO's.
 DEFAULT_TEMPLATE = (
     "🐋 {value} on {side}\n"
     "{title}\n"
-    "{contracts} contracts at {price_cents} ({odds_pct} implied){fills_note}\n"
-    "Pays {payout} if right · {time}"
+    "Bought {side} at {price_cents} · market says {yes_pct} YES\n"
+    "{contracts} contracts{fills_note}\n"
+    "Pays {payout} if {side} wins · {time}"
 )
 
 TEMPLATE_FIELDS: tuple[str, ...] = (
@@ -81,6 +87,7 @@ TEMPLATE_FIELDS: tuple[str, ...] = (
     "date",
     "ticker",
     "link",
+    "yes_pct",
 )
 
 ELLIPSIS = "…"
@@ -292,8 +299,16 @@ def _cents(price_dollars: Decimal) -> str:
     return _strip_zeros(cents.quantize(step, rounding=ROUND_HALF_UP))
 
 
+def _complement_cents(shown: str) -> str:
+    """100 minus a price as shown: the YES side of a NO price, with the same decimals, so the two add to 100."""
+    return _strip_zeros(_HUNDRED - Decimal(shown.replace(",", "")))
+
+
 def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
     avg_price = alert.value_usd / alert.contracts
+    avg_cents = _cents(avg_price)
+    # From the shown price, not recomputed from 1 - price: rounding both could make them add to 100.1.
+    yes_cents = avg_cents if alert.side == "yes" else _complement_cents(avg_cents)
     low, high = _cents(alert.price_low), _cents(alert.price_high)
     if alert.is_block_trade:
         fills_note = " · block trade"
@@ -306,9 +321,9 @@ def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
         "value": _usd(alert.value_usd),
         "title": title,
         "side": alert.side.upper(),
-        "price_cents": f"{_cents(avg_price)}¢",
+        "price_cents": f"{avg_cents}¢",
         "price_range": f"{low}¢" if low == high else f"{low}¢{_EN_DASH}{high}¢",
-        "odds_pct": f"{_cents(avg_price)}%",
+        "odds_pct": f"{avg_cents}%",
         "contracts": _contracts(alert.contracts),
         "payout": _usd(alert.payout_usd),
         "fills": str(alert.fills),
@@ -317,6 +332,7 @@ def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
         "date": when.strftime("%Y-%m-%d"),
         "ticker": _clean(alert.ticker),
         "link": link,
+        "yes_pct": f"{yes_cents}%",
     }
 
 
@@ -392,6 +408,7 @@ _SAMPLE_FIELDS: dict[str, str] = {
     "date": "2026-12-31",
     "ticker": "KXMVESPORTSMULTIGAMEEXTENDED-S2026ABCDEF12345-ABCDEF12345",
     "link": "",
+    "yes_pct": "99.96%",
 }
 
 

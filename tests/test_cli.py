@@ -1,0 +1,182 @@
+"""The command line as an operator meets it: wrong capture options, a misspelled setting, a dry run's status.
+
+Each case runs the real CLI in a child process and checks its exit code and the one line it prints.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_config import ROOT, clean_env
+from valshi_x.config import SETTING_PREFIXES, unknown_settings
+from valshi_x.x.poster import PosterStats
+
+SAMPLE = ROOT / "examples" / "sample.jsonl"
+CONFIG_ERROR = "valshi-x: configuration error: "
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "valshi_x", *args],
+        env=clean_env(PYTHONPATH=str(ROOT), **env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def config_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single configuration-error line of a run that must have stopped before starting anything."""
+    assert done.returncode == 78, done.stderr
+    assert done.stdout == ""  # nothing started: no log line, no connection
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(CONFIG_ERROR)
+    return line.removeprefix(CONFIG_ERROR)
+
+
+def json_events(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+# --- --record and --replay ------------------------------------------------------------------------------------
+
+
+def test_record_into_a_missing_folder_exits_78_before_connecting(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-folder" / "capture.jsonl"
+    # Nothing listens here: a run that got as far as connecting would log ws_connect_failed on stdout.
+    line = config_error(run_cli("--dry-run", "--record", str(target), cwd=tmp_path, KALSHI_WS_URL="ws://127.0.0.1:9"))
+    assert line == (
+        f"--record: cannot write {target}: No such file or directory (the folder {target.parent} does not exist)"
+    )
+
+
+def test_record_onto_a_folder_or_under_a_file_exits_78(tmp_path: Path) -> None:
+    assert config_error(run_cli("--dry-run", "--record", str(tmp_path), cwd=tmp_path)) == (
+        f"--record: cannot write {tmp_path}: Is a directory"
+    )
+    a_file = tmp_path / "plain"
+    a_file.write_text("x")
+    line = config_error(run_cli("--dry-run", "--record", str(a_file / "capture.jsonl"), cwd=tmp_path))
+    assert line.startswith(f"--record: cannot write {a_file / 'capture.jsonl'}: Not a directory")
+
+
+def test_replay_with_record_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "copy.jsonl"
+    line = config_error(run_cli("--replay", str(SAMPLE), "--record", str(target), cwd=tmp_path))
+    assert line == "--record: cannot be combined with --replay (a replay receives no frames to record)"
+    assert not target.exists()
+
+
+def test_gzipped_capture_exits_78_naming_the_file(tmp_path: Path) -> None:
+    packed = tmp_path / "sample.jsonl.gz"
+    packed.write_bytes(gzip.compress(SAMPLE.read_bytes()))
+    line = config_error(run_cli("--replay", str(packed), cwd=tmp_path))
+    assert line.startswith(f"--replay: {packed} is gzip-compressed (unpack it first: gzip -dc {packed} > ")
+
+
+def test_binary_capture_exits_78_naming_the_file(tmp_path: Path) -> None:
+    blob = tmp_path / "capture.jsonl"
+    blob.write_bytes(random.Random(7).randbytes(100_000))
+    line = config_error(run_cli("--replay", str(blob), cwd=tmp_path))
+    assert (
+        line
+        == f"--replay: {blob} is not text (binary data); a capture is text, one frame per line, as --record writes it"
+    )
+
+
+def test_a_capture_with_a_few_binary_lines_still_replays(tmp_path: Path) -> None:
+    # Bad bytes in a frame or two are bad frames, skipped and counted like on the socket, not a bad file.
+    lines = SAMPLE.read_bytes().splitlines(keepends=True)
+    capture = tmp_path / "capture.jsonl"
+    capture.write_bytes(b"".join([lines[0], b"\x00\xff\xfe garbage \x1f\x8b\n", *lines[1:]]))
+    done = run_cli("--replay", str(capture), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = json_events(done)
+    assert sum(e["event"] == "would_post" for e in events) == 10
+    assert events[-1]["malformed"] == 20
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty", "blank_lines"])
+def test_empty_capture_warns_no_frames(tmp_path: Path, content: bytes) -> None:
+    capture = tmp_path / "empty.jsonl"
+    capture.write_bytes(content)
+    done = run_cli("--replay", str(capture), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (warning,) = [e for e in json_events(done) if e["level"] == "warning"]
+    assert warning["event"] == "replay_no_frames"
+    assert warning["path"] == str(capture)
+    assert "no frames" in warning["reason"]
+
+
+# --- settings that are not settings ---------------------------------------------------------------------------
+
+
+def test_misspelled_setting_gets_one_warning_naming_the_closest_key(tmp_path: Path) -> None:
+    done = run_cli(
+        "--replay",
+        str(SAMPLE),
+        cwd=tmp_path,
+        WHALE_TRESHOLD_DOLLARS="5000",
+        STATE_DIRECTORY="/var/lib/valshi-x",  # systemd's StateDirectory= sets it: not ours, not a typo
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [e for e in json_events(done) if e["event"] == "unknown_setting"]
+    assert [(w["key"], w["did_you_mean"], w["level"]) for w in warnings] == [
+        ("WHALE_TRESHOLD_DOLLARS", "WHALE_THRESHOLD_DOLLARS", "warning")
+    ]
+    assert "5000" not in json.dumps(warnings)  # the key's name only: a misspelled secret stays out of the log
+
+
+def test_unknown_settings_use_the_prefixes_of_the_table() -> None:
+    assert {"KALSHI_", "X_", "WHALE_", "SWEEP_", "POST_", "BACKFILL_"} <= set(SETTING_PREFIXES)
+    env = {
+        "X_API_SECRETT": "s3cr3t",
+        "POST_TEMPLATES": "",
+        "KALSHI_API_KEY": "abc",
+        "WHALE_THRESHOLD_DOLLARS": "100000",  # known
+        "HOME": "/root",  # no project prefix
+        "STATE_DIRECTORY": "/var/lib/valshi-x",
+    }
+    assert unknown_settings(env) == [
+        ("KALSHI_API_KEY", "KALSHI_API_KEY_ID"),
+        ("POST_TEMPLATES", "POST_TEMPLATE"),
+        ("X_API_SECRETT", "X_API_SECRET"),
+    ]
+
+
+# --- a dry run says "would post" ------------------------------------------------------------------------------
+
+
+def test_status_of_a_dry_run_lists_would_post_never_posted(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    replay = run_cli("--replay", str(SAMPLE), "--state-dir", str(state_dir), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    stopped = json_events(replay)[-1]
+    assert (stopped["event"], stopped["would_have_posted"]) == ("daemon_stopped", 10)
+    assert "posted" not in stopped
+
+    status = run_cli("status", "--state-dir", str(state_dir), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[1].startswith("dry run: nothing here was sent to X")
+    assert lines[2] == "outbox: pending=0, posting=0, would_post=10, failed=0, skipped=0"
+    assert lines[3] == "requests to X: none (dry run)"
+    rows = lines[lines.index("last would-post alerts (dry run):") + 1 : lines.index("last errors: none")]
+    assert len(rows) == 10
+    assert all(row.split()[1:3] == ["would", "post"] and "tweet=" not in row for row in rows)
+    assert " posted" not in status.stdout
+
+
+def test_the_stats_key_follows_the_posters_mode() -> None:
+    assert PosterStats(posted=3).posted_field() == {"posted": 3}
+    assert PosterStats(posted=3, dry_run=True).posted_field() == {"would_have_posted": 3}
