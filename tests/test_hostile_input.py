@@ -283,7 +283,9 @@ async def hostile_rest() -> AsyncIterator[tuple[TestServer, dict[str, bytes]]]:
     bodies: dict[str, bytes] = {}
 
     async def answer(request: web.Request) -> web.StreamResponse:
-        body = bodies[request.path.removeprefix("/trade-api/v2")]
+        body = bodies.get(request.path.removeprefix("/trade-api/v2"))
+        if body is None:
+            return web.json_response({"error": "not found"}, status=404)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         for start in range(0, len(body), 1 << 20):
@@ -319,8 +321,9 @@ async def test_item2_a_deep_rest_page_or_title_answer_is_a_rest_error(
             async for _ in rest.iter_trades(1, 2):
                 pass
         assert (caught.value.reason, caught.value.detail) == ("bad_response", "too_deep")
-        with pytest.raises(KalshiRestError):
+        with pytest.raises(KalshiRestError) as caught:
             await rest.market_label("KXA-1")
+        assert (caught.value.reason, caught.value.detail) == ("bad_response", "too_deep")
         titles = TitleLookup(rest)
         assert await titles.label_for("KXA-1") is None  # the post falls back to the ticker
         await titles.aclose()
