@@ -484,6 +484,19 @@ async def test_item12_a_rest_body_past_the_limit_is_not_read_to_its_end(
     assert "body over" in caught.value.detail
 
 
+async def test_item12_a_megabyte_title_is_cut_before_it_is_cached(
+    hostile_rest: tuple[TestServer, dict[str, bytes]],
+) -> None:
+    server, bodies = hostile_rest
+    market = {"ticker": "KXA-1", "event_ticker": "KXA", "title": "Will it? " * 500_000, "yes_sub_title": ""}
+    event = {"event_ticker": "KXA", "series_ticker": "KXA", "title": "Who? " * 500_000, "sub_title": ""}
+    bodies["/markets/KXA-1"] = json.dumps({"market": market}).encode()
+    bodies["/events/KXA"] = json.dumps({"event": event, "markets": [market]}).encode()
+    async with aiohttp.ClientSession() as http:
+        label = await rest_client(http, server).market_label("KXA-1")
+    assert 0 < len(label.title) <= 1_000
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Item 13: precision and impossible prices
 

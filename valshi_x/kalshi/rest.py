@@ -28,6 +28,7 @@ import structlog
 from valshi_x.backoff import capped_step_s, equal_jitter
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.errors import ValshiError
+from valshi_x.sanitize import MAX_POST_TEXT
 from valshi_x.x.text import MarketLabel
 
 log = structlog.get_logger(__name__)
@@ -141,7 +142,8 @@ class _Event:
 
 def _text_field(obj: dict[str, Any], key: str) -> str:
     value = obj.get(key)
-    return value.strip() if isinstance(value, str) else ""
+    # Cut: a label is cached for hours, and a post uses no more of it than this anyway.
+    return value[:MAX_POST_TEXT].strip() if isinstance(value, str) else ""
 
 
 def _is_combo(ticker: str, event: _Event | None) -> bool:
