@@ -721,25 +721,32 @@ async def test_seq_gaps_are_logged_counted_and_reported(kalshi_keys: KeyPair) ->
     assert len(client.delivered) == 4  # the frame after the gap is still delivered
 
 
-async def test_frames_without_seq_turn_gap_detection_off_for_that_sid(kalshi_keys: KeyPair) -> None:  # noqa: F811
+async def test_frames_without_a_readable_seq_are_skipped_and_gaps_after_them_still_found(
+    kalshi_keys: KeyPair,  # noqa: F811
+) -> None:
+    # The attack of issue 9 item 7: one frame with "seq": "2" used to turn gap detection off for the connection,
+    # and the whale in the following gap was never fetched back.
     async def script(session: FakeSession) -> None:
         await session.wait_subscribed()
+        await session.send_trade()  # seq 1
         await session.send_trade(with_seq=False)
-        await session.send_trade(with_seq=False)
-        session.skip_seq(5)
-        await session.send_trade()
+        await session.send({"type": "trade", "sid": session.sid, "seq": "2", "msg": trade_msg()})
+        await session.send({"type": "trade", "sid": session.sid, "seq": True, "msg": trade_msg()})
+        session.skip_seq(5)  # 2..6 lost
+        await session.send_trade()  # seq 7
 
     with logs() as captured:
         async with server_for(kalshi_keys, attempts=[script]) as kalshi:
             client = Client(kalshi.url, signer_for(kalshi_keys))
             client.start()
-            await client.wait_for(lambda: len(client.delivered) == 3)
+            await client.wait_for(lambda: len(client.delivered) == 5)
             await client.stop()
 
-    (missing,) = events(captured, "ws_seq_missing")
+    (missing,) = events(captured, "ws_seq_missing")  # once per sid, not once per frame
     assert missing["sid"] == 1
-    assert client.gaps == []
-    assert client.stream.gaps == 0
+    assert client.stream.seq_unreadable == 3
+    assert client.gaps == [SeqGap(sid=1, expected=2, got=7)]
+    assert client.stream.gaps == 1
 
 
 # ------------------------------------------------------------------------------------------------ control

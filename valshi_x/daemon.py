@@ -124,7 +124,9 @@ class Daemon:
             # Late fills come from backfills, which a replay never has; keeping short sweeps costs it a quarter.
             late_fill_horizon_ms=120_000 if options.live else 0,
         )
-        self.pipeline = Pipeline(detector, monotonic=monotonic)
+        self.pipeline = Pipeline(
+            detector, monotonic=monotonic, replay=not options.live, now_ms=now_ms if options.live else None
+        )
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)
         self.frames_dropped = 0
         self._last_overflow_log = -_OVERFLOW_LOG_EVERY_S

@@ -25,6 +25,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from valshi_x.sanitize import clean_log_event
+
 LogFormat = Literal["journal", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("journal", "json", "console")
 
@@ -343,6 +345,7 @@ def configure_logging(
             *stamp,
             structlog.processors.format_exc_info,
             SecretRedactor(secrets),
+            clean_log_event,  # outside text on one line: no control, bidi or line-separator character gets through
             renderer,
         ],
     )

@@ -1,11 +1,25 @@
 """The synchronous heart of the daemon: frames in, whale alerts out, with the counts the stats line shows.
 
 No asyncio and no I/O besides log lines, so live streams, replays and tests drive the very same code.
+
+The trade clock (`valshi_x.trades.check_trade_time`: nothing more than FUTURE_TOLERANCE_MS ahead):
+- live (`now_ms` given): the reference is this host's wall clock; a trade stamped further ahead is malformed
+  `future_time` at once, stream and REST alike.
+- replay (`replay=True`): there is no wall clock, the capture's own trade time is the clock. A trade that leaps
+  more than the tolerance ahead of it is held back, not believed: the next trade confirms the leap (it lies at
+  or after the held one, less the tolerance: the capture really jumps, e.g. a recording resumed later) and both
+  are taken, or contradicts it (it lies well before), and the held trade is malformed `future_time`; one still
+  held at the end is taken. So one frame dated an hour ahead costs one held trade, never the replay's clock,
+  its pruning or its memory.
+- neither: no time check (unit tests of the later stages); the daemon always picks one of the two.
+
+Per-frame conditions are logged through a `WarningBudget`: a storm of bad frames is counted, not printed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +27,10 @@ import msgspec
 import structlog
 
 from valshi_x.trades import (
+    FUTURE_TOLERANCE_MS,
     MalformedTrade,
     Trade,
+    check_trade_time,
     fast_trade_from_raw,
     parse_frame,
     trade_from_fields,
@@ -28,6 +44,39 @@ log = structlog.get_logger(__name__)
 _CONTROL_TYPES = frozenset({"subscribed", "unsubscribed", "ok", "error", "list_subscriptions"})
 # A malformed-frame storm (a format change) must not drown the journal: this many warnings per reason per minute.
 _MALFORMED_WARNINGS_PER_MIN = 20
+# Frame types named in a log line at most; a peer inventing a new type per frame must not grow a set forever.
+MAX_NOTED_TYPES = 64
+
+
+class WarningBudget:
+    """Rate limit for warnings about per-frame conditions: `per_min` lines per key per minute, the rest counted.
+
+    One line per frame would let a misbehaving peer drown the journal; one line per minute per kind says the
+    same. `suppressed` counts what was held back (the stats line shows the totals it belongs to).
+    """
+
+    def __init__(
+        self, per_min: int = _MALFORMED_WARNINGS_PER_MIN, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_min = per_min
+        self.suppressed = 0
+        self._monotonic = monotonic
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str) -> bool:
+        """True when a line about `key` may be logged now."""
+        now = self._monotonic()
+        started, logged = self._windows.get(key, (now, 0))
+        if now - started >= 60.0:
+            started, logged = now, 0
+        allowed = logged < self.per_min
+        if allowed:
+            logged += 1
+        else:
+            self.suppressed += 1
+        if allowed or key in self._windows:
+            self._windows[key] = (started, logged)
+        return allowed
 
 
 @dataclass(slots=True)
@@ -45,11 +94,23 @@ class PipelineCounts:
 class Pipeline:
     """Normalizes frames and feeds the whale detector; returns the alerts each call produces."""
 
-    def __init__(self, detector: WhaleDetector, *, monotonic: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        detector: WhaleDetector,
+        *,
+        monotonic: Any = time.monotonic,
+        now_ms: Callable[[], int] | None = None,
+        replay: bool = False,
+    ) -> None:
+        if now_ms is not None and replay:
+            raise ValueError("a replay has no wall clock: pass now_ms or replay, not both")
         self.detector = detector
         self.counts = PipelineCounts()
         self._monotonic = monotonic
-        self._warn_window: dict[str, tuple[float, int]] = {}
+        self._now_ms = now_ms  # live: trades are checked against this wall clock (module docstring)
+        self._replay = replay
+        self._held: Trade | None = None  # replay: a leap ahead, waiting for the next trade to confirm it
+        self._warnings = WarningBudget(_MALFORMED_WARNINGS_PER_MIN, monotonic=monotonic)
         self._unknown_types: set[str] = set()
         # When the newest trade time last advanced, on our clock: the base of the stream clock.
         self.watermark_seen_at = monotonic()
@@ -80,12 +141,12 @@ class Pipeline:
                 self.on_bad_frame(frame, exc)
                 return []
             return self._take(trade)
-        if kind in _CONTROL_TYPES:
+        if isinstance(kind, str) and kind in _CONTROL_TYPES:  # a list as a type must not raise (unhashable)
             self.counts.control += 1
             return []
         self.counts.unknown += 1
         name = str(kind)[:40]
-        if name not in self._unknown_types:
+        if name not in self._unknown_types and len(self._unknown_types) < MAX_NOTED_TYPES:
             self._unknown_types.add(name)
             log.info("unknown_frame_type", frame_type=name)
         return []
@@ -101,16 +162,10 @@ class Pipeline:
 
     def on_bad_frame(self, raw: object, exc: MalformedTrade) -> None:
         self.counts.malformed += 1
-        now = self._monotonic()
-        started, logged = self._warn_window.get(exc.reason, (now, 0))
-        if now - started >= 60.0:
-            started, logged = now, 0
-        if logged < _MALFORMED_WARNINGS_PER_MIN:
+        if self._warnings.allow(exc.reason):
             log.warning("malformed_frame", reason=exc.reason, detail=exc.detail, frame=_excerpt(raw))
-            logged += 1
         else:
             self.counts.malformed_unlogged += 1
-        self._warn_window[exc.reason] = (started, logged)
 
     def stream_now_ms(self) -> int:
         """Trade time now: the newest trade time plus what our clock says has passed since it arrived.
@@ -127,9 +182,54 @@ class Pipeline:
         return self.detector.close_due(self.stream_now_ms() - grace_ms)
 
     def flush(self) -> list[Alert]:
-        return self.detector.flush()
+        # A trade still held at the end was contradicted by nothing; with every group closing now, it can no
+        # longer move a clock either.
+        held, self._held = self._held, None
+        alerts = self._add(held) if held is not None else []
+        return alerts + self.detector.flush()
 
     def _take(self, trade: Trade) -> list[Alert]:
+        detector = self.detector
+        ts_ms = trade.ts_ms
+        if self._replay and self._held is None and detector.watermark_ms >= ts_ms - FUTURE_TOLERANCE_MS > 0:
+            # The replay's common case, inline (it is the hot path): a trade within the tolerance of the clock.
+            self.counts.trades += 1
+            if ts_ms > detector.watermark_ms:
+                self.watermark_seen_at = self._monotonic()
+            return detector.add(trade)
+        return self._take_checked(trade)
+
+    def _take_checked(self, trade: Trade) -> list[Alert]:
+        now_ms = self._now_ms
+        if now_ms is not None:
+            try:
+                check_trade_time(trade.ts_ms, now_ms())
+            except MalformedTrade as exc:
+                self.on_bad_frame(_trade_excerpt(trade), exc)
+                return []
+            return self._add(trade)
+        if not self._replay:
+            return self._add(trade)
+        # Replay: the clock is the newest believed trade time (module docstring).
+        held = self._held
+        if held is not None:
+            self._held = None
+            if trade.ts_ms >= held.ts_ms - FUTURE_TOLERANCE_MS:
+                return self._add(held) + self._take_checked(trade)  # the leap is confirmed
+            self._refuse_future(held, trade.ts_ms)
+        clock_ms = self.detector.watermark_ms
+        if clock_ms and trade.ts_ms <= clock_ms + FUTURE_TOLERANCE_MS:
+            return self._add(trade)
+        self._held = trade  # the first trade, or a leap ahead: believed once the next trade agrees
+        return []
+
+    def _refuse_future(self, trade: Trade, clock_ms: int) -> None:
+        try:
+            check_trade_time(trade.ts_ms, clock_ms)
+        except MalformedTrade as exc:
+            self.on_bad_frame(_trade_excerpt(trade), exc)
+
+    def _add(self, trade: Trade) -> list[Alert]:
         self.counts.trades += 1
         detector = self.detector
         if trade.ts_ms > detector.watermark_ms:
@@ -137,11 +237,18 @@ class Pipeline:
         return detector.add(trade)
 
 
+def _trade_excerpt(trade: Trade) -> dict[str, object]:
+    return {"trade_id": trade.trade_id, "market_ticker": trade.ticker, "ts_ms": trade.ts_ms}
+
+
 def _excerpt(raw: object) -> str:
     if isinstance(raw, bytes):
         text = raw.decode("utf-8", "replace")
     elif isinstance(raw, dict):
-        text = msgspec.json.encode(raw, enc_hook=repr).decode()
+        try:
+            text = msgspec.json.encode(raw, enc_hook=repr).decode()
+        except UnicodeEncodeError:  # a lone surrogate (a decoder other than msgspec's lets "\ud800" through)
+            text = repr(raw)
     else:
         text = str(raw)
     return text if len(text) <= 200 else text[:200] + "..."

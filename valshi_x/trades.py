@@ -2,15 +2,28 @@
 
 Pure: no asyncio, no I/O. Everything that can go wrong with input raises `MalformedTrade` with a short
 reason; callers count it, log it once and move on, so the daemon never dies on input.
+
+Money is exact by construction: prices lie strictly between 0 and 1 and counts between 0 and 10^9, both with at
+most `MAX_DECIMALS` decimals (Kalshi sends 4 to 6 for prices, 2 for counts); anything more precise is refused
+(`too_precise`), never rounded. So a fill's value has at most 22 significant digits and a sum of up to a million
+fills at most 28: Python's default decimal context never rounds, and no rounding can lift a sum over the whale
+threshold. Lengths are bounded too (`MAX_TEXT_LEN` for ids and tickers), and frames go through the one bounded
+decoder (`valshi_x.decode`).
+
+Trade time has one rule, `check_trade_time`: a trade stamped more than `FUTURE_TOLERANCE_MS` ahead of the
+reference clock is `future_time`, so no single trade can move the stream clock, the checkpoint or a backfill
+window by more than that. The caller chooses the clock (see `valshi_x.pipeline`).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
+
+from valshi_x.decode import MAX_FRAME_BYTES, DecodeRefused, decode_json
 
 Side = Literal["yes", "no"]
 
@@ -18,13 +31,24 @@ _ZERO = Decimal(0)
 _ONE = Decimal(1)
 _CENT = Decimal("0.01")
 # No market holds anywhere near this many contracts; the bound keeps later sums finite and exact.
-_MAX_COUNT = Decimal(10) ** 12
+_MAX_COUNT = Decimal(10) ** 9
+# Decimals a price or a count may have (see the module docstring: this is what keeps every sum exact).
+MAX_DECIMALS: Final = 6
+_QUANTUM = Decimal(1).scaleb(-MAX_DECIMALS)
+# Trade ids are UUIDs and tickers some 60 characters; a megabyte "ticker" is an attack, not a market.
+MAX_TEXT_LEN: Final = 128
+# How far ahead of the reference clock a trade time may lie: clock skew between Kalshi and this host, no more.
+# Beyond it the trade is `future_time`; one such trade would otherwise close sweeps early, move the checkpoint
+# into the future and aim backfills at the wrong hour.
+FUTURE_TOLERANCE_MS: Final = 3_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Trade times outside these bounds are no trade of today's Kalshi (a microsecond or seconds value in `ts_ms`,
 # say); one such time as the stream's watermark would poison the checkpoint and every window after it.
 _MIN_TS_MS = 1_577_836_800_000  # 2020-01-01
 _MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 _ONE_MS = timedelta(milliseconds=1)
+# A fixed-point string longer than this has more digits than any price or count within the bounds above.
+_MAX_NUMBER_LEN = 24
 _BOOK_SIDE_TO_OUTCOME: dict[str, Side] = {"bid": "yes", "ask": "no"}
 _OUTCOMES: dict[str, Side] = {"yes": "yes", "no": "no"}
 
@@ -74,12 +98,18 @@ def utc_from_ms(ts_ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ts_ms)
 
 
+def check_trade_time(ts_ms: int, now_ms: int) -> None:
+    """The one trade-time rule: raise `future_time` for a trade more than FUTURE_TOLERANCE_MS ahead of `now_ms`."""
+    if ts_ms > now_ms + FUTURE_TOLERANCE_MS:
+        raise MalformedTrade("future_time", f"{ts_ms - now_ms} ms ahead of the clock (frequent? check the host clock)")
+
+
 def parse_frame(raw: str | bytes) -> dict[str, Any]:
-    """Decode one WebSocket text frame into its JSON object."""
+    """Decode one WebSocket text frame (or capture line) into its JSON object, within the frame limits."""
     try:
-        frame = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise MalformedTrade("not_json", str(exc)[:80]) from None
+        frame = decode_json(raw, max_bytes=MAX_FRAME_BYTES)
+    except DecodeRefused as exc:
+        raise MalformedTrade(exc.reason, exc.detail) from None
     if not isinstance(frame, dict):
         raise MalformedTrade("not_an_object", type(frame).__name__)
     return frame
@@ -101,21 +131,41 @@ def fast_trade_from_raw(raw: str | bytes) -> Trade | None:
     None is not a verdict: the caller then takes the careful path (`parse_frame`, `trade_from_frame`), which
     reads every other frame and names what is wrong with a malformed one.
     """
+    if len(raw) > MAX_FRAME_BYTES:
+        return None
     try:
         trade = _decode_trade_frame(raw).msg
-        # Types are checked by the decoder; ranges are ours. NaN makes a comparison raise.
+        # Types are checked by the decoder; ranges and precision are ours (`_exact_money`, inline: the hot path).
+        yes, no, count = trade.yes_price_dollars, trade.no_price_dollars, trade.count_fp
         if (
-            _ZERO <= trade.yes_price_dollars <= _ONE
-            and _ZERO <= trade.no_price_dollars <= _ONE
-            and _ZERO < trade.count_fp <= _MAX_COUNT
-            and _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
-            and trade.trade_id
-            and trade.ticker
+            _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
+            and 0 < len(trade.trade_id) <= MAX_TEXT_LEN
+            and 0 < len(trade.ticker) <= MAX_TEXT_LEN
+            and _QUANTUM <= yes < _ONE
+            and _QUANTUM <= no < _ONE
+            and _QUANTUM <= count <= _MAX_COUNT
+            and not yes % _QUANTUM
+            and not no % _QUANTUM
+            and not count % _QUANTUM
         ):
             return trade
-    except (msgspec.DecodeError, InvalidOperation):
+    except (msgspec.DecodeError, InvalidOperation, RecursionError):
         pass
     return None
+
+
+def _exact_money(yes: Decimal, no: Decimal, count: Decimal) -> bool:
+    """Prices in (0, 1), count in (0, 10^9], each with at most MAX_DECIMALS decimals. NaN raises InvalidOperation."""
+    # Below one quantum a value has more than 6 decimals anyway; the floor also keeps the remainders from underflow.
+    return (
+        _QUANTUM <= yes < _ONE
+        and _QUANTUM <= no < _ONE
+        and _QUANTUM <= count <= _MAX_COUNT
+        # A remainder is exact (and, in these ranges, cheaper than quantize): zero means at most 6 decimals.
+        and not yes % _QUANTUM
+        and not no % _QUANTUM
+        and not count % _QUANTUM
+    )
 
 
 def trade_from_frame(frame: dict[str, Any]) -> Trade:
@@ -147,16 +197,19 @@ def trade_from_fields(msg: dict[str, Any]) -> Trade:
         and type(side) is str
         and side in _OUTCOMES
         and (block is False or block is True)
-        and trade_id
-        and ticker
+        and 0 < len(trade_id) <= MAX_TEXT_LEN
+        and 0 < len(ticker) <= MAX_TEXT_LEN
+        and len(yes_raw) <= _MAX_NUMBER_LEN
+        and len(no_raw) <= _MAX_NUMBER_LEN
+        and len(count_raw) <= _MAX_NUMBER_LEN
         and _MIN_TS_MS <= ts_ms < _MAX_TS_MS
     ):
         try:
             yes = Decimal(yes_raw)
             no = Decimal(no_raw)
             count = Decimal(count_raw)
-            # NaN makes these comparisons raise; infinities and out-of-range values fail them.
-            if _ZERO <= yes <= _ONE and _ZERO <= no <= _ONE and _ZERO < count <= _MAX_COUNT:
+            # NaN makes these comparisons raise; infinities, out-of-range and over-precise values fail them.
+            if _exact_money(yes, no, count):
                 return Trade(trade_id, ticker, yes, no, count, _OUTCOMES[side], block, ts_ms)
         except InvalidOperation:
             pass
@@ -167,11 +220,15 @@ def _trade_from_fields_checked(msg: dict[str, Any]) -> Trade:
     trade_id = msg.get("trade_id")
     if not isinstance(trade_id, str) or not trade_id:
         raise MalformedTrade("missing_trade_id")
+    if len(trade_id) > MAX_TEXT_LEN:
+        raise MalformedTrade("trade_id_too_long", f"{len(trade_id)} characters")
     ticker = msg.get("market_ticker")
     if ticker is None:
         ticker = msg.get("ticker")
     if not isinstance(ticker, str) or not ticker:
         raise MalformedTrade("missing_ticker")
+    if len(ticker) > MAX_TEXT_LEN:
+        raise MalformedTrade("ticker_too_long", f"{len(ticker)} characters")
 
     side = _taker_side(msg)
     yes_price, no_price = _prices(msg)
@@ -205,6 +262,8 @@ def _taker_side(msg: dict[str, Any]) -> Side:
 def _decimal(value: object, field: str) -> Decimal:
     # Fixed-point fields are strings on the wire; a JSON number is tolerated but never a bool.
     if isinstance(value, str):
+        if len(value) > _MAX_NUMBER_LEN:
+            raise MalformedTrade("too_precise", f"{field} has {len(value)} characters")
         try:
             number = Decimal(value)
         except InvalidOperation:
@@ -218,6 +277,12 @@ def _decimal(value: object, field: str) -> Decimal:
     if not number.is_finite():
         raise MalformedTrade("bad_number", f"{field}={value!r}"[:60])
     return number
+
+
+def _check_precision(number: Decimal, field: str) -> None:
+    # Called once the value is known to be in range; below one quantum the remainder could underflow to zero.
+    if number < _QUANTUM or number % _QUANTUM:
+        raise MalformedTrade("too_precise", f"{field} has more than {MAX_DECIMALS} decimals")
 
 
 def _legacy_cents(value: object, field: str) -> Decimal:
@@ -245,8 +310,11 @@ def _prices(msg: dict[str, Any]) -> tuple[Decimal, Decimal]:
             yes = _ONE - no
     else:
         raise MalformedTrade("missing_price")
-    if not (_ZERO <= yes <= _ONE and _ZERO <= no <= _ONE):
-        raise MalformedTrade("price_out_of_range", f"yes={yes} no={no}")
+    # A price of 0 or 1 is no trade (and "-0" or "0E+999999999" no price at all).
+    if not (_ZERO < yes < _ONE and _ZERO < no < _ONE):
+        raise MalformedTrade("price_out_of_range", f"yes={yes} no={no}"[:80])
+    _check_precision(yes, "yes_price_dollars")
+    _check_precision(no, "no_price_dollars")
     return yes, no
 
 
@@ -266,6 +334,7 @@ def _count(msg: dict[str, Any]) -> Decimal:
         raise MalformedTrade("count_not_positive", str(count))
     if count > _MAX_COUNT:
         raise MalformedTrade("count_too_large", str(count)[:40])
+    _check_precision(count, "count_fp")
     return count
 
 
@@ -283,7 +352,7 @@ def trade_time_ms(msg: dict[str, Any]) -> int:
         raise MalformedTrade("bad_time", f"ts={ts!r}"[:60])
     created = msg.get("created_time")
     if created is not None:
-        if not isinstance(created, str):
+        if not isinstance(created, str) or len(created) > 40:
             raise MalformedTrade("bad_time", f"created_time={created!r}"[:60])
         try:
             when = datetime.fromisoformat(created)

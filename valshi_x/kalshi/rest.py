@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
 import aiohttp
-import msgspec
 import structlog
 
 from valshi_x.backoff import capped_step_s, equal_jitter
+from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.errors import ValshiError
+from valshi_x.sanitize import MAX_POST_TEXT
 from valshi_x.x.text import MarketLabel
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,16 @@ class KalshiRestError(ValshiError):
         self.path = path
         self.status = status
         self.detail = detail
+
+
+async def _read_capped(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
+    """A response body, read no further than one chunk past `max_bytes`; DecodeRefused beyond it."""
+    body = bytearray()
+    while chunk := await content.read(64 * 1024):
+        body += chunk
+        if len(body) > max_bytes:
+            raise DecodeRefused("too_large", f"body over {max_bytes} bytes")
+    return bytes(body)
 
 
 class RateLimiter:
@@ -131,7 +142,8 @@ class _Event:
 
 def _text_field(obj: dict[str, Any], key: str) -> str:
     value = obj.get(key)
-    return value.strip() if isinstance(value, str) else ""
+    # Cut: a label is cached for hours, and a post uses no more of it than this anyway.
+    return value[:MAX_POST_TEXT].strip() if isinstance(value, str) else ""
 
 
 def _is_combo(ticker: str, event: _Event | None) -> bool:
@@ -239,19 +251,21 @@ class KalshiRest:
                     url, params=params, timeout=self._timeout, allow_redirects=False
                 ) as response:
                     status = response.status
-                    body = await response.read()
+                    body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
             except TimeoutError:
                 failure = KalshiRestError("timeout", path)
                 continue
             except aiohttp.ClientError as exc:
                 failure = KalshiRestError("connection_error", path, detail=type(exc).__name__)
                 continue
+            except DecodeRefused as exc:  # the body passed MAX_REST_BODY_BYTES: the same answer would again
+                raise KalshiRestError("bad_response", path, detail=exc.detail) from None
 
             if status == 200:
                 try:
-                    data = msgspec.json.decode(body)
-                except msgspec.DecodeError:
-                    failure = KalshiRestError("bad_response", path, status=status, detail="not JSON")
+                    data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+                except DecodeRefused as exc:
+                    failure = KalshiRestError("bad_response", path, status=status, detail=exc.reason)
                     continue
                 if not isinstance(data, dict):
                     raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
@@ -364,16 +378,18 @@ class KalshiRest:
                 self._base_url + path, timeout=self._timeout, allow_redirects=False
             ) as response:
                 status = response.status
-                body = await response.read()
+                body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
         except TimeoutError:
             raise KalshiRestError("timeout", path) from None
         except aiohttp.ClientError as exc:
             raise KalshiRestError("connection_error", path, detail=type(exc).__name__) from None
+        except DecodeRefused as exc:
+            raise KalshiRestError("bad_response", path, detail=exc.detail) from None
         if status == 200:
             try:
-                data = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                raise KalshiRestError("bad_response", path, status=status, detail="not JSON") from None
+                data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+            except DecodeRefused as exc:
+                raise KalshiRestError("bad_response", path, status=status, detail=exc.reason) from None
             if not isinstance(data, dict):
                 raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
             return data

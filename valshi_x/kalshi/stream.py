@@ -13,7 +13,9 @@ TCP link from our side.
 
 Sequence numbers: Kalshi numbers the frames of each subscription (`sid`) 1, 2, 3... The stream tracks the last
 `seq` per `sid` for the current connection, logs and counts jumps, and calls `on_gap` so a backfill can fill
-them. A `sid` whose frames carry no `seq` has gap detection turned off (logged once).
+them. Only a plain positive integer is a `seq`: a frame without one (or with `"seq": "2"`, `2.0`, `true`) is
+not checked and not counted as a step, and the frames around it still are, so one odd frame can never turn
+gap detection off. Warnings about single frames go through a `WarningBudget` (a few per minute per kind).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from websockets.protocol import Event
 
 from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
+from valshi_x.pipeline import WarningBudget
 from valshi_x.trades import MalformedTrade, parse_frame
 
 log = structlog.get_logger(__name__)
@@ -172,11 +175,13 @@ class TradeStream:
         self.idle_timeouts = 0
         self.gaps = 0
         self.frames_missing = 0
+        self.seq_unreadable = 0  # frames on a sid whose seq was absent or not a plain positive integer
+        self._warnings = WarningBudget(monotonic=clock)
 
         # State of the current connection (reset on each connect).
         self.sid: int | None = None
         self.last_seq: dict[int, int] = {}
-        self._seq_off: set[int] = set()
+        self._seq_missing_noted: set[int] = set()
         self._next_id = 1
         self._pending_subscribes: set[int] = set()
         self._ws: ObservedConnection | None = None
@@ -253,7 +258,7 @@ class TradeStream:
         self.connected_at_monotonic = self._clock()
         self.sid = None
         self.last_seq = {}
-        self._seq_off = set()
+        self._seq_missing_noted = set()
         self._next_id = 1
         self._pending_subscribes = set()
         self._deliver = self._first_trade
@@ -348,7 +353,8 @@ class TradeStream:
         if isinstance(command_id, int):
             self._pending_subscribes.discard(command_id)
         if not isinstance(sid, int) or isinstance(sid, bool):
-            log.warning("ws_subscribed_without_sid", id=frame.get("id"), channel=channel)
+            if self._warnings.allow("ws_subscribed_without_sid"):
+                log.warning("ws_subscribed_without_sid", id=frame.get("id"), channel=channel)
             return
         self.sid = sid
         self.last_seq[sid] = 0  # Kalshi numbers a new subscription's frames from 1
@@ -381,18 +387,20 @@ class TradeStream:
         elif command_id in self._pending_subscribes:
             log.warning("ws_error_frame", code=code, msg=text, id=command_id, hint="subscribe refused; reconnecting")
             self._end = "subscribe_failed"
-        else:
+        elif self._warnings.allow("ws_error_frame"):
             log.warning("ws_error_frame", code=code, msg=text, id=command_id)
 
     def _track_seq(self, frame: dict[str, Any]) -> None:
         sid = frame.get("sid")
         seq = frame.get("seq")
-        if not isinstance(sid, int) or sid in self._seq_off:
+        if type(sid) is not int:
             return
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            self._seq_off.add(sid)
-            self.last_seq.pop(sid, None)
-            log.warning("ws_seq_missing", sid=sid, hint="frames without seq: gap detection is off for this sid")
+        if type(seq) is not int or seq < 1:
+            # Not a seq: this frame cannot be placed, the next ones can (the doc: "cannot detect gaps" for it).
+            self.seq_unreadable += 1
+            if sid not in self._seq_missing_noted:  # once per sid and connection: it may be every frame
+                self._seq_missing_noted.add(sid)
+                log.warning("ws_seq_missing", sid=sid, seq=repr(seq)[:40], hint="this frame is not checked for gaps")
             return
         last = self.last_seq.get(sid)
         self.last_seq[sid] = seq
@@ -403,10 +411,11 @@ class TradeStream:
             gap = SeqGap(sid=sid, expected=expected, got=seq)
             self.gaps += 1
             self.frames_missing += gap.missing
-            log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
+            if self._warnings.allow("ws_seq_gap"):
+                log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
             if self._on_gap is not None:
                 self._on_gap(gap)
-        else:
+        elif self._warnings.allow("ws_seq_out_of_order"):
             log.warning("ws_seq_out_of_order", sid=sid, expected=expected, got=seq)
 
     # ------------------------------------------------------------------ control for the daemon / watchdog

@@ -41,6 +41,7 @@ from tweepy.asynchronous import AsyncClient
 
 from valshi_x.backoff import capped_step_s
 from valshi_x.config import Settings
+from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
@@ -175,8 +176,8 @@ def limit_lifts_at_ms(windows: Sequence[RateLimitWindow]) -> int | None:
 def _problem(body: bytes) -> tuple[dict[str, Any] | None, str]:
     """The JSON object of a body (if it is one) and a short human summary of what X said."""
     try:
-        data = msgspec.json.decode(body) if body.strip() else None
-    except msgspec.DecodeError:
+        data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES) if body.strip() else None
+    except DecodeRefused:  # not JSON, or nested to crash a decoder: the text snippet below says enough
         data = None
     if not isinstance(data, dict):
         snippet = " ".join(body.decode("utf-8", "replace").split())

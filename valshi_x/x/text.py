@@ -42,8 +42,10 @@ Rules every post keeps
   "at"; a template may not contain "@" at all.
 - At most one cashtag: a "$" followed by a letter in a title or ticker loses the "$" (a dollar amount such as
   $125,000 is not a cashtag); a template may hold at most one.
-- No accidental links: a dot between a word and two letters in a title ("Kalshi.com", "U.S.Sa") becomes
-  U+2024 ONE DOT LEADER (which looks the same) so X neither links it nor bills the post as one with a URL.
+- No accidental links: titles and tickers go through `valshi_x.sanitize.clean_post_text` (invisible, bidi and
+  line-breaking characters dropped; a dot before two letters becomes U+2024 ONE DOT LEADER, which looks the same,
+  so "Kalshi.com", "https://♥.com/x" or "kalshi\u200d.com" neither link nor bill the post as one with a URL).
+  A last check refuses a post holding any link but the market's own, which is added only when POST_LINKS is on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import unicodedata
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+from valshi_x.sanitize import clean_post_text, find_link
 from valshi_x.whales import Alert
 
 MAX_WEIGHTED_LENGTH = 280
@@ -251,26 +254,23 @@ def _safe_length(text: str) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Cleaning what comes from outside (titles, tickers)
 
-_SPACE_RUNS = re.compile(r"\s+")
 _HANDLE = re.compile(r"(?<![A-Za-z0-9_])[@\uff20](?=[A-Za-z0-9_])")
 _AT = re.compile(r"\s*[@\uff20]\s*")
 _CASHTAG = re.compile(r"[$\uff04]+(?=[^\W\d_])")
-_DOMAIN_DOT = re.compile(r"(?<=[\w-])\.(?=[^\W\d_]{2})")
-_ONE_DOT_LEADER = "\u2024"
 # What X reads as a mention or a cashtag; used to check templates and in tests.
 MENTION_RE = re.compile(r"(?<![A-Za-z0-9_!#$%&*@\uff20])[@\uff20][A-Za-z0-9_]")
 CASHTAG_RE = re.compile(r"(?<![\w$])\$[A-Za-z]{1,6}(?:[._][A-Za-z]{1,2})?(?![\w$])")
 
 
 def _clean(raw: str) -> str:
-    """Make outside text safe to post: one line, no mentions, no cashtags, no links."""
-    text = unicodedata.normalize("NFC", raw)
-    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+    """Make outside text safe to post: one line, visible characters, no links (the sanitizer), no mentions, no
+    cashtags (X's rules)."""
+    text = clean_post_text(raw)
     text = _HANDLE.sub("", text)
     text = _AT.sub(" at ", text)
     text = _CASHTAG.sub("", text)
-    text = _DOMAIN_DOT.sub(_ONE_DOT_LEADER, text)
-    return _SPACE_RUNS.sub(" ", text).strip()
+    # Once more: dropping an "@" or "$" can join a dot to letters ("a.\uff20aa" -> "a.aa"); the sanitizer adds neither.
+    return clean_post_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,11 +412,15 @@ _SAMPLE_FIELDS: dict[str, str] = {
 }
 
 
-def market_link(series_ticker: str) -> str:
-    """The market's page on kalshi.com (by series: the form that keeps working as markets come and go)."""
+def market_link(series_ticker: str) -> str | None:
+    """The market's page on kalshi.com (by series: the form that keeps working as markets come and go).
+
+    None for a series ticker that cannot make a safe link (odd characters, too long): the whale is then posted
+    without a link, never failed for want of one.
+    """
     slug = series_ticker.strip().lower()
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", slug):
-        raise ValueError(f"not a series ticker: {series_ticker!r}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", slug):
+        return None
     return f"https://kalshi.com/markets/{slug}"
 
 
@@ -440,7 +444,7 @@ def render_post(alert: Alert, *, title: str | None, template: str = "", link: st
 
     text = _fill(lines, fields)
     if _safe_length(text) <= MAX_WEIGHTED_LENGTH:
-        _check_entities(text)
+        _check_entities(text, link)
         return text
     if "title" not in names:
         raise ValueError(f"post is {_safe_length(text)} long, over {MAX_WEIGHTED_LENGTH}, and has no title to cut")
@@ -462,14 +466,18 @@ def render_post(alert: Alert, *, title: str | None, template: str = "", link: st
         else:
             high = mid - 1
     text = with_prefix(low)
-    _check_entities(text)
+    _check_entities(text, link)
     return text
 
 
-def _check_entities(text: str) -> None:
+def _check_entities(text: str, link: str | None) -> None:
     # Titles and tickers are cleaned and templates checked, so this only fires on a combination the other
     # rules missed (e.g. "${ticker}" next to a "$" in the template): refuse rather than post it.
     if MENTION_RE.search(text):
         raise ValueError("post would contain an @mention")
     if len(CASHTAG_RE.findall(text)) > 1:
         raise ValueError("post would contain more than one cashtag")
+    # The final link check: only the market's own link, and only when it was asked for (POST_LINKS).
+    stray = find_link(text.replace(link, "") if link else text)
+    if stray is not None:
+        raise ValueError(f"post would contain a link ({stray!r}); only the market's link, with POST_LINKS on")
