@@ -34,8 +34,8 @@ FAST_STREAM = {
     "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
     "ping_interval_s": None,
 }
-FAST_REST = {"backoff_initial_s": UNIT_S, "backoff_max_s": 4 * UNIT_S}
-FAST_BACKFILL = {"retry_delays_s": (UNIT_S, 2 * UNIT_S), "settle_ms": int(2 * UNIT_S * 1000)}
+FAST_REST = {"pause_initial_s": UNIT_S, "pause_max_s": 4 * UNIT_S}
+FAST_BACKFILL = {"retry_initial_s": UNIT_S, "retry_max_s": 2 * UNIT_S}
 
 Key = tuple[tuple[str, ...], str]
 
@@ -383,8 +383,9 @@ async def test_rest_answers_429_and_503_before_succeeding(tmp_path: Path) -> Non
         await run.settle(expected)
         await run.stop()
         await assert_exactly_once(run, expected, whales_on_tape=1)
-        retries = [e for e in run.logs if e["event"] == "kalshi_rest_retry"]
-        assert [r["status"] for r in retries[:2]] == [429, 503]
+        # One retry layer: the client tried once, the backfill tried the failed slice again.
+        retries = [e for e in run.logs if e["event"] == "backfill_retry"]
+        assert sorted(r["status"] for r in retries) == [429, 503]
 
 
 async def test_whales_found_too_late_are_logged_as_stale_not_posted(tmp_path: Path) -> None:

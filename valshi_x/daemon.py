@@ -5,9 +5,10 @@ first (the socket closes with 1000), then the queue is worked off and open group
 then an in-flight post gets `SHUTDOWN_DRAIN_S` to finish, the checkpoint is saved, and only then is everything
 else cancelled. Whatever was not posted is in the outbox for the next start.
 
-Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart each ask the
-`Backfiller` for the missed window from Kalshi REST; held groups wait for it, so a sweep split by a gap is
-still one alert.
+Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart are told to the
+`RecoveryPlanner` (valshi_x/recovery.py) with the trade times that bound them; it plans the windows the
+`Backfiller` fetches from Kalshi REST and holds only the sweeps a window could still complete, each for at most
+`HOLD_MAX_S`, so a sweep split by a gap is still one alert and a live whale is never kept waiting on REST.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import aiohttp
 import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
+from valshi_x import trades as trade_times
 from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
 from valshi_x.backoff import Backoff
 from valshi_x.capture import Recorder, read_chunks
@@ -35,6 +38,7 @@ from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.kalshi.stream import SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
+from valshi_x.recovery import CLOCK_SLACK_MS, RecoveryPlanner
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, utc_from_ms
@@ -52,10 +56,6 @@ _OVERFLOW_LOG_EVERY_S = 10.0
 _CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
 MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
-# Backfill windows end this far past "now", for a Kalshi clock ahead of ours (overlap with live trades is harmless).
-_CLOCK_SLACK_MS = 2_000
-# Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
-_BACKFILL_MARGIN_MS = 5_000
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
 _MAX_BACKOFF_S = 60.0
 
@@ -117,12 +117,18 @@ class Daemon:
         # Live, trade ids are remembered as far back as a start-up backfill reaches, so its overlap counts once;
         # a replay has no backfill, only re-deliveries seconds apart, so ten minutes is plenty (and 20 MB less).
         dedup_horizon_s = settings.backfill_max_s + 300 if options.live else 600
+        # Live, the recovery planner decides which sweeps a pending backfill may still complete; a replay has none.
+        self.planner = RecoveryPlanner(hold_max_ms=int(settings.hold_max_s * 1000)) if options.live else None
         detector = WhaleDetector(
             settings.whale_threshold_dollars,
             settings.sweep_window_ms,
             dedup_horizon_ms=int(dedup_horizon_s * 1000),
             # Late fills come from backfills, which a replay never has; keeping short sweeps costs it a quarter.
             late_fill_horizon_ms=120_000 if options.live else 0,
+            gate=self.planner,
+            # lead wires TitleLookup.prefetch here at merge
+            on_near_whale=_no_prefetch,
+            on_grew_after_alert=_log_grew_after_alert,
         )
         self.pipeline = Pipeline(detector, monotonic=monotonic)
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)
@@ -142,8 +148,15 @@ class Daemon:
         self.stall_resubscribes = 0
         self._last_heard: float | None = None
         self._last_trade_seen_at = monotonic()
-        self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
-        self._startup_backfill_from_ms: int | None = None  # requested at the first subscription
+        # The reader's view of trade time, for the recovery planner: the last frame queued (read lazily, only when
+        # a gap, a drop or a disconnect needs its time) and the time before a seq gap, until the frame after it.
+        self._last_queued: dict[str, Any] | None = None
+        self._last_queued_ts_ms = self._started_ms
+        self._gap_before_ms: int | None = None
+        # Alerts on their way into the outbox (first trade time -> how many): the checkpoint must not pass them.
+        self._submitting: dict[int, int] = {}
+        self.alerts_unconfirmed = 0
+        self.trades_already_seen = 0  # backfilled trades skipped because the socket had brought them
         self._tasks: list[asyncio.Task[Any]] = []
         # Trade ids only a backfill brought (the stream never delivered them), for the counts.
         self._recovered_ids = SeenTradeIds(horizon_ms=int(dedup_horizon_s * 1000), max_ids=100_000)
@@ -189,13 +202,12 @@ class Daemon:
                 settings, self.store, transport, lookup_label=titles.label_for if lookup_titles else None, **overrides
             )
             if options.live and rest is not None:
+                assert self.planner is not None
                 self.backfiller = Backfiller(
                     rest,
                     feed=self._feed_backfill,
-                    hold=self.pipeline.detector.hold,
-                    release=self.pipeline.detector.release,
-                    clock_ms=self._backfill_now_ms,
-                    margin_ms=_BACKFILL_MARGIN_MS,
+                    planner=self.planner,
+                    clock_ms=self._now_ms,
                     max_span_s=settings.backfill_max_s,
                     **self._backfill_options,
                 )
@@ -240,7 +252,7 @@ class Daemon:
                 await self.queue.put(None)
                 await processor
             # Resume before the groups still open: a sweep cut by the stop is fetched whole again on restart.
-            resume_from_ms = self.pipeline.detector.processed_through_ms()
+            resume_from_ms = self._checkpoint_ms()
             await self._submit(self.pipeline.flush())
             # Stage 3: an in-flight post gets its budget to finish; what is still pending stays in the outbox.
             if poster is not None:
@@ -270,18 +282,46 @@ class Daemon:
         await self.stream.run()
 
     def _enqueue(self, frame: dict[str, Any]) -> None:
-        # Called by the reader for every trade frame: it must never wait on the pipeline.
+        # Called by the reader for every trade frame: it must never wait on the pipeline. Trade times are read
+        # here only when the planner needs one (the frame after a gap, the first after a subscription or a drop).
+        planner = self.planner
+        if self._gap_before_ms is not None and planner is not None:
+            after_ms = _frame_ts_ms(frame)
+            if after_ms is not None:
+                planner.on_gap(self._gap_before_ms, after_ms, self._now_ms())
+                self._wake_backfill()
+            self._gap_before_ms = None
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.frames_dropped += 1
-            # The dropped trades are still on Kalshi: ask for them on every drop (requests into a pending window
-            # merge), since a window's end is fixed when its fetch begins. Only the log line is throttled.
-            self._request_backfill(self._seen_through_ms(), "frames_dropped")
+            if planner is not None:
+                # The dropped trades are still on Kalshi: from the newest trade queued to the next one queued.
+                planner.on_overflow(self._last_queued_time_ms(), self._now_ms())
             now = self._monotonic()
             if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
                 self._last_overflow_log = now
                 log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
+            return
+        self._last_queued = frame
+        if planner is not None and planner.wants_first_trade:
+            ts_ms = _frame_ts_ms(frame)
+            if ts_ms is not None:
+                planner.on_first_trade(ts_ms, self._now_ms())
+                self._wake_backfill()
+
+    def _last_queued_time_ms(self) -> int:
+        """Trade time of the last frame queued (or, before any, of the run's start)."""
+        frame, self._last_queued = self._last_queued, None
+        if frame is not None:
+            ts_ms = _frame_ts_ms(frame)
+            if ts_ms is not None:
+                self._last_queued_ts_ms = ts_ms
+        return self._last_queued_ts_ms
+
+    def _wake_backfill(self) -> None:
+        if self.backfiller is not None:
+            self.backfiller.wake()
 
     def _on_bad_frame(self, raw: str | bytes, exc: MalformedTrade) -> None:
         self.pipeline.counts.frames += 1
@@ -320,13 +360,41 @@ class Daemon:
         assert self.poster is not None
         if not alerts:
             return
-        # Until the whole batch is in the outbox, the checkpoint must not pass its oldest alert.
-        detector = self.pipeline.detector
-        token = detector.hold(min(alert.first_ts_ms for alert in alerts))
+        # Until the whole batch is in the outbox, the checkpoint must not pass its oldest alert (the outbox
+        # writer's low-water mark, see `_checkpoint_ms`).
+        oldest_ms = min(alert.first_ts_ms for alert in alerts)
+        self._submitting[oldest_ms] = self._submitting.get(oldest_ms, 0) + 1
         try:
+            self._note_unconfirmed(alerts)
             await self._submit_each(alerts)
         finally:
-            detector.release(token)
+            left = self._submitting.pop(oldest_ms) - 1
+            if left:
+                self._submitting[oldest_ms] = left
+
+    def _note_unconfirmed(self, alerts: list[Alert]) -> None:
+        """An alert whose hold ran out before a backfill window it touches was fetched: say which window."""
+        planner = self.planner
+        if planner is None or not planner.pending:
+            return
+        window_ms = self.settings.sweep_window_ms
+        for alert in alerts:
+            uncovered = planner.uncovered(alert.first_ts_ms - window_ms, alert.first_ts_ms + window_ms)
+            if uncovered:
+                self.alerts_unconfirmed += 1
+                from_ms = min(f for f, _ in uncovered)
+                ends = [t for _, t in uncovered]
+                log.warning(
+                    "alert_unconfirmed",
+                    alert_id=alert.alert_id,
+                    value_usd=alert.value_usd_2dp,
+                    uncovered_from=utc_from_ms(from_ms).isoformat(),
+                    uncovered_to=utc_from_ms(max(e for e in ends if e is not None)).isoformat()
+                    if None not in ends
+                    else "open",
+                    hold_max_s=self.settings.hold_max_s,
+                    hint="closed with the fills known; a late fill is logged as sweep_grew_after_alert",
+                )
 
     async def _submit_each(self, alerts: list[Alert]) -> None:
         assert self.poster is not None
@@ -370,7 +438,7 @@ class Daemon:
             )
 
     async def _request_startup_backfill(self) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.planner is not None
         saved = await self.store.get_checkpoint(CHECKPOINT_NAME)
         now_ms = self._now_ms()
         oldest_ms = now_ms - int(self.settings.backfill_max_s * 1000)
@@ -389,48 +457,33 @@ class Daemon:
                 backfill_max_s=self.settings.backfill_max_s,
             )
             from_ms = oldest_ms
-        # Asked for at the first subscription, not now: the window must reach past the moment the stream
-        # starts delivering, or the trades of the connect and subscribe in between would be nobody's.
-        self._startup_backfill_from_ms = from_ms
-
-    def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
-        if self.backfiller is not None:
-            self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
-
-    def _backfill_now_ms(self) -> int:
-        """ "Now" for the end of a backfill window, with slack: Kalshi's clock may run ahead of this host's, and a
-        trade stamped a moment "in the future" must not fall past the window (REST has nothing beyond now)."""
-        return max(self._now_ms(), self.pipeline.detector.watermark_ms) + _CLOCK_SLACK_MS
-
-    def _seen_through_ms(self) -> int:
-        """The newest trade time seen on this run; before the first trade, the moment the run started."""
-        return self.pipeline.detector.watermark_ms or self._started_ms
+        # The window ends at the first trade after the subscription (the planner waits for it), so the trades of
+        # the connect and subscribe in between are fetched too.
+        self.planner.on_startup(from_ms, now_ms)
 
     def _on_gap(self, gap: SeqGap) -> None:
-        self._request_backfill(self._seen_through_ms(), "seq_gap")
+        # The missing trades lie between the last frame queued and the next one (`_enqueue` completes the gap).
+        self._gap_before_ms = self._last_queued_time_ms()
 
     def _on_disconnect(self) -> None:
-        # Hold every sweep the outage may have cut; the backfill after the reconnect fills and releases them.
-        if self._disconnect_hold is None:
-            from_ms = self._seen_through_ms() - _BACKFILL_MARGIN_MS
-            self._disconnect_hold = (self.pipeline.detector.hold(from_ms), from_ms)
+        if self.planner is not None:
+            self.planner.on_disconnect(self._last_queued_time_ms(), self._now_ms())
 
     def _on_subscribed(self, sid: int) -> None:
         self.notifier.ready(f"subscribed to trades (sid {sid})")
-        if self._startup_backfill_from_ms is not None:
-            self._request_backfill(self._startup_backfill_from_ms, "startup")
-            self._startup_backfill_from_ms = None
-        if self._disconnect_hold is not None:
-            token, from_ms = self._disconnect_hold
-            self._disconnect_hold = None
-            self._request_backfill(from_ms + _BACKFILL_MARGIN_MS, "reconnect", hold_token=token)
+        if self.planner is not None:
+            self.planner.on_subscribed(self._now_ms())
 
     async def _feed_backfill(self, trades: list[dict[str, Any]]) -> int:
         seen = self.pipeline.detector.seen
         alerts: list[Alert] = []
         for fields in trades:
             trade_id = fields.get("trade_id")
-            if isinstance(trade_id, str) and trade_id not in seen:
+            if isinstance(trade_id, str):
+                if trade_id in seen:
+                    # The socket brought it already (windows overlap live trades by design): not processed twice.
+                    self.trades_already_seen += 1
+                    continue
                 ts_ms = trade_time_ms(fields)
                 if ts_ms != UNREADABLE_TIME_MS:  # the normalizer reports that one as malformed
                     self._recovered_ids.add(trade_id, ts_ms)
@@ -445,6 +498,8 @@ class Daemon:
     async def _close_on_stream_clock(self) -> None:
         while True:
             await asyncio.sleep(_CLOSE_TICK_S)
+            if self.planner is not None:
+                self.planner.tick(self._now_ms())  # holds past their deadline end here
             alerts = self.pipeline.close_due(_CLOSE_GRACE_MS)
             if alerts:
                 await self._submit(alerts)
@@ -454,9 +509,20 @@ class Daemon:
             await asyncio.sleep(_CHECKPOINT_EVERY_S)
             await self._save_checkpoint()
 
+    def _checkpoint_ms(self) -> int:
+        """Where a restart may resume: before every open group, every window still to fetch and every alert on
+        its way into the outbox."""
+        through_ms = self.pipeline.detector.processed_through_ms()
+        low_water_ms = self.planner.low_water_ms() if self.planner is not None else None
+        if low_water_ms is not None:
+            through_ms = min(through_ms, low_water_ms - 1)
+        if self._submitting:
+            through_ms = min(through_ms, min(self._submitting) - 1)
+        return through_ms
+
     async def _save_checkpoint(self, through_ms: int | None = None) -> None:
         if through_ms is None:
-            through_ms = self.pipeline.detector.processed_through_ms()
+            through_ms = self._checkpoint_ms()
         if self.store is not None and through_ms > 0 and self.options.live:
             await self.store.set_checkpoint(CHECKPOINT_NAME, str(through_ms))
 
@@ -478,7 +544,9 @@ class Daemon:
                 self.stall_resubscribes += 1
                 resubscribed_at = self._monotonic()
                 # If trades did happen, the dead subscription missed them: fetch the quiet span back.
-                self._request_backfill(self._seen_through_ms(), "stall")
+                if self.planner is not None:
+                    now_ms = self._now_ms()
+                    self.planner.on_gap(self._last_queued_time_ms(), now_ms + CLOCK_SLACK_MS, now_ms, reason="stall")
                 await stream.resubscribe()
             elif self._monotonic() - resubscribed_at >= limit_s:
                 log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="reconnect")
@@ -551,6 +619,10 @@ class Daemon:
                 "backfill_s": round(b.seconds, 1),
                 "whales_from_backfill": self.whales_from_backfill,
                 "backfill_failures": b.failures,
+                "backfill_retries": b.retries,
+                "trades_already_seen": self.trades_already_seen,
+                "held_groups": detector.held_groups,
+                "alerts_unconfirmed": self.alerts_unconfirmed,
             }
         poster = self.poster.stats if self.poster is not None else None
         log.info(
@@ -576,3 +648,25 @@ class Daemon:
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
         )
+
+
+def _frame_ts_ms(frame: dict[str, Any]) -> int | None:
+    """Trade time of a trade frame, or None when unreadable (the pipeline reports that frame)."""
+    msg = frame.get("msg")
+    if not isinstance(msg, dict):
+        return None
+    try:
+        return trade_times.trade_time_ms(msg)
+    except trade_times.MalformedTrade:
+        return None
+
+
+def _no_prefetch(ticker: str) -> None:
+    """Until titles are looked up ahead (TitleLookup.prefetch), a sweep near the threshold needs nothing."""
+
+
+def _log_grew_after_alert(alert_id: str, ticker: str, extra_usd: Decimal, trade_id: str) -> None:
+    # Already posted: never a second post for one order, but the operator sees what the alert left out.
+    log.warning(
+        "sweep_grew_after_alert", alert_id=alert_id, ticker=ticker, extra_value_usd=str(extra_usd), trade_id=trade_id
+    )
