@@ -169,6 +169,9 @@ def test_holds_touching_sweeps_until_the_window_is_fetched() -> None:
     assert not planner.may_close(T - 500, T + 1_500)  # a sweep a lost fill could join
     assert planner.may_close(T + 2_041, T + 4_041)  # a sweep after the window
     assert planner.may_close(T - 3_000, T - 1)  # and one before it
+    # Fetched 1 s either side for REST's whole seconds, but held only 250 ms either side of the frames' times.
+    assert planner.may_close(T - 1_000, T + 749) and not planner.may_close(T - 1_000, T + 750)
+    assert planner.may_close(T + 1_291, T + 3_000) and not planner.may_close(T + 1_290, T + 3_000)
     assert planner.low_water_ms() == T
     (window,) = planner.due(N + 1_540)
     assert not planner.may_close(T - 500, T + 1_500)  # still being fetched
@@ -182,10 +185,10 @@ def test_a_hold_expires_at_its_deadline_but_the_window_stays_to_be_fetched() -> 
     planner = play([gap(1_000, 1_040, now=1_040)])
     assert len(planner.due(N + 1_540)) == 1  # REST is down: the fetch goes on and on
     planner.tick(N + 6_039)
-    assert not planner.may_close(T, T + 100)
+    assert not planner.may_close(T + 900, T + 1_100)
     planner.tick(N + 6_040)  # HOLD_MAX_S after the gap
-    assert planner.may_close(T, T + 100)
-    assert planner.uncovered(T, T + 100) == [(T, T + 2_040)]  # what an alert closed now was closed without
+    assert planner.may_close(T + 900, T + 1_100)
+    assert planner.uncovered(T + 900, T + 1_100) == [(T, T + 2_040)]  # what an alert closed now was closed without
     assert planner.low_water_ms() == T  # a restart would still fetch it
     assert planner.counts.expired == 1
 
@@ -194,7 +197,7 @@ def test_a_window_given_up_ends_its_holds_and_no_longer_holds_the_checkpoint() -
     planner = play([gap(1_000, 1_040, now=1_040), gap(9_000, 9_010, now=1_100)])
     first, second = planner.due(N + 1_600)
     planner.on_given_up(first.window_id, N + 1_700)
-    assert planner.may_close(T, T + 100) and not planner.may_close(T + 8_500, T + 8_600)
+    assert planner.may_close(T + 900, T + 1_100) and not planner.may_close(T + 8_900, T + 9_100)
     assert planner.low_water_ms() == second.from_ms and planner.counts.given_up == 1
 
 

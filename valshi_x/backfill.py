@@ -173,7 +173,7 @@ class Backfiller:
             counts.uncovered_s += (oldest_ms - from_ms) / 1000
             from_ms = min(oldest_ms, to_ms)
 
-        trades_before, whales_before = counts.trades, counts.whales
+        fed = whales = 0  # this window's own (windows are fetched side by side: the totals move meanwhile)
         first_s, last_s = from_ms // 1000, to_ms // 1000  # Kalshi filters by whole seconds, both ends inclusive
         slice_start_s = first_s
         while slice_start_s <= last_s:
@@ -193,8 +193,8 @@ class Backfiller:
                     uncovered_s=round((to_ms - uncovered_from_ms) / 1000, 3),
                     error=exc.reason,
                     status=exc.status,
-                    trades=counts.trades - trades_before,
-                    whales=counts.whales - whales_before,
+                    trades=fed,
+                    whales=whales,
                     hint="whales in the uncovered window may have been missed",
                 )
                 return False
@@ -202,7 +202,10 @@ class Backfiller:
             chunk = self._feed_chunk
             for start in range(0, len(fetched), chunk):
                 part = fetched[start : start + chunk]
-                counts.whales += await self._feed(part)
+                found = await self._feed(part)
+                whales += found
+                fed += len(part)
+                counts.whales += found
                 counts.trades += len(part)
             slice_start_s = slice_end_s + 1
 
@@ -214,8 +217,8 @@ class Backfiller:
             reasons=list(window.reasons),
             from_time=_iso(from_ms),
             to_time=_iso(to_ms),
-            trades=counts.trades - trades_before,
-            whales=counts.whales - whales_before,
+            trades=fed,
+            whales=whales,
             seconds=round(seconds, 3),
         )
         return True

@@ -52,8 +52,9 @@ _CLOSE_TICK_S = 0.05
 _CLOSE_GRACE_MS = 100
 # At most one overflow warning per this many seconds; the count is in every stats line.
 _OVERFLOW_LOG_EVERY_S = 10.0
-# The checkpoint (where a restart resumes) is written this often, not per trade.
-_CHECKPOINT_EVERY_S = 10.0
+# The checkpoint (where a restart resumes) is written this often, not per trade: a restart refetches at most
+# about this much more than it missed (at 1,500 trades/s, 3,000 trades: three REST pages).
+_CHECKPOINT_EVERY_S = 2.0
 CHECKPOINT_NAME = "processed_through_ms"
 MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".

@@ -11,8 +11,9 @@ windows an alert was closed without (`uncovered`), and how far a restart may ski
 Windows are exact: a gap between two frames is `[before - 1 s, after + 1 s]` (REST filters whole seconds, and
 trade times are only nearly ordered); a reconnect or a start-up runs from the last trade seen (or the checkpoint)
 to the first trade after subscribing; an overflow from the newest trade queued to the first trade queued after
-the drops. Windows not yet fetched that overlap merge. Holds are bounded: a pending window keeps sweeps whose
-reach touches it open for at most `hold_max_ms` after its end became known; then they close with what is known
+the drops. Windows not yet fetched that overlap merge. Holds are narrow and bounded: a pending window keeps open
+only sweeps whose reach comes within `hold_margin_ms` of the frames that bound it, for at most `hold_max_ms` after
+its end became known (a merged window keeps its first gap's deadline); then they close with what is known
 and the window goes on being fetched (a whale it finds later is still alerted; a fill of an alerted sweep is only
 logged).
 """
@@ -25,6 +26,10 @@ from typing import Literal
 # A window's ends reach this far past the frames that bound it: REST filters whole seconds, and trade times of
 # neighbouring frames are only nearly ordered.
 MARGIN_MS = 1_000
+# But only sweeps within this much of those frames are held: a lost trade lies between the frames around it in
+# seq order, so its time lies between theirs but for the small disorder of Kalshi's stamps. (One further out still
+# joins its sweep when it comes: a short sweep reopens, an alerted one is logged as having grown.)
+HOLD_MARGIN_MS = 250
 # With no trade after (re)subscribing for this long, the open window ends at "now" plus the clock slack.
 QUIET_BOUND_MS = 2_000
 # Kalshi's clock may run ahead of ours: a window ending "now" reaches this far past it.
@@ -58,6 +63,10 @@ class _Pending:
     def touches(self, lo_ms: int, hi_ms: int) -> bool:
         return self.from_ms <= hi_ms and (self.to_ms is None or self.to_ms >= lo_ms)
 
+    def holds(self, lo_ms: int, hi_ms: int, shrink_ms: int) -> bool:
+        """Does this window keep a sweep reaching [lo_ms, hi_ms] open? (Its span less the REST rounding margin.)"""
+        return self.from_ms + shrink_ms <= hi_ms and (self.to_ms is None or self.to_ms - shrink_ms >= lo_ms)
+
 
 @dataclass(slots=True)
 class RecoveryCounts:
@@ -75,6 +84,7 @@ class RecoveryPlanner:
     settle_ms: int = 500
     merge_max_ms: int = 1_000
     margin_ms: int = MARGIN_MS
+    hold_margin_ms: int = HOLD_MARGIN_MS
     counts: RecoveryCounts = field(default_factory=RecoveryCounts)
     version: int = 0  # bumped whenever a hold may have been released: the detector re-asks its held sweeps
     now_ms: int = 0
@@ -179,11 +189,13 @@ class RecoveryPlanner:
 
     def may_close(self, lo_ms: int, hi_ms: int) -> bool:
         """May a sweep that can still take fills with trade times in [lo_ms, hi_ms] close now?"""
-        return not any(not p.expired and p.touches(lo_ms, hi_ms) for p in self._windows.values())
+        shrink_ms = self.margin_ms - self.hold_margin_ms
+        return not any(not p.expired and p.holds(lo_ms, hi_ms, shrink_ms) for p in self._windows.values())
 
     def uncovered(self, lo_ms: int, hi_ms: int) -> list[tuple[int, int | None]]:
         """Pending windows (from_ms, to_ms or None) touching [lo_ms, hi_ms]: what an alert closed without."""
-        return [(p.from_ms, p.to_ms) for p in self._windows.values() if p.touches(lo_ms, hi_ms)]
+        shrink_ms = self.margin_ms - self.hold_margin_ms
+        return [(p.from_ms, p.to_ms) for p in self._windows.values() if p.holds(lo_ms, hi_ms, shrink_ms)]
 
     def low_water_ms(self) -> int | None:
         """The start of the oldest window not fetched yet: a restart must fetch from there again."""
@@ -230,8 +242,8 @@ class RecoveryPlanner:
                 pending.to_ms = max(pending.to_ms, to_ms)
                 # The new gap's trades are listed `settle_ms` from now; a burst of gaps waits at most
                 # `merge_max_ms` more than its first, so a steady drizzle of gaps never postpones a fetch for good.
+                # Its holds keep the first gap's deadline: a merge never makes any sweep wait longer.
                 pending.ready_at_ms = max(pending.ready_at_ms, min(now_ms + self.settle_ms, pending.merge_until_ms))
-                pending.hold_until_ms = now_ms + self.hold_max_ms
                 if reason not in pending.reasons:
                     pending.reasons.append(reason)
                 self.counts.merged += 1
