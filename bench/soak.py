@@ -5,7 +5,8 @@ tape of trades) and the real daemon as a subprocess, `python -m valshi_x --dry-r
 json`, pointed at it with KALSHI_WS_URL / KALSHI_API_URL (no key: an unsigned connection). It trades at `--rate`
 trades per second (trade times from the wall clock), loses `--loss` of the frames (seq gaps) throughout, plants
 about `--whales-per-s` whales a second (single fills and sweeps of 2-5 fills spread over up to ~0.8 s, none a
-whale alone) plus near misses, and goes through four phases, one after another:
+whale alone) plus near misses, every fourth with one fill (or its only fill) lost on purpose, so that only REST
+has it, and goes through four phases, one after another:
 
 - `steady`: only the lost frames;
 - `rest_outage`: Kalshi REST answers 503 to everything for `--rest-outage-s` while the socket goes on delivering;
@@ -76,18 +77,19 @@ class Trader:
         self.rng = random.Random(seed)
         self.tickers = [f"KXNOISE-{n:03d}" for n in range(400)]
         self.plant_chance = whales_per_s / rate * 1.25  # a fifth of the plants are near misses
-        self.pending: list[tuple[int, dict[str, Any]]] = []  # (trade number due, fill) of sweeps under way
+        self.pending: list[tuple[int, dict[str, Any], bool]] = []  # (trade number due, fill, lost) under way
         self.made = 0
         self.planted = 0
         self.whales = 0
 
-    def next(self) -> dict[str, Any]:
+    def next(self) -> tuple[dict[str, Any], bool]:
+        """The next trade, and whether its frame is to be lost on purpose (a planted REST-only fill)."""
         rng = self.rng
         self.made += 1
         n = self.made
         if self.pending and self.pending[0][0] <= n:
-            _, fill = self.pending.pop(0)
-            return trade_msg(**fill, ts_ms=wall_ms())
+            _, fill, lost = self.pending.pop(0)
+            return trade_msg(**fill, ts_ms=wall_ms()), lost
         if rng.random() < self.plant_chance:
             self._plant(n)
             return self.next()
@@ -99,7 +101,7 @@ class Trader:
             yes_price=f"{price:.4f}",
             trade_id=f"{n:08d}-n",
             ts_ms=wall_ms(),
-        )
+        ), False
 
     def _plant(self, n: int) -> None:
         rng = self.rng
@@ -115,6 +117,8 @@ class Trader:
         if fills > 1 and target / fills >= THRESHOLD:
             fills = int(target // THRESHOLD) + 1  # no single fill of a sweep is a whale alone
         per_fill = (target / fills / side_price).quantize(Decimal("0.01"))
+        # Every fourth plant has one fill that only REST will have (a whole single-fill whale, or part of a sweep).
+        lost_fill = rng.randrange(fills) if self.planted % 4 == 1 else -1
         due = n
         for k in range(fills):
             fill = {
@@ -124,7 +128,7 @@ class Trader:
                 "yes_price": f"{price:.4f}",
                 "trade_id": f"{n:08d}-{ticker}-f{k}",
             }
-            self.pending.append((due, fill))
+            self.pending.append((due, fill, k == lost_fill))
             due += rng.randint(30, 250)  # the next fill 20-170 ms later at 1,500 trades/s: all within the window
         self.pending.sort(key=lambda item: item[0])
 
@@ -284,13 +288,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         await todo.pop(0)[1]()
                     due = made_at_start + int(elapsed * args.rate) + 1
                     while trader.made < due:
-                        await exchange.publish(trader.next(), lost=rng.random() < args.loss)
+                        msg, lost = trader.next()
+                        await exchange.publish(msg, lost=lost or rng.random() < args.loss)
                     await asyncio.sleep(0.005)
                 for _, action in todo:
                     await action()
             timeline.phase_starts_ms["end"] = wall_ms()
             while trader.pending:  # the sweeps under way are finished
-                await exchange.publish(trader.next())
+                msg, lost = trader.next()
+                await exchange.publish(msg, lost=lost)
             timeline.note(f"all {trader.made} trades made")
 
             # Let the daemon catch up: a slow trickle of small trades keeps its stream clock moving meanwhile.

@@ -145,7 +145,7 @@ async def test_a_failed_slice_is_tried_again_from_its_start_and_nothing_is_lost(
     tape = small_trades(NOW_MS - 150_000, 300, 490)  # three 60 s slices
     fake.add_trades(tape)
     feed = Recorder()
-    backfiller = make_backfiller(make_rest(session, fake), feed, page_limit=60)
+    backfiller = make_backfiller(make_rest(session, fake), feed, page_limit=60, slices_ahead=1)
     # The first slice's first page arrives, its second fails three ways, then the rest goes through.
     fake.script("trades", Fault(), 429, 503, Fault(drop=True), Fault(drop=True))
     assert await backfiller.fetch(window(NOW_MS - 150_000, NOW_MS, "reconnect"))

@@ -4,7 +4,7 @@ The planner (valshi_x/recovery.py) decides which spans of trade time may hold mi
 fetched; `run` asks it every tick for the windows due and fetches up to `max_concurrent` of them at once (the REST
 client's token bucket keeps the whole within Kalshi's budget). A window is fetched in ascending time slices;
 within a slice every page is collected (Kalshi answers newest first), sorted by trade time and handed to `feed`,
-so grouping sees fills in time order.
+so grouping sees fills in time order. A few slices of a window are fetched ahead, side by side, and fed in order.
 
 This is Kalshi REST's one retry layer: a slice that fails is tried again from its start after a jittered,
 doubling wait (valshi_x/backoff.py), for as long as the window is still within `max_span_s`; meanwhile the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,8 @@ class Backfiller:
         feed: Feed,
         planner: RecoveryPlanner,
         clock_ms: Callable[[], int] = _wall_ms,
-        slice_s: int = 60,
+        slice_s: int = 10,
+        slices_ahead: int = 3,
         max_span_s: float = 1800,
         max_concurrent: int = 4,
         retry_initial_s: float = 1.0,
@@ -106,6 +108,7 @@ class Backfiller:
         self.planner = planner
         self._clock_ms = clock_ms
         self.slice_s = slice_s
+        self.slices_ahead = max(1, slices_ahead)
         self.max_span_ms = int(max_span_s * 1000)
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
@@ -175,39 +178,50 @@ class Backfiller:
 
         fed = whales = 0  # this window's own (windows are fetched side by side: the totals move meanwhile)
         first_s, last_s = from_ms // 1000, to_ms // 1000  # Kalshi filters by whole seconds, both ends inclusive
-        slice_start_s = first_s
-        while slice_start_s <= last_s:
-            slice_end_s = min(slice_start_s + self.slice_s - 1, last_s)
-            try:
-                fetched = await self._slice_with_retries(slice_start_s, slice_end_s, window)
-            except KalshiRestError as exc:
-                counts.failures += 1
-                counts.seconds += self._monotonic() - started_s
-                uncovered_from_ms = max(from_ms, slice_start_s * 1000)
-                counts.uncovered_s += (to_ms - uncovered_from_ms) / 1000
-                log.error(
-                    "backfill_incomplete",
-                    reasons=list(window.reasons),
-                    uncovered_from=_iso(uncovered_from_ms),
-                    uncovered_to=_iso(to_ms),
-                    uncovered_s=round((to_ms - uncovered_from_ms) / 1000, 3),
-                    error=exc.reason,
-                    status=exc.status,
-                    trades=fed,
-                    whales=whales,
-                    hint="whales in the uncovered window may have been missed",
-                )
-                return False
-            fetched.sort(key=_sort_key)
-            chunk = self._feed_chunk
-            for start in range(0, len(fetched), chunk):
-                part = fetched[start : start + chunk]
-                found = await self._feed(part)
-                whales += found
-                fed += len(part)
-                counts.whales += found
-                counts.trades += len(part)
-            slice_start_s = slice_end_s + 1
+        slices = [
+            (start_s, min(start_s + self.slice_s - 1, last_s)) for start_s in range(first_s, last_s + 1, self.slice_s)
+        ]
+        # A few slices are fetched ahead, side by side (a slice's pages must come one after another, cursor by
+        # cursor); they are fed strictly in order, so grouping still sees fills in time order.
+        ahead: deque[asyncio.Task[list[dict[str, Any]]]] = deque()
+        try:
+            for index, (slice_start_s, _) in enumerate(slices):
+                while len(ahead) < self.slices_ahead and index + len(ahead) < len(slices):
+                    start_s, end_s = slices[index + len(ahead)]
+                    ahead.append(asyncio.create_task(self._slice_with_retries(start_s, end_s, window)))
+                try:
+                    fetched = await ahead.popleft()
+                except KalshiRestError as exc:
+                    counts.failures += 1
+                    counts.seconds += self._monotonic() - started_s
+                    uncovered_from_ms = max(from_ms, slice_start_s * 1000)
+                    counts.uncovered_s += (to_ms - uncovered_from_ms) / 1000
+                    log.error(
+                        "backfill_incomplete",
+                        reasons=list(window.reasons),
+                        uncovered_from=_iso(uncovered_from_ms),
+                        uncovered_to=_iso(to_ms),
+                        uncovered_s=round((to_ms - uncovered_from_ms) / 1000, 3),
+                        error=exc.reason,
+                        status=exc.status,
+                        trades=fed,
+                        whales=whales,
+                        hint="whales in the uncovered window may have been missed",
+                    )
+                    return False
+                fetched.sort(key=_sort_key)
+                chunk = self._feed_chunk
+                for start in range(0, len(fetched), chunk):
+                    part = fetched[start : start + chunk]
+                    found = await self._feed(part)
+                    whales += found
+                    fed += len(part)
+                    counts.whales += found
+                    counts.trades += len(part)
+        finally:
+            for task in ahead:
+                task.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
 
         counts.windows += 1
         seconds = self._monotonic() - started_s
