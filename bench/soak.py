@@ -307,9 +307,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             paths = [r.stdout_path for r in runs]
             trickle = 0
             settle_deadline = min(deadline, time.monotonic() + args.settle_s)
+            last_count, last_change = -1, time.monotonic()
             while time.monotonic() < settle_deadline:
-                if wanted <= {alert_key(e["trade_ids"], e["value_usd"]) for e in reported(paths)}:
+                posts = reported(paths)
+                if wanted <= {alert_key(e["trade_ids"], e["value_usd"]) for e in posts}:
                     break
+                if len(posts) != last_count:
+                    last_count, last_change = len(posts), time.monotonic()
+                elif time.monotonic() - last_change > args.idle_s:
+                    break  # nothing new for a while (a whale alerted short is never reported whole)
                 for _ in range(20):
                     trickle += 1
                     await exchange.publish(
@@ -435,6 +441,7 @@ def main() -> int:
     parser.add_argument("--socket-outage-s", type=float, default=6.0)
     parser.add_argument("--down-s", type=float, default=3.0, help="how long the killed daemon stays down")
     parser.add_argument("--settle-s", type=float, default=60.0, help="at most this long for the daemon to catch up")
+    parser.add_argument("--idle-s", type=float, default=15.0, help="or until no alert came for this long")
     parser.add_argument("--quiet-s", type=float, default=5.0, help="then wait this long for late duplicates")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="hard bound on the whole run")
