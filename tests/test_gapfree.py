@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -416,3 +417,56 @@ async def test_whales_found_too_late_are_logged_as_stale_not_posted(tmp_path: Pa
         skipped = run.events("stale_alert_skipped")
         assert [alert_key(e["trade_ids"], e["value_usd"]) for e in skipped] == [stale_key]
         assert skipped[0]["age_s"] >= 80
+
+
+async def test_steady_lost_frames_at_a_high_rate_every_whale_exactly_once(tmp_path: Path) -> None:
+    """0.2% of frames lost at random through a fast tape, plus a fill of each sweep: each whale once, whole."""
+    tape = Tape()
+    rng = random.Random(8)
+    async with scenario(tmp_path) as run:
+        await run.start()
+        trades: list[dict[str, Any]] = []
+        for k in range(6):
+            trades += tape.small(500) + tape.sweep(f"KXWHALE-S{k}") + tape.small(30) + [tape.single(f"KXWHALE-L{k}")]
+        trades += tape.small(100)
+        lost_ids = {t["trade_id"] for t in trades if rng.random() < 0.002} | {f"KXWHALE-S{k}-f2" for k in range(6)}
+        await publish(run.exchange, trades, lost=lambda trade_id: trade_id in lost_ids)
+        expected = expected_keys(run.exchange)
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=12)
+        assert run.exchange.lost == len(lost_ids) >= 6
+        stopped = run.events("daemon_stopped")[-1]
+        # The windows are the gaps' spans, not "from the gap to now": the tape is processed about once.
+        assert stopped["trades"] <= 1.5 * len(trades)
+        assert not run.events("backfill_incomplete")
+
+
+async def test_rest_down_while_the_socket_delivers(tmp_path: Path) -> None:
+    """REST answers 503 to everything: a whale the socket brought is alerted when its hold ends, not when REST
+    is back; a whale only REST has is alerted once REST is back; nothing twice."""
+    tape = Tape()
+    async with scenario(tmp_path, HOLD_MAX_S=str(10 * UNIT_S)) as run:
+        await run.start()
+        run.exchange.rest.down_status = 503
+        seen = tape.sweep("KXWHALE-SOCKET")
+        only_rest = tape.single("KXWHALE-REST")
+        trades = [*tape.small(60), *seen, *tape.small(2), only_rest, *tape.small(60)]
+        lost = {only_rest["trade_id"], trades[64]["trade_id"]}  # a gap right after the sweep, and the lone whale
+        await publish(run.exchange, trades, lost=lambda trade_id: trade_id in lost)
+        seen_key = (tuple(t["trade_id"] for t in seen), "112000.00")
+        try:
+            await wait_until(lambda: seen_key in run.posted(), 100 * UNIT_S)
+        except TimeoutError:
+            raise AssertionError(str([e for e in run.logs if e["event"] != "backfill_retry"])) from None
+        assert run.exchange.rest.down_status == 503 and run.posted() == [seen_key]  # while REST is still down
+        (unconfirmed,) = run.events("alert_unconfirmed")
+        assert unconfirmed["alert_id"] == "KXWHALE-SOCKET-f0"
+        assert run.events("backfill_retry")  # the backfill keeps trying meanwhile
+        run.exchange.rest.down_status = None
+        await publish(run.exchange, tape.small(20))
+        expected = expected_keys(run.exchange)
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=2)
+        assert not run.events("backfill_incomplete")
