@@ -24,19 +24,22 @@ from tests.fake_kalshi import trade_msg
 from valshi_x.config import Settings, load_settings
 from valshi_x.daemon import CHECKPOINT_NAME, Daemon, RunOptions
 from valshi_x.kalshi.stream import Backoff
+from valshi_x.runmode import Tuning
 from valshi_x.store import Store, wall_ms
 from valshi_x.whales import Alert
 
 UNIT_S = 0.05  # every timing in these tests is a multiple of this
 SWEEP_WINDOW_MS = 200
 THRESHOLD = Decimal(100_000)
-FAST_STREAM = {
-    "backoff": Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
-    "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
-    "ping_interval_s": None,
-}
-FAST_REST = {"pause_initial_s": UNIT_S, "pause_max_s": 4 * UNIT_S}
-FAST_BACKFILL = {"retry_initial_s": UNIT_S, "retry_max_s": 2 * UNIT_S}
+FAST = Tuning(
+    reconnect_backoff=Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
+    rejected_backoff=Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
+    ws_ping_interval_s=None,
+    rest_pause_initial_s=UNIT_S,
+    rest_pause_max_s=4 * UNIT_S,
+    backfill_retry_initial_s=UNIT_S,
+    backfill_retry_max_s=2 * UNIT_S,
+)
 
 Key = tuple[tuple[str, ...], str]
 
@@ -117,9 +120,7 @@ class Run:
     async def start(self) -> Daemon:
         settings = settings_for(self.exchange, **self.env)
         options = RunOptions(dry_run=True, state_dir=self.state_dir, lookup_titles=False)
-        self.daemon = Daemon(
-            settings, options, stream_options=FAST_STREAM, rest_options=FAST_REST, backfill_options=FAST_BACKFILL
-        )
+        self.daemon = Daemon(settings, options, tuning=FAST)
         self.task = asyncio.create_task(self.daemon.run())
         await self.exchange.wait_subscribed()
         return self.daemon
