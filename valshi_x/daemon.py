@@ -28,17 +28,17 @@ import aiohttp
 import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
-from valshi_x import trades as trade_times
 from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
 from valshi_x.errors import ConfigError
+from valshi_x.gapwatch import GapWatch
 from valshi_x.health import Snapshot, Today, TradeRate, healthy, status_line
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.kalshi.stream import SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
-from valshi_x.recovery import CLOCK_SLACK_MS, RecoveryPlanner
+from valshi_x.recovery import RecoveryPlanner
 from valshi_x.runmode import ModeProfile, Tuning
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.supervisor import Stages, Supervisor
@@ -145,11 +145,12 @@ class Daemon:
         self.stall_resubscribes = 0
         self._last_heard: float | None = None
         self._last_trade_seen_at = monotonic()
-        # The reader's view of trade time, for the recovery planner: the last frame queued (read lazily, only when
-        # a gap, a drop or a disconnect needs its time) and the time before a seq gap, until the frame after it.
-        self._last_queued: dict[str, Any] | None = None
-        self._last_queued_ts_ms = self._started_ms
-        self._gap_before_ms: int | None = None
+        # The stream's events, with the trade times around them, for the planner.
+        self.gap_watch = (
+            GapWatch(self.planner, now_ms=now_ms, started_ms=self._started_ms, wake=self._wake_backfill)
+            if self.planner is not None
+            else None
+        )
         # Alerts on their way into the outbox (first trade time -> how many): the checkpoint must not pass them.
         self._submitting: dict[int, int] = {}
         self.alerts_unconfirmed = 0
@@ -283,42 +284,23 @@ class Daemon:
         await self.stream.run()
 
     def _enqueue(self, frame: dict[str, Any]) -> None:
-        # Called by the reader for every trade frame: it must never wait on the pipeline. Trade times are read
-        # here only when the planner needs one (the frame after a gap, the first after a subscription or a drop).
-        planner = self.planner
-        if self._gap_before_ms is not None and planner is not None:
-            after_ms = _frame_ts_ms(frame)
-            if after_ms is not None:
-                planner.on_gap(self._gap_before_ms, after_ms, self._now_ms())
-                self._wake_backfill()
-            self._gap_before_ms = None
+        # Called by the reader for every trade frame: it must never wait on the pipeline.
+        watch = self.gap_watch
+        if watch is not None:
+            watch.before_queue(frame)
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.frames_dropped += 1
-            if planner is not None:
-                # The dropped trades are still on Kalshi: from the newest trade queued to the next one queued.
-                planner.on_overflow(self._last_queued_time_ms(), self._now_ms())
+            if watch is not None:
+                watch.dropped()  # the dropped trades are still on Kalshi
             now = self._monotonic()
             if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
                 self._last_overflow_log = now
                 log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
             return
-        self._last_queued = frame
-        if planner is not None and planner.wants_first_trade:
-            ts_ms = _frame_ts_ms(frame)
-            if ts_ms is not None:
-                planner.on_first_trade(ts_ms, self._now_ms())
-                self._wake_backfill()
-
-    def _last_queued_time_ms(self) -> int:
-        """Trade time of the last frame queued (or, before any, of the run's start)."""
-        frame, self._last_queued = self._last_queued, None
-        if frame is not None:
-            ts_ms = _frame_ts_ms(frame)
-            if ts_ms is not None:
-                self._last_queued_ts_ms = ts_ms
-        return self._last_queued_ts_ms
+        if watch is not None:
+            watch.queued(frame)
 
     def _wake_backfill(self) -> None:
         if self.backfiller is not None:
@@ -463,17 +445,17 @@ class Daemon:
         self.planner.on_startup(from_ms, now_ms)
 
     def _on_gap(self, gap: SeqGap) -> None:
-        # The missing trades lie between the last frame queued and the next one (`_enqueue` completes the gap).
-        self._gap_before_ms = self._last_queued_time_ms()
+        if self.gap_watch is not None:
+            self.gap_watch.on_gap()
 
     def _on_disconnect(self) -> None:
-        if self.planner is not None:
-            self.planner.on_disconnect(self._last_queued_time_ms(), self._now_ms())
+        if self.gap_watch is not None:
+            self.gap_watch.on_disconnect()
 
     def _on_subscribed(self, sid: int) -> None:
         self.notifier.ready(f"subscribed to trades (sid {sid})")
-        if self.planner is not None:
-            self.planner.on_subscribed(self._now_ms())
+        if self.gap_watch is not None:
+            self.gap_watch.on_subscribed()
 
     async def _feed_backfill(self, trades: list[dict[str, Any]]) -> int:
         seen = self.pipeline.detector.seen
@@ -545,9 +527,8 @@ class Daemon:
                 self.stall_resubscribes += 1
                 resubscribed_at = self._monotonic()
                 # If trades did happen, the dead subscription missed them: fetch the quiet span back.
-                if self.planner is not None:
-                    now_ms = self._now_ms()
-                    self.planner.on_gap(self._last_queued_time_ms(), now_ms + CLOCK_SLACK_MS, now_ms, reason="stall")
+                if self.gap_watch is not None:
+                    self.gap_watch.on_stall()
                 await stream.resubscribe()
             elif self._monotonic() - resubscribed_at >= limit_s:
                 log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="reconnect")
@@ -641,17 +622,6 @@ class Daemon:
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
         )
-
-
-def _frame_ts_ms(frame: dict[str, Any]) -> int | None:
-    """Trade time of a trade frame, or None when unreadable (the pipeline reports that frame)."""
-    msg = frame.get("msg")
-    if not isinstance(msg, dict):
-        return None
-    try:
-        return trade_times.trade_time_ms(msg)
-    except trade_times.MalformedTrade:
-        return None
 
 
 def _no_prefetch(ticker: str) -> None:
