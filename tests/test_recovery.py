@@ -138,6 +138,12 @@ ROWS = [
         reasons=[("overflow",)],
     ),
     Row(
+        "a full queue and nothing queued after it: the window ends at now plus the clock slack",
+        [subscribed(now=0), overflow(3_000, now=3_000), tick(now=5_000)],
+        due_at=5_500,
+        windows=[(2_000, 5_050 + CLOCK_SLACK_MS)],
+    ),
+    Row(
         "nothing is due while disconnected",
         [disconnect(5_000, now=5_010), tick(now=60_000)],
         due_at=60_000,

@@ -58,6 +58,7 @@ class _Pending:
     merge_until_ms: int = 0  # a waiting window stops absorbing later gaps (and growing its wait) after this
     hold_until_ms: int | None = None  # None: holds until the end is known
     state: Literal["open", "waiting", "fetching"] = "open"
+    opened_at_ms: int = 0
     expired: bool = False  # its holds are over; it is still fetched
 
     def touches(self, lo_ms: int, hi_ms: int) -> bool:
@@ -154,6 +155,16 @@ class RecoveryPlanner:
     def tick(self, now_ms: int) -> None:
         """Time passes: quiet open windows get an end, holds past their deadline end."""
         self._advance(now_ms)
+        overflow_id = self._open.get("overflow")
+        if (
+            self._connected
+            and overflow_id is not None
+            and now_ms - self._windows[overflow_id].opened_at_ms >= QUIET_BOUND_MS
+            and "overflow" in self._awaiting_first_trade
+        ):
+            # Frames were dropped and none has been queued since: what is missing lies before now.
+            self._awaiting_first_trade.discard("overflow")
+            self._bound("overflow", now_ms + CLOCK_SLACK_MS, now_ms)
         subscribed_at_ms = self._subscribed_at_ms
         if self._connected and subscribed_at_ms is not None and now_ms - subscribed_at_ms >= QUIET_BOUND_MS:
             # No trade since subscribing: nothing after now can be missed, the socket will bring it.
@@ -217,7 +228,7 @@ class RecoveryPlanner:
 
     def _open_window(self, cause: OpenCause, from_ms: int, now_ms: int) -> int:
         window_id = self._new_id()
-        self._windows[window_id] = _Pending(window_id, from_ms, None, [cause])
+        self._windows[window_id] = _Pending(window_id, from_ms, None, [cause], opened_at_ms=now_ms)
         self._open[cause] = window_id
         self.counts.windows += 1
         return window_id
