@@ -122,8 +122,8 @@ class Daemon:
             dedup_horizon_ms=int(dedup_horizon_s * 1000),
             late_fill_horizon_ms=mode.late_fill_horizon_ms,
             gate=self.planner,
-            # lead wires TitleLookup.prefetch here at merge
-            on_near_whale=_no_prefetch,
+            # lead wires TitleLookup.prefetch here at merge (titles are looked up only when the mode says so)
+            on_near_whale=_no_prefetch if mode.lookup_titles else None,
             on_grew_after_alert=_log_grew_after_alert,
         )
         self.pipeline = Pipeline(detector, monotonic=monotonic)

@@ -189,7 +189,8 @@ class WhaleDetector:
         on_grew_after_alert: GrewAfterAlert | None = None,
     ) -> None:
         self.threshold_usd = threshold_usd
-        self._near_usd = threshold_usd / 2
+        # Half the threshold, when someone listens (`on_near_whale`); otherwise never reached, so no hook is asked.
+        self._near_usd = threshold_usd / 2 if on_near_whale is not None else Decimal("Infinity")
         self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
