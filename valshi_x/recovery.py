@@ -20,7 +20,7 @@ logged).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 # A window's ends reach this far past the frames that bound it: REST filters whole seconds, and trade times of
@@ -77,24 +77,34 @@ class RecoveryCounts:
     given_up: int = 0
 
 
-@dataclass(slots=True)
 class RecoveryPlanner:
     """Plans backfill windows and bounded holds from the stream's events (see the module docstring)."""
 
-    hold_max_ms: int = 5_000
-    settle_ms: int = 500
-    merge_max_ms: int = 1_000
-    margin_ms: int = MARGIN_MS
-    hold_margin_ms: int = HOLD_MARGIN_MS
-    counts: RecoveryCounts = field(default_factory=RecoveryCounts)
-    version: int = 0  # bumped whenever a hold may have been released: the detector re-asks its held sweeps
-    now_ms: int = 0
-    _windows: dict[int, _Pending] = field(default_factory=dict)
-    _next_id: int = 0
-    _open: dict[str, int] = field(default_factory=dict)  # cause -> window id of its open-ended window
-    _awaiting_first_trade: set[str] = field(default_factory=set)  # causes whose end is the next trade queued
-    _subscribed_at_ms: int | None = None
-    _connected: bool = False
+    def __init__(
+        self,
+        *,
+        hold_max_ms: int = 5_000,
+        settle_ms: int = 500,
+        merge_max_ms: int = 1_000,
+        margin_ms: int = MARGIN_MS,
+        hold_margin_ms: int = HOLD_MARGIN_MS,
+    ) -> None:
+        self.hold_max_ms = hold_max_ms
+        # Kalshi REST may list a trade a moment after the socket sent it: a window is fetched this long after the
+        # frame that showed its gap.
+        self.settle_ms = settle_ms
+        self.merge_max_ms = merge_max_ms
+        self.margin_ms = margin_ms
+        self.hold_margin_ms = hold_margin_ms
+        self.counts = RecoveryCounts()
+        self.version = 0  # bumped whenever a hold may have ended: the detector asks its held sweeps again
+        self.now_ms = 0
+        self._windows: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._open: dict[str, int] = {}  # cause -> window id of its open-ended window
+        self._awaiting_first_trade: set[str] = set()  # causes whose end is the next trade queued
+        self._subscribed_at_ms: int | None = None
+        self._connected = False
 
     # --- events ---------------------------------------------------------------------------------------------
 
