@@ -1,24 +1,29 @@
-"""Soak: never miss a whale, never report one twice, through drops, lost frames, an outage and a kill -9.
+"""Soak: every whale once, and on time, through lost frames, a REST outage, a socket outage and a kill -9.
 
 Runs the fake exchange of the tests (tests/fake_exchange.py: a WebSocket and a REST API on 127.0.0.1 sharing one
 tape of trades) and the real daemon as a subprocess, `python -m valshi_x --dry-run --state-dir DIR --log-format
-json`, pointed at it with KALSHI_WS_URL / KALSHI_API_URL (no key: an unsigned connection). Then it trades:
+json`, pointed at it with KALSHI_WS_URL / KALSHI_API_URL (no key: an unsigned connection). It trades at `--rate`
+trades per second (trade times from the wall clock), loses `--loss` of the frames (seq gaps) throughout, plants
+about `--whales-per-s` whales a second (single fills and sweeps of 2-5 fills spread over up to ~0.8 s, none a
+whale alone) plus near misses, every fourth with one fill (or its only fill) lost on purpose, so that only REST
+has it, and goes through four phases, one after another:
 
-- a tape of `--trades` trades (default 200,000) at `--rate` per second, trade times taken from the wall clock, with
-  `--whales` whales planted (single fills and sweeps of 2-5 fills none of which is a whale alone) and near misses;
-- the connection cut (TCP abort, 1006) every `--drop-every` frames sent (default 20,000);
-- `--loss` of the frames lost (default 1%): their seq numbers are skipped, so the daemon sees gaps;
-- one outage of `--outage-s` seconds (default 40) during which every handshake is answered 503;
-- one kill -9 of the daemon, `--down-s` seconds down while trading goes on, then a new daemon on the same state.
+- `steady`: only the lost frames;
+- `rest_outage`: Kalshi REST answers 503 to everything for `--rest-outage-s` while the socket goes on delivering;
+- `socket_outage`: the connection is cut and every handshake refused (503) for `--socket-outage-s`;
+- `restart`: the daemon is killed (SIGKILL) and, `--down-s` later, started again on the same state directory.
 
 The whales on the tape are computed by a fresh detector over every trade in time order; the daemons' `would_post`
-lines (both runs) are compared with them: alerted (same fills, same value to the cent), missed, duplicated (a
-trade id in two alerts, or one whale reported twice) and wrong (an alert that is no whale of the tape). Trade times
-are "now", so the default MAX_ALERT_AGE_S (900 s) never skips one. Bounded: every wait has a timeout and the
-whole run stops after `--max-seconds`; the daemon is stopped with SIGTERM at the end.
+lines are compared with them: alerted (same fills, same value to the cent), alerted short (closed when its hold
+ran out while REST was down, with only the fills the socket brought: a part of a whale of the tape, logged
+`alert_unconfirmed`), missed, duplicated (a trade id in two alerts, or one whale reported twice) and wrong (an
+alert that is neither a whale of the tape nor a part of one). Each whale belongs to the
+phase its last fill was made in, and its delay runs from that fill's trade time to the `would_post` line's
+timestamp (one host, one clock). Also reported: trades the daemons processed (their `trades` count, the killed
+one's from its last stats line) per trade on the tape. Bounded: every wait has a timeout, the whole run stops
+after `--max-seconds`, and the daemon is stopped with SIGTERM at the end.
 
-    .venv/bin/python bench/soak.py                    # ~3 minutes on 2 cores
-    .venv/bin/python bench/soak.py --trades 40000 --rate 1000 --outage-s 5 --drop-every 8000 --kill-at 0.8  # ~1 min
+    .venv/bin/python bench/soak.py                  # ~3 minutes on 2 cores
 
 Writes bench/out/soak/{daemon-1,daemon-2}.jsonl (the daemons' logs) and summary.json. Exit code 0 only when
 missed, duplicated and wrong are all 0.
@@ -33,11 +38,13 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,8 @@ from tests.fake_kalshi import trade_msg  # noqa: E402
 
 THRESHOLD = Decimal(100_000)
 SWEEP_WINDOW_MS = 1000  # the default setting
+HOLD_MAX_S = 5.0  # the default setting
+PHASES = ("steady", "rest_outage", "socket_outage", "restart")
 Key = tuple[tuple[str, ...], str]
 
 
@@ -63,57 +72,67 @@ def wall_ms() -> int:
 # ---------------------------------------------------------------------------------------------- the tape
 
 
-@dataclass
-class Plan:
-    """What to trade, in order, without times: trade times are stamped when each trade is made."""
+class Trader:
+    """Makes the trades: noise, and whales (or near misses) planted at random, their fills spread out."""
 
-    items: list[dict[str, Any]]  # trade_msg keyword arguments, trade_id included
-    whales: int
-    near_misses: int
+    def __init__(self, rate: float, whales_per_s: float, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.tickers = [f"KXNOISE-{n:03d}" for n in range(400)]
+        self.plant_chance = whales_per_s / rate * 1.25  # a fifth of the plants are near misses
+        self.pending: list[tuple[int, dict[str, Any], bool]] = []  # (trade number due, fill, lost) under way
+        self.made = 0
+        self.planted = 0
+        self.whales = 0
 
+    def next(self) -> tuple[dict[str, Any], bool]:
+        """The next trade, and whether its frame is to be lost on purpose (a planted REST-only fill)."""
+        rng = self.rng
+        self.made += 1
+        n = self.made
+        if self.pending and self.pending[0][0] <= n:
+            _, fill, lost = self.pending.pop(0)
+            return trade_msg(**fill, ts_ms=wall_ms()), lost
+        if rng.random() < self.plant_chance:
+            self._plant(n)
+            return self.next()
+        price = Decimal(rng.randint(2, 98)) / 100
+        return trade_msg(
+            ticker=rng.choice(self.tickers),
+            side=rng.choice(["yes", "no"]),
+            count=f"{Decimal(rng.randint(100, 50_000)) / 100:.2f}",
+            yes_price=f"{price:.4f}",
+            trade_id=f"{n:08d}-n",
+            ts_ms=wall_ms(),
+        ), False
 
-def make_plan(trades: int, whales: int, seed: int) -> Plan:
-    rng = random.Random(seed)
-    tickers = [f"KXNOISE-{n:03d}" for n in range(400)]
-    # Whales (and near misses) spread evenly over the tape, so some fall in every kind of trouble.
-    specials: dict[int, list[dict[str, Any]]] = {}
-    near_misses = whales // 5
-    slots = rng.sample(range(500, trades - 500), whales + near_misses)
-    for n, slot in enumerate(slots):
-        ticker = f"KXWHALE-{n:03d}"
+    def _plant(self, n: int) -> None:
+        rng = self.rng
+        self.planted += 1
+        ticker = f"KXWHALE-{self.planted:04d}"
         side = rng.choice(["yes", "no"])
         price = Decimal(rng.randint(20, 80)) / 100
         side_price = price if side == "yes" else 1 - price
-        is_whale = n < whales
+        is_whale = self.planted % 5 != 0
+        self.whales += is_whale
         target = Decimal(rng.randint(101_000, 400_000)) if is_whale else Decimal(rng.randint(80_000, 99_000))
-        fills = 1 if is_whale and n % 3 == 0 else rng.randint(2, 5)
+        fills = 1 if is_whale and self.planted % 3 == 0 else rng.randint(2, 5)
         if fills > 1 and target / fills >= THRESHOLD:
             fills = int(target // THRESHOLD) + 1  # no single fill of a sweep is a whale alone
         per_fill = (target / fills / side_price).quantize(Decimal("0.01"))
-        yes_price = f"{price:.4f}"
-        specials[slot] = [
-            {"ticker": ticker, "side": side, "count": f"{per_fill:.2f}", "yes_price": yes_price, "fill": k}
-            for k in range(fills)
-        ]
-    items: list[dict[str, Any]] = []
-    i = 0
-    while len(items) < trades:
-        for planned in specials.get(i, ()):
-            fill = dict(planned)
-            k = fill.pop("fill")
-            items.append({**fill, "trade_id": f"{len(items):08d}-{fill['ticker']}-f{k}"})
-        price = Decimal(rng.randint(2, 98)) / 100
-        items.append(
-            {
-                "ticker": rng.choice(tickers),
-                "side": rng.choice(["yes", "no"]),
-                "count": f"{Decimal(rng.randint(100, 50_000)) / 100:.2f}",
+        # Every fourth plant has one fill that only REST will have (a whole single-fill whale, or part of a sweep).
+        lost_fill = rng.randrange(fills) if self.planted % 4 == 1 else -1
+        due = n
+        for k in range(fills):
+            fill = {
+                "ticker": ticker,
+                "side": side,
+                "count": f"{per_fill:.2f}",
                 "yes_price": f"{price:.4f}",
-                "trade_id": f"{len(items):08d}-n",
+                "trade_id": f"{n:08d}-{ticker}-f{k}",
             }
-        )
-        i += 1
-    return Plan(items[:trades], whales, near_misses)
+            self.pending.append((due, fill, k == lost_fill))
+            due += rng.randint(30, 250)  # the next fill 20-170 ms later at 1,500 trades/s: all within the window
+        self.pending.sort(key=lambda item: item[0])
 
 
 # ---------------------------------------------------------------------------------------------- the daemon
@@ -123,7 +142,6 @@ def make_plan(trades: int, whales: int, seed: int) -> Plan:
 class DaemonRun:
     process: asyncio.subprocess.Process
     stdout_path: Path
-    started_at: float
 
 
 def daemon_env(workdir: Path, exchange: FakeExchange) -> dict[str, str]:
@@ -134,8 +152,9 @@ def daemon_env(workdir: Path, exchange: FakeExchange) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
         "KALSHI_WS_URL": exchange.ws_url,
         "KALSHI_API_URL": exchange.rest_url,
-        "STATS_INTERVAL_S": "10",
+        "STATS_INTERVAL_S": "2",
         "SWEEP_WINDOW_MS": str(SWEEP_WINDOW_MS),
+        "HOLD_MAX_S": str(HOLD_MAX_S),
     }
 
 
@@ -156,7 +175,7 @@ async def start_daemon(workdir: Path, exchange: FakeExchange, n: int) -> DaemonR
             stdout=stdout,
             stderr=stderr,
         )
-    return DaemonRun(process, stdout_path, time.monotonic())
+    return DaemonRun(process, stdout_path)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -174,111 +193,113 @@ def reported(paths: list[Path]) -> list[dict[str, Any]]:
     return [e for path in paths if path.exists() for e in read_events(path) if e.get("event") == "would_post"]
 
 
+def stamp_ms(event: dict[str, Any]) -> int:
+    return int(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp() * 1000)
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
 @dataclass
-class Trouble:
-    """What was done to the daemon, for the summary."""
+class Timeline:
+    """What was done when (wall ms), for the summary and for sorting whales into phases."""
 
-    cuts: int = 0
-    outage_s: float = 0.0
-    outage_refused: int = 0
-    kills: int = 0
-    down_s: float = 0.0
-    timeline: list[str] = field(default_factory=list)
-    # What the exchange saw, filled in at the end.
-    trades_on_tape: int = 0
-    frames_sent: int = 0
-    lost: int = 0
-    undelivered: int = 0
-    rest_requests: int = 0
-    seconds: float = 0.0
+    phase_starts_ms: dict[str, int] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+
+    def note(self, text: str) -> None:
+        line = f"{time.monotonic() - self.t0:7.1f} s  {text}"
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def phase_of(self, ts_ms: int) -> str:
+        current = PHASES[0]
+        for phase in PHASES:
+            start = self.phase_starts_ms.get(phase)
+            if start is not None and ts_ms >= start:
+                current = phase
+        return current
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.glob("daemon-*"):
         old.unlink()
-    plan = make_plan(args.trades, args.whales, args.seed)
     rng = random.Random(args.seed + 1)
-    trouble = Trouble()
-    t0 = time.monotonic()
-
-    def note(text: str) -> None:
-        line = f"{time.monotonic() - t0:7.1f} s  {text}"
-        trouble.timeline.append(line)
-        print(line, flush=True)
-
-    deadline = t0 + args.max_seconds
-    outage_at = int(args.trades * args.outage_at)
-    kill_at = int(args.trades * args.kill_at)
+    trader = Trader(args.rate, args.whales_per_s, args.seed)
+    timeline = Timeline()
+    deadline = time.monotonic() + args.max_seconds
+    durations = {
+        "steady": args.steady_s,
+        "rest_outage": args.rest_outage_s + 10.0,  # the outage, then 10 s for REST's backlog
+        "socket_outage": args.socket_outage_s + 14.0,
+        "restart": args.down_s + 17.0,
+    }
     with tempfile.TemporaryDirectory(prefix="valshi-soak-") as tmp:
         workdir = Path(tmp)
         async with FakeExchange(ping_interval_s=10.0) as exchange:
             runs = [await start_daemon(workdir, exchange, 1)]
             await exchange.wait_subscribed(timeout_s=30.0)
-            note("daemon 1 subscribed")
-            outage_until: float | None = None
-            restart_at: float | None = None
-            sent_at_last_cut = 0
-            i = 0
-            start = time.monotonic()
-            while i < len(plan.items):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the soak ran out of time while trading")
-                now = time.monotonic()
-                due = min(len(plan.items), int((now - start) * args.rate) + 1)
-                while i < due:
-                    spec = dict(plan.items[i])
-                    msg = trade_msg(
-                        ticker=spec["ticker"],
-                        side=spec["side"],
-                        count=spec["count"],
-                        yes_price=spec["yes_price"],
-                        trade_id=spec["trade_id"],
-                        ts_ms=wall_ms(),
-                    )
-                    await exchange.publish(msg, lost=rng.random() < args.loss)
-                    i += 1
-                    if i == outage_at:
-                        exchange.refuse(503)
-                        await exchange.cut()
-                        outage_until = time.monotonic() + args.outage_s
-                        note(f"outage starts at trade {i}: handshakes answered 503 for {args.outage_s:.0f} s")
-                    if i == kill_at:
-                        runs[-1].process.kill()
-                        await runs[-1].process.wait()
-                        restart_at = time.monotonic() + args.down_s
-                        trouble.kills += 1
-                        note(f"daemon {len(runs)} killed (SIGKILL) at trade {i}; down {args.down_s:.0f} s")
-                    sent = len(exchange.sent_ids)
-                    if exchange.connected and sent - sent_at_last_cut >= args.drop_every:
-                        sent_at_last_cut = sent
-                        trouble.cuts += 1
-                        await exchange.cut()
-                        note(f"connection cut (1006) after {sent} frames sent, trade {i}")
-                if outage_until is not None and time.monotonic() >= outage_until:
-                    exchange.accept()
-                    trouble.outage_s = args.outage_s
-                    outage_until = None
-                    note("outage ends")
-                if restart_at is not None and time.monotonic() >= restart_at:
-                    restart_at = None
-                    trouble.down_s = args.down_s
-                    runs.append(await start_daemon(workdir, exchange, len(runs) + 1))
-                    note(f"daemon {len(runs)} started on the same state dir")
-                await asyncio.sleep(0.005)
-            note(f"all {len(plan.items)} trades made")
-            if outage_until is not None:
-                await asyncio.sleep(max(0.0, outage_until - time.monotonic()))
+            timeline.note("daemon 1 subscribed")
+            await asyncio.sleep(3.0)  # its first-start checkpoint is written; trading starts now
+
+            # Scheduled actions: (seconds into the phase, what), run once each.
+            async def rest_down() -> None:
+                exchange.rest.down_status = 503
+                timeline.note(f"REST answers 503 to everything for {args.rest_outage_s:.0f} s")
+
+            async def rest_up() -> None:
+                exchange.rest.down_status = None
+                timeline.note("REST is back")
+
+            async def socket_down() -> None:
+                exchange.refuse(503)
+                await exchange.cut()
+                timeline.note(f"connection cut, handshakes refused (503) for {args.socket_outage_s:.0f} s")
+
+            async def socket_up() -> None:
                 exchange.accept()
-            if restart_at is not None:
-                await asyncio.sleep(max(0.0, restart_at - time.monotonic()))
-                trouble.down_s = args.down_s
+                timeline.note("handshakes accepted again")
+
+            async def kill() -> None:
+                runs[-1].process.kill()
+                await runs[-1].process.wait()
+                timeline.note(f"daemon {len(runs)} killed (SIGKILL); down {args.down_s:.0f} s")
+
+            async def restart() -> None:
                 runs.append(await start_daemon(workdir, exchange, len(runs) + 1))
-                note(f"daemon {len(runs)} started on the same state dir")
-            trouble.outage_refused = sum(h.status == 503 for h in exchange.ws.handshakes)
+                timeline.note(f"daemon {len(runs)} started on the same state directory")
+
+            actions = {
+                "steady": [],
+                "rest_outage": [(2.0, rest_down), (2.0 + args.rest_outage_s, rest_up)],
+                "socket_outage": [(4.0, socket_down), (4.0 + args.socket_outage_s, socket_up)],
+                "restart": [(4.0, kill), (4.0 + args.down_s, restart)],
+            }
+            for phase in PHASES:
+                timeline.phase_starts_ms[phase] = wall_ms()
+                timeline.note(f"phase {phase} ({durations[phase]:.0f} s)")
+                todo = sorted(actions[phase], key=lambda a: a[0])
+                start = time.monotonic()
+                made_at_start = trader.made
+                while (elapsed := time.monotonic() - start) < durations[phase]:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the soak ran out of time while trading")
+                    while todo and elapsed >= todo[0][0]:
+                        await todo.pop(0)[1]()
+                    due = made_at_start + int(elapsed * args.rate) + 1
+                    while trader.made < due:
+                        msg, lost = trader.next()
+                        await exchange.publish(msg, lost=lost or rng.random() < args.loss)
+                    await asyncio.sleep(0.005)
+                for _, action in todo:
+                    await action()
+            timeline.phase_starts_ms["end"] = wall_ms()
+            while trader.pending:  # the sweeps under way are finished
+                msg, lost = trader.next()
+                await exchange.publish(msg, lost=lost)
+            timeline.note(f"all {trader.made} trades made")
 
             # Let the daemon catch up: a slow trickle of small trades keeps its stream clock moving meanwhile.
             expected = expected_alerts(exchange.tape, THRESHOLD, SWEEP_WINDOW_MS)
@@ -286,16 +307,22 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             paths = [r.stdout_path for r in runs]
             trickle = 0
             settle_deadline = min(deadline, time.monotonic() + args.settle_s)
+            last_count, last_change = -1, time.monotonic()
             while time.monotonic() < settle_deadline:
-                if wanted <= {alert_key(e["trade_ids"], e["value_usd"]) for e in reported(paths)}:
+                posts = reported(paths)
+                if wanted <= {alert_key(e["trade_ids"], e["value_usd"]) for e in posts}:
                     break
+                if len(posts) != last_count:
+                    last_count, last_change = len(posts), time.monotonic()
+                elif time.monotonic() - last_change > args.idle_s:
+                    break  # nothing new for a while (a whale alerted short is never reported whole)
                 for _ in range(20):
                     trickle += 1
                     await exchange.publish(
                         trade_msg(ticker="KXTAIL", count="1.00", trade_id=f"tail-{trickle:06d}", ts_ms=wall_ms())
                     )
                 await asyncio.sleep(1.0)
-            note("every whale reported" if time.monotonic() < settle_deadline else "settle time over")
+            timeline.note("every whale reported" if time.monotonic() < settle_deadline else "settle time over")
             await asyncio.sleep(args.quiet_s)  # a duplicate would come now, if at all
             expected = expected_alerts(exchange.tape, THRESHOLD, SWEEP_WINDOW_MS)
             last = runs[-1].process
@@ -306,62 +333,98 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 except TimeoutError:
                     last.kill()
                     await last.wait()
-            note(f"daemon {len(runs)} stopped, exit code {last.returncode}")
-            trouble.trades_on_tape, trouble.lost = len(exchange.tape), exchange.lost
-            trouble.undelivered, trouble.frames_sent = exchange.undelivered, len(exchange.sent_ids)
-            trouble.rest_requests = exchange.rest.counts["trades"]
-    trouble.seconds = time.monotonic() - t0
-    return summarize(args, plan, expected, [r.stdout_path for r in runs], trouble)
+            timeline.note(f"daemon {len(runs)} stopped, exit code {last.returncode}")
+            exchange_counts = {
+                "trades_on_tape": len(exchange.tape),
+                "frames_sent": len(exchange.sent_ids),
+                "frames_lost_seq_gaps": exchange.lost,
+                "trades_undelivered_while_disconnected": exchange.undelivered,
+                "rest_trades_requests": exchange.rest.counts["trades"],
+                "handshakes_refused": sum(h.status == 503 for h in exchange.ws.handshakes),
+            }
+    return summarize(args, expected, [r.stdout_path for r in runs], timeline, exchange_counts)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def summarize(
-    args: argparse.Namespace, plan: Plan, expected: list[Any], paths: list[Path], trouble: Trouble
+    args: argparse.Namespace, expected: list[Any], paths: list[Path], timeline: Timeline, exchange: dict[str, Any]
 ) -> dict[str, Any]:
     posts = reported(paths)
-    expected_keys = Counter(alert_key(a.trade_ids, a.value_usd) for a in expected)
+    expected_by_key = {alert_key(a.trade_ids, a.value_usd): a for a in expected}
     reported_keys = Counter(alert_key(e["trade_ids"], e["value_usd"]) for e in posts)
+    first_post_ms: dict[Key, int] = {}
+    for e in posts:
+        key = alert_key(e["trade_ids"], e["value_usd"])
+        first_post_ms[key] = min(first_post_ms.get(key, 2**62), stamp_ms(e))
     trade_owners = Counter(t for e in posts for t in e["trade_ids"])
-    alerted = sum(1 for k in expected_keys if k in reported_keys)
-    missed = sorted(k for k in expected_keys if k not in reported_keys)
-    twice = sorted(k for k, n in reported_keys.items() if n > 1)
-    shared = sorted(t for t, n in trade_owners.items() if n > 1)
-    wrong = sorted(k for k in reported_keys if k not in expected_keys)
-    duplicated = len(twice) + len({e["alert_id"] for e in posts if set(e["trade_ids"]) & set(shared)} - set(twice))
+    shared = {t for t, n in trade_owners.items() if n > 1}
+    # An alert made when its hold ran out (REST down) with only the fills the socket brought: a part of a whale of
+    # the tape, logged `alert_unconfirmed`, its missing fills logged `sweep_grew_after_alert` when REST brought them.
+    # Counted apart ("short"): on time, but not the whole value; it is the price of never waiting on REST for long.
+    short_of: dict[Key, Key] = {}
+    for key in reported_keys:
+        if key not in expected_by_key:
+            for whole in expected_by_key:
+                if set(key[0]) < set(whole[0]) and whole not in reported_keys:
+                    short_of[whole] = key
+    for whole, part in short_of.items():
+        first_post_ms.setdefault(whole, first_post_ms[part])
+    wrong = sorted(k for k in reported_keys if k not in expected_by_key and k not in short_of.values())
+
+    phases: dict[str, dict[str, Any]] = {}
+    for phase in PHASES:
+        keys = [k for k, a in expected_by_key.items() if timeline.phase_of(a.last_ts_ms) == phase]
+        delays_s = [(first_post_ms[k] - expected_by_key[k].last_ts_ms) / 1000 for k in keys if k in first_post_ms]
+        duplicated = sum(1 for k in keys if reported_keys[k] > 1 or set(k[0]) & shared)
+        phases[phase] = {
+            "whales_on_tape": len(keys),
+            "alerted": len(delays_s),
+            "alerted_short": sum(1 for k in keys if k in short_of),
+            "missed": len(keys) - len(delays_s),
+            "duplicated": duplicated,
+            "delay_p50_s": round(statistics.median(delays_s), 2) if delays_s else None,
+            "delay_p99_s": round(percentile(delays_s, 0.99), 2) if delays_s else None,
+            "delay_max_s": round(max(delays_s), 2) if delays_s else None,
+        }
+
     all_events = [e for p in paths if p.exists() for e in read_events(p)]
     counts = Counter(e.get("event") for e in all_events)
+    processed = 0
+    for path in paths:
+        stats = [e for e in read_events(path) if e.get("event") in {"stats", "daemon_stopped"}] if path.exists() else []
+        processed += int(stats[-1]["trades"]) if stats else 0
     stops = [e for e in all_events if e.get("event") == "daemon_stopped"]
     summary = {
         "command": " ".join([".venv/bin/python bench/soak.py", *sys.argv[1:]]),
-        "seconds": round(trouble.seconds, 1),
-        "trades_on_tape": trouble.trades_on_tape,
-        "frames_sent": trouble.frames_sent,
-        "frames_lost_seq_gaps": trouble.lost,
-        "trades_undelivered_while_disconnected": trouble.undelivered,
-        "connection_cuts": trouble.cuts,
-        "outage_s": trouble.outage_s,
-        "handshakes_refused": trouble.outage_refused,
-        "kills": trouble.kills,
-        "down_s": trouble.down_s,
-        "rest_trades_requests": trouble.rest_requests,
-        "whales_on_tape": len(expected_keys),
-        "whales_planted": plan.whales,
-        "sweeps_on_tape": sum(1 for k in expected_keys if len(k[0]) > 1),
-        "alerted": alerted,
-        "missed": len(missed),
-        "duplicated": duplicated,
+        "seconds": round(time.monotonic() - timeline.t0, 1),
+        "rate_per_s": args.rate,
+        "loss": args.loss,
+        **exchange,
+        "whales_on_tape": len(expected_by_key),
+        "alerted": sum(1 for k in expected_by_key if k in reported_keys or k in short_of),
+        "alerted_short": len(short_of),
+        "missed": sum(p["missed"] for p in phases.values()),
+        "duplicated": sum(p["duplicated"] for p in phases.values()),
         "wrong": len(wrong),
-        "would_post_lines": len(posts),
+        "phases": phases,
+        "trades_processed": processed,
+        "processed_per_tape_trade": round(processed / max(exchange["trades_on_tape"], 1), 3),
         "seq_gaps_seen": counts.get("ws_seq_gap", 0),
-        "frames_missing_seen": sum(int(e.get("missing", 0)) for e in all_events if e.get("event") == "ws_seq_gap"),
-        "ws_disconnects": counts.get("ws_disconnected", 0),
-        "ws_connects_refused": counts.get("ws_connect_failed", 0),
         "backfill_done": counts.get("backfill_done", 0),
+        "backfill_retry": counts.get("backfill_retry", 0),
         "backfill_incomplete": counts.get("backfill_incomplete", 0),
+        "alert_unconfirmed": counts.get("alert_unconfirmed", 0),
+        "sweep_grew_after_alert": counts.get("sweep_grew_after_alert", 0),
         "alerts_refused_by_outbox": counts.get("alert_overlaps_existing", 0),
         "stale_alert_skipped": counts.get("stale_alert_skipped", 0),
-        "missed_whales": [[*k[0], k[1]] for k in missed][:20],
+        "missed_whales": [[*k[0], k[1]] for k in expected_by_key if k not in first_post_ms][:20],
+        "short_alerts": [{"whale": [*w[0], w[1]], "alerted": [*p[0], p[1]]} for w, p in short_of.items()][:20],
         "wrong_alerts": [[*k[0], k[1]] for k in wrong][:20],
-        "timeline": trouble.timeline,
+        "timeline": timeline.lines,
         "daemon_final_stats": stops[-1] if stops else None,
     }
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -370,34 +433,42 @@ def summarize(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trades", type=int, default=200_000)
-    parser.add_argument("--whales", type=int, default=60)
-    parser.add_argument("--rate", type=float, default=2000.0, help="trades per second")
-    parser.add_argument("--drop-every", type=int, default=20_000, help="cut the connection after this many frames")
-    parser.add_argument("--loss", type=float, default=0.01, help="share of frames lost (seq gaps)")
-    parser.add_argument("--outage-s", type=float, default=40.0)
-    parser.add_argument("--outage-at", type=float, default=0.15, help="where on the tape the outage starts (0-1)")
-    parser.add_argument("--kill-at", type=float, default=0.9, help="where on the tape the daemon is killed (0-1)")
-    parser.add_argument("--down-s", type=float, default=5.0, help="how long the killed daemon stays down")
-    parser.add_argument("--settle-s", type=float, default=180.0, help="at most this long for the daemon to catch up")
+    parser.add_argument("--rate", type=float, default=1500.0, help="trades per second")
+    parser.add_argument("--loss", type=float, default=0.002, help="share of frames lost (seq gaps)")
+    parser.add_argument("--whales-per-s", type=float, default=1.0)
+    parser.add_argument("--steady-s", type=float, default=40.0)
+    parser.add_argument("--rest-outage-s", type=float, default=30.0)
+    parser.add_argument("--socket-outage-s", type=float, default=6.0)
+    parser.add_argument("--down-s", type=float, default=3.0, help="how long the killed daemon stays down")
+    parser.add_argument("--settle-s", type=float, default=60.0, help="at most this long for the daemon to catch up")
+    parser.add_argument("--idle-s", type=float, default=15.0, help="or until no alert came for this long")
     parser.add_argument("--quiet-s", type=float, default=5.0, help="then wait this long for late duplicates")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--max-seconds", type=float, default=900.0, help="hard bound on the whole run")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="hard bound on the whole run")
     args = parser.parse_args()
     summary = asyncio.run(soak(args))
     print(
-        f"trades on tape {summary['trades_on_tape']}, frames sent {summary['frames_sent']}, "
-        f"lost in seq gaps {summary['frames_lost_seq_gaps']} (daemon saw {summary['seq_gaps_seen']} gaps, "
-        f"{summary['frames_missing_seen']} frames missing), made while disconnected "
-        f"{summary['trades_undelivered_while_disconnected']}, connection cuts {summary['connection_cuts']}, "
-        f"outage {summary['outage_s']:.0f} s ({summary['handshakes_refused']} handshakes refused), "
-        f"kill -9 {summary['kills']} (down {summary['down_s']:.0f} s)"
+        f"trades on tape {summary['trades_on_tape']} at {args.rate:.0f}/s, lost in seq gaps "
+        f"{summary['frames_lost_seq_gaps']}, made while disconnected {summary['trades_undelivered_while_disconnected']}"
+        f", REST trades requests {summary['rest_trades_requests']}; processed per tape trade "
+        f"{summary['processed_per_tape_trade']}x"
     )
     print(
-        f"whales on tape {summary['whales_on_tape']} ({summary['sweeps_on_tape']} sweeps), "
-        f"alerted {summary['alerted']}, missed {summary['missed']}, duplicated {summary['duplicated']}, "
-        f"wrong {summary['wrong']}  [{summary['seconds']} s; backfills {summary['backfill_done']}, "
-        f"incomplete {summary['backfill_incomplete']}, refused by outbox {summary['alerts_refused_by_outbox']}]"
+        f"{'phase':<14} {'whales':>6} {'alerted':>7} {'short':>5} {'missed':>6} {'dup':>4} "
+        f"{'p50 s':>6} {'p99 s':>6} {'max s':>6}"
+    )
+    for phase, p in summary["phases"].items():
+        print(
+            f"{phase:<14} {p['whales_on_tape']:>6} {p['alerted']:>7} {p['alerted_short']:>5} {p['missed']:>6} "
+            f"{p['duplicated']:>4} "
+            f"{p['delay_p50_s']!s:>6} {p['delay_p99_s']!s:>6} {p['delay_max_s']!s:>6}"
+        )
+    print(
+        f"whales on tape {summary['whales_on_tape']}, alerted {summary['alerted']} ({summary['alerted_short']} short), "
+        f"missed {summary['missed']}, "
+        f"duplicated {summary['duplicated']}, wrong {summary['wrong']}  [{summary['seconds']} s; backfills "
+        f"{summary['backfill_done']}, retries {summary['backfill_retry']}, incomplete {summary['backfill_incomplete']}"
+        f", unconfirmed {summary['alert_unconfirmed']}, grew after alert {summary['sweep_grew_after_alert']}]"
     )
     ok = summary["missed"] == 0 and summary["duplicated"] == 0 and summary["wrong"] == 0
     return 0 if ok else 1

@@ -133,6 +133,7 @@ class FakeKalshiRest:
         self.counts: Counter[str] = Counter()
         self.requests: list[RecordedRequest] = []
         self.delay_s: dict[str, float] = {}
+        self.down_status: int | None = None  # while set, every request is answered with this status (an outage)
         self._faults: dict[str, deque[Fault]] = {}
         self._closing = asyncio.Event()
         app = web.Application()
@@ -208,6 +209,8 @@ class FakeKalshiRest:
         self.requests.append(RecordedRequest(route, request.path, dict(request.query), time.monotonic()))
         queue = self._faults.get(route)
         fault = queue.popleft() if queue else Fault()
+        if self.down_status is not None:
+            fault = Fault(status=self.down_status)
         await self._sleep(fault.delay_s + self.delay_s.get(route, 0.0))
         if fault.drop:
             assert request.transport is not None

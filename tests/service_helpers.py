@@ -26,16 +26,17 @@ import msgspec
 from tests.fake_kalshi import Attempt, FakeKalshi, KeyPair, trade_msg
 from tests.fake_kalshi_rest import FakeKalshiRest, rest_trade
 from valshi_x.backoff import Backoff
+from valshi_x.runmode import Tuning
 
 UNIT_S = 0.05  # every timing in the service tests is a multiple of this
 REPO = Path(__file__).resolve().parents[1]
 
 # The daemon's stream, made quick for tests: short reconnect delays, no client pings of its own.
-FAST_STREAM: dict[str, Any] = {
-    "backoff": Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
-    "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
-    "ping_interval_s": None,
-}
+FAST_STREAM = Tuning(
+    reconnect_backoff=Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
+    rejected_backoff=Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
+    ws_ping_interval_s=None,
+)
 
 
 # ---------------------------------------------------------------------------------------------- systemd

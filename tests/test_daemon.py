@@ -26,14 +26,15 @@ from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.kalshi.stream import Backoff
+from valshi_x.runmode import Tuning
 from valshi_x.store import Store, db_path, wall_ms
 
 UNIT_S = 0.05  # every timing in these tests is a multiple of this
-FAST_STREAM = {
-    "backoff": Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
-    "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
-    "ping_interval_s": None,
-}
+FAST_STREAM = Tuning(
+    reconnect_backoff=Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
+    rejected_backoff=Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
+    ws_ping_interval_s=None,
+)
 
 
 def settings_for(kalshi: FakeKalshi, rest: FakeKalshiRest, keys: KeyPair, **extra: str) -> Settings:
@@ -105,7 +106,7 @@ async def test_every_whale_sent_while_connected_is_reported_once_across_drops(
         FakeKalshiRest() as rest,
     ):
         settings = settings_for(kalshi, rest, kalshi_keys, SWEEP_WINDOW_MS="200")
-        daemon = Daemon(settings, RunOptions(dry_run=True), signer=signer_for(settings), stream_options=FAST_STREAM)
+        daemon = Daemon(settings, RunOptions(dry_run=True), signer=signer_for(settings), tuning=FAST_STREAM)
         with structlog.testing.capture_logs() as logs:
             run = asyncio.create_task(daemon.run())
             await wait_until(lambda: len(kalshi.sessions) >= 6 and sum(e["event"] == "would_post" for e in logs) >= 10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,19 +24,22 @@ from tests.fake_kalshi import trade_msg
 from valshi_x.config import Settings, load_settings
 from valshi_x.daemon import CHECKPOINT_NAME, Daemon, RunOptions
 from valshi_x.kalshi.stream import Backoff
+from valshi_x.runmode import Tuning
 from valshi_x.store import Store, wall_ms
 from valshi_x.whales import Alert
 
 UNIT_S = 0.05  # every timing in these tests is a multiple of this
 SWEEP_WINDOW_MS = 200
 THRESHOLD = Decimal(100_000)
-FAST_STREAM = {
-    "backoff": Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
-    "slow_backoff": Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
-    "ping_interval_s": None,
-}
-FAST_REST = {"backoff_initial_s": UNIT_S, "backoff_max_s": 4 * UNIT_S}
-FAST_BACKFILL = {"retry_delays_s": (UNIT_S, 2 * UNIT_S), "settle_ms": int(2 * UNIT_S * 1000)}
+FAST = Tuning(
+    reconnect_backoff=Backoff(initial_s=UNIT_S, factor=2.0, cap_s=4 * UNIT_S),
+    rejected_backoff=Backoff(initial_s=4 * UNIT_S, factor=2.0, cap_s=8 * UNIT_S),
+    ws_ping_interval_s=None,
+    rest_pause_initial_s=UNIT_S,
+    rest_pause_max_s=4 * UNIT_S,
+    backfill_retry_initial_s=UNIT_S,
+    backfill_retry_max_s=2 * UNIT_S,
+)
 
 Key = tuple[tuple[str, ...], str]
 
@@ -116,9 +120,7 @@ class Run:
     async def start(self) -> Daemon:
         settings = settings_for(self.exchange, **self.env)
         options = RunOptions(dry_run=True, state_dir=self.state_dir, lookup_titles=False)
-        self.daemon = Daemon(
-            settings, options, stream_options=FAST_STREAM, rest_options=FAST_REST, backfill_options=FAST_BACKFILL
-        )
+        self.daemon = Daemon(settings, options, tuning=FAST)
         self.task = asyncio.create_task(self.daemon.run())
         await self.exchange.wait_subscribed()
         return self.daemon
@@ -383,8 +385,9 @@ async def test_rest_answers_429_and_503_before_succeeding(tmp_path: Path) -> Non
         await run.settle(expected)
         await run.stop()
         await assert_exactly_once(run, expected, whales_on_tape=1)
-        retries = [e for e in run.logs if e["event"] == "kalshi_rest_retry"]
-        assert [r["status"] for r in retries[:2]] == [429, 503]
+        # One retry layer: the client tried once, the backfill tried the failed slice again.
+        retries = [e for e in run.logs if e["event"] == "backfill_retry"]
+        assert sorted(r["status"] for r in retries) == [429, 503]
 
 
 async def test_whales_found_too_late_are_logged_as_stale_not_posted(tmp_path: Path) -> None:
@@ -415,3 +418,56 @@ async def test_whales_found_too_late_are_logged_as_stale_not_posted(tmp_path: Pa
         skipped = run.events("stale_alert_skipped")
         assert [alert_key(e["trade_ids"], e["value_usd"]) for e in skipped] == [stale_key]
         assert skipped[0]["age_s"] >= 80
+
+
+async def test_steady_lost_frames_at_a_high_rate_every_whale_exactly_once(tmp_path: Path) -> None:
+    """0.2% of frames lost at random through a fast tape, plus a fill of each sweep: each whale once, whole."""
+    tape = Tape()
+    rng = random.Random(8)
+    async with scenario(tmp_path) as run:
+        await run.start()
+        trades: list[dict[str, Any]] = []
+        for k in range(6):
+            trades += tape.small(500) + tape.sweep(f"KXWHALE-S{k}") + tape.small(30) + [tape.single(f"KXWHALE-L{k}")]
+        trades += tape.small(100)
+        lost_ids = {t["trade_id"] for t in trades if rng.random() < 0.002} | {f"KXWHALE-S{k}-f2" for k in range(6)}
+        await publish(run.exchange, trades, lost=lambda trade_id: trade_id in lost_ids)
+        expected = expected_keys(run.exchange)
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=12)
+        assert run.exchange.lost == len(lost_ids) >= 6
+        stopped = run.events("daemon_stopped")[-1]
+        # The windows are the gaps' spans, not "from the gap to now": the tape is processed about once.
+        assert stopped["trades"] <= 1.5 * len(trades)
+        assert not run.events("backfill_incomplete")
+
+
+async def test_rest_down_while_the_socket_delivers(tmp_path: Path) -> None:
+    """REST answers 503 to everything: a whale the socket brought is alerted when its hold ends, not when REST
+    is back; a whale only REST has is alerted once REST is back; nothing twice."""
+    tape = Tape()
+    async with scenario(tmp_path, HOLD_MAX_S=str(10 * UNIT_S)) as run:
+        await run.start()
+        run.exchange.rest.down_status = 503
+        seen = tape.sweep("KXWHALE-SOCKET")
+        only_rest = tape.single("KXWHALE-REST")
+        trades = [*tape.small(60), *seen, *tape.small(2), only_rest, *tape.small(60)]
+        lost = {only_rest["trade_id"], trades[64]["trade_id"]}  # a gap right after the sweep, and the lone whale
+        await publish(run.exchange, trades, lost=lambda trade_id: trade_id in lost)
+        seen_key = (tuple(t["trade_id"] for t in seen), "112000.00")
+        try:
+            await wait_until(lambda: seen_key in run.posted(), 100 * UNIT_S)
+        except TimeoutError:
+            raise AssertionError(str([e for e in run.logs if e["event"] != "backfill_retry"])) from None
+        assert run.exchange.rest.down_status == 503 and run.posted() == [seen_key]  # while REST is still down
+        (unconfirmed,) = run.events("alert_unconfirmed")
+        assert unconfirmed["alert_id"] == "KXWHALE-SOCKET-f0"
+        assert run.events("backfill_retry")  # the backfill keeps trying meanwhile
+        run.exchange.rest.down_status = None
+        await publish(run.exchange, tape.small(20))
+        expected = expected_keys(run.exchange)
+        await run.settle(expected)
+        await run.stop()
+        await assert_exactly_once(run, expected, whales_on_tape=2)
+        assert not run.events("backfill_incomplete")

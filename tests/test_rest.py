@@ -1,4 +1,4 @@
-"""Kalshi REST client against the loopback fake: titles, cache, retries and waits, the time budget, paging."""
+"""Kalshi REST client against the loopback fake: titles, cache, one try per request, the bucket, paging."""
 
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def make_rest(session: aiohttp.ClientSession, fake: FakeKalshiRest, clock: FakeC
     options: dict[str, Any] = {
         "max_requests_per_s": float("inf"),  # no spacing: the fake clock stands still between requests
         "timeout_s": 20 * UNIT,
-        "backoff_initial_s": 1.0,
-        "backoff_max_s": 8.0,
+        "pause_initial_s": 1.0,
+        "pause_max_s": 8.0,
         "clock": clock,
         "sleep": clock.sleep,
-        "jitter": lambda: 1.0,  # the top of the jitter range: waits are exactly the backoff
+        "jitter": lambda: 1.0,  # the top of the jitter range: pauses are exactly the step
     }
     options.update(kwargs)
     return KalshiRest(session, fake.base_url, **options)
@@ -204,91 +204,96 @@ def test_cache_is_bounded_least_recently_used_first() -> None:
 # Retries and waits
 
 
-async def test_429_backs_off_then_succeeds(
-    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
+async def test_each_request_is_tried_once_and_a_429_pauses_every_later_request(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
+    """One retry layer: the client classifies and pauses, the caller (the backfill) decides to try again."""
     nfl(fake)
-    fake.script("market", 429, 429, 429)
+    fake.script("market", 429, 429)
     rest = make_rest(session, fake, clock)
-    assert "market" in await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
-    assert clock.sleeps == [1.0, 2.0, 4.0]  # doubling; jitter pinned at its top
-    assert fake.counts == {"market": 4}
-    retries = [e for e in logs if e["event"] == "kalshi_rest_retry"]
-    assert [(e["reason"], e["status"], e["wait_s"]) for e in retries] == [("rate_limited", 429, w) for w in (1, 2, 4)]
+    for _ in range(2):
+        with pytest.raises(KalshiRestError) as caught:
+            await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
+        assert (caught.value.reason, caught.value.status) == ("rate_limited", 429)
+    assert fake.counts == {"market": 2}
+    label = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")  # market + event, after the pause
+    assert label.title.endswith("— Kansas City")
+    assert clock.sleeps == [1.0, 2.0]  # the pause doubles for 429s in a row; jitter pinned at its top
+    assert rest.rate_limited == 0  # a success ends the run of 429s
 
 
 async def test_hold_delays_every_later_request() -> None:
     clock = FakeClock()
     limiter = RateLimiter(10.0, clock=clock, sleep=clock.sleep)
     await limiter.wait()
-    limiter.hold(3.0)  # what a 429 does: every request after it waits, not only the one retried
+    limiter.hold(3.0)  # what a 429 does: every request after it waits, not only the one that failed
     await limiter.wait()
     await limiter.wait()
     assert clock.sleeps == [3.0, 0.1]
 
 
-async def test_jitter_spreads_waits(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
+async def test_token_bucket_lets_a_burst_through_then_keeps_the_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(20.0, burst=5, clock=clock, sleep=clock.sleep)
+    for _ in range(7):
+        await limiter.wait()
+    assert clock.sleeps == [0.05, 0.05]  # five at once, then one every 50 ms
+    clock.now += 10.0  # idle: the bucket fills up again, but no further than the burst
+    for _ in range(6):
+        await limiter.wait()
+    assert clock.sleeps == [0.05, 0.05, 0.05]
+
+
+async def test_jitter_spreads_pauses(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
     nfl(fake)
-    fake.script("market", 503, 503)
-    rest = make_rest(session, fake, clock, jitter=lambda: 0.0, backoff_initial_s=2.0)
+    fake.script("event", 429)  # a title asks for the market's event first
+    rest = make_rest(session, fake, clock, jitter=lambda: 0.0, pause_initial_s=2.0)
+    with pytest.raises(KalshiRestError):
+        await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
     await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
-    assert clock.sleeps == [1.0, 2.0]  # the bottom of the range: half of 2 s, half of 4 s
+    assert clock.sleeps == [1.0]  # the bottom of the range: half of 2 s
 
 
-async def test_503_then_success(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:
-    nfl(fake)
-    fake.script("event", 503)
-    rest = make_rest(session, fake, clock)
-    assert (await rest.get_json("/events/KXNFLGAME-26NOV01KCBUF"))["event"]["series_ticker"] == "KXNFLGAME"
-    assert clock.sleeps == [1.0]
-    assert fake.counts == {"event": 2}
-    assert (rest.requests, rest.retries) == (2, 1)
-
-
-async def test_gives_up_after_bounded_attempts(
-    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+@pytest.mark.parametrize(
+    "case",
+    [
+        (503, "server_error", 503),
+        (500, "server_error", 500),
+        (404, "not_found", 404),
+        (400, "http_error", 400),
+        (Fault(drop=True), "connection_error", None),
+    ],
+)
+async def test_failures_are_classified_once_without_a_retry(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, case: tuple[int | Fault, str, int | None]
 ) -> None:
-    nfl(fake)
-    fake.script("market", *([503] * 10))
-    rest = make_rest(session, fake, clock, max_attempts=4, backoff_max_s=3.0)
-    with pytest.raises(KalshiRestError) as caught:
-        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
-    assert (caught.value.reason, caught.value.status) == ("server_error", 503)
-    assert fake.counts == {"market": 4}
-    assert clock.sleeps == [1.0, 2.0, 3.0]  # capped
-
-
-async def test_client_errors_are_not_retried(
-    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
-) -> None:
-    nfl(fake)
-    fake.script("market", 400)
-    rest = make_rest(session, fake, clock)
-    with pytest.raises(KalshiRestError, match="http_error") as caught:
-        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
-    assert caught.value.status == 400
-    assert fake.counts == {"market": 1}
-    assert clock.sleeps == []
-
-
-async def test_dropped_connection_and_timeout_are_retried(
-    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock, logs: list[dict[str, Any]]
-) -> None:
+    fault, reason, status = case
     nfl(fake)
     # aiohttp itself resends an idempotent request once when the server drops it; the second drop reaches us.
-    fake.script("market", Fault(drop=True), Fault(drop=True), Fault(delay_s=4 * UNIT))
+    fake.script("market", *([fault, fault] if isinstance(fault, Fault) else [fault]))
+    rest = make_rest(session, fake, clock)
+    with pytest.raises(KalshiRestError) as caught:
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
+    assert (caught.value.reason, caught.value.status) == (reason, status)
+    assert rest.requests == 1 and clock.sleeps == []
+
+
+async def test_a_slow_answer_is_a_timeout(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    nfl(fake)
+    fake.script("market", Fault(delay_s=4 * UNIT))
     rest = make_rest(session, fake, clock, timeout_s=2 * UNIT)
-    assert "market" in await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
-    reasons = [e["reason"] for e in logs if e["event"] == "kalshi_rest_retry"]
-    assert reasons == ["connection_error", "timeout"]
-    assert fake.counts["market"] == 4
+    with pytest.raises(KalshiRestError, match="timeout"):
+        await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
+    assert (await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")).title.endswith("Kansas City")
 
 
 async def test_rate_limiter_spaces_requests(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     nfl(fake)
-    rest = make_rest(session, fake, clock, max_requests_per_s=10.0)
+    rest = make_rest(session, fake, clock, max_requests_per_s=10.0, burst=1)
     for _ in range(3):
         await rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC")
     assert clock.sleeps == [0.1, 0.1]
@@ -296,7 +301,7 @@ async def test_rate_limiter_spaces_requests(
 
 async def test_real_spacing_on_the_wire(fake: FakeKalshiRest, session: aiohttp.ClientSession) -> None:
     nfl(fake)
-    rest = KalshiRest(session, fake.base_url, max_requests_per_s=1 / (2 * UNIT))
+    rest = KalshiRest(session, fake.base_url, max_requests_per_s=1 / (2 * UNIT), burst=1)
     await asyncio.gather(*(rest.get_json("/markets/KXNFLGAME-26NOV01KCBUF-KC") for _ in range(4)))
     times = [r.at_s for r in fake.requests]
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -390,7 +395,7 @@ async def test_titles_are_never_retried_and_a_transient_failure_is_not_cached(
 ) -> None:
     nfl(fake)
     fake.script("event", 503)
-    rest = make_rest(session, fake, clock)  # get_json would retry this client's 503s up to five times
+    rest = make_rest(session, fake, clock)
     lookup = TitleLookup(rest, retry_after_s=10.0, clock=clock)
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep nears the threshold; Kalshi answers 503
     await fake_wait(lambda: not lookup._running)
@@ -603,18 +608,6 @@ async def test_ticker_filter(fake: FakeKalshiRest, session: aiohttp.ClientSessio
     assert sum(len(p) for p in pages) == 10
 
 
-async def test_paging_survives_429_and_503(
-    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
-) -> None:
-    fake.add_trades(tape(2100))
-    fake.script("trades", 429, 503)
-    rest = make_rest(session, fake, clock)
-    pages = await collect(rest, T0_S, T0_S + 10_000)
-    assert sum(len(p) for p in pages) == 2100
-    assert clock.sleeps == [1.0, 2.0]
-    assert fake.counts == {"trades": 5}
-
-
 async def test_trades_added_while_paging_do_not_shift_pages(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
@@ -633,8 +626,8 @@ async def test_pager_raises_when_a_page_cannot_be_had(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     fake.add_trades(tape(1500))
-    fake.script("trades", Fault(), *([503] * 5))  # the first page arrives, then the server fails
-    rest = make_rest(session, fake, clock, max_attempts=3)
+    fake.script("trades", Fault(), 503)  # the first page arrives, then the server fails
+    rest = make_rest(session, fake, clock)
     pages: list[list[dict[str, Any]]] = []
     with pytest.raises(KalshiRestError) as caught:
         async for page in rest.iter_trades(T0_S, T0_S + 10_000):

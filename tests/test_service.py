@@ -106,9 +106,7 @@ async def test_sd_notify_ready_after_subscribe_pings_while_fed_none_once_stalled
     ):
         settings = load_settings(service_env(kalshi, rest, kalshi_keys, WS_IDLE_TIMEOUT_S=str(idle_s)), need_x=False)
         env = {**systemd.env, "WATCHDOG_USEC": str(round(2 * UNIT_S * 1e6)), "WATCHDOG_PID": str(os.getpid())}
-        daemon = Daemon(
-            settings, RunOptions(dry_run=True), signer=signer_for(settings), env=env, stream_options=FAST_STREAM
-        )
+        daemon = Daemon(settings, RunOptions(dry_run=True), signer=signer_for(settings), env=env, tuning=FAST_STREAM)
         with capture_logs() as logs:
             run = asyncio.create_task(daemon.run())
 
@@ -219,7 +217,7 @@ async def test_sigterm_during_a_post_then_restart_posts_it_exactly_once(
                 signer=signer_for(settings),
                 env=env,
                 x_middlewares=[x.middleware],
-                stream_options=FAST_STREAM,
+                tuning=FAST_STREAM,
             )
 
         # The first run is watched by systemd, pinging every unit, so the drain is seen from its side too.
@@ -565,7 +563,7 @@ async def test_status_command_shows_the_outbox_of_a_run(
             RunOptions(),
             signer=signer_for(settings),
             x_middlewares=[x.middleware],
-            stream_options=FAST_STREAM,
+            tuning=FAST_STREAM,
         )
         with capture_logs() as logs:
             run = asyncio.create_task(daemon.run())

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from valshi_x.recovery import RecoveryPlanner
 from valshi_x.trades import Side, Trade
 from valshi_x.whales import SeenTradeIds, WhaleDetector, alert_log_fields
 
@@ -186,43 +187,93 @@ def test_seen_ids_forget_by_horizon_and_by_size() -> None:
     assert seen.add("c", T0 + 3000)
 
 
+NOW_MS = T0 + 10_000  # the host's wall clock in these tests (holds run on it)
+
+
+def gated(window_ms: int = 1000, **kwargs: object) -> tuple[WhaleDetector, RecoveryPlanner]:
+    planner = RecoveryPlanner(hold_max_ms=5_000)
+    return WhaleDetector(Decimal(100000), window_ms, gate=planner, **kwargs), planner  # type: ignore[arg-type]
+
+
 def test_held_sweep_gets_its_late_fills_and_alerts_once_with_the_full_value() -> None:
-    d = detector()
+    d, planner = gated()
     d.add(fill("60000", "0.50", at=0))  # two fills before the drop: $60k
     d.add(fill("60000", "0.50", at=100))
-    token = d.hold(from_ms=T0 + 100)  # the socket dropped; a backfill from here is pending
+    planner.on_disconnect(T0 + 100, NOW_MS)  # the socket dropped; everything after this trade may be missed
+    planner.on_subscribed(NOW_MS + 1000)
+    planner.on_first_trade(T0 + 5000, NOW_MS + 1000)
     assert d.add(fill("1", "0.50", at=5000, ticker="LIVE")) == []  # live again: would close the sweep, but held
-    assert d.close_due(T0 + 60_000) == []
+    assert d.close_due(T0 + 60_000) == [] and d.held_groups == 2  # the sweep, and LIVE (its reach touches too)
+    (window,) = planner.due(NOW_MS + 2000)
+    assert (window.from_ms, window.to_ms) == (T0 - 900, T0 + 6000)  # last trade seen - 1 s .. first after + 1 s
     d.add(fill("60000", "0.50", at=200))  # the backfill brings the fills of the outage
     d.add(fill("60000", "0.50", at=300))
-    d.release(token)
+    planner.on_done(window.window_id, NOW_MS + 2100)
     (alert,) = d.close_due(T0 + 60_000)
     assert alert.fills == 4 and alert.value_usd == Decimal(120000)
 
 
+def test_only_sweeps_that_touch_a_pending_window_are_held() -> None:
+    d, planner = gated()
+    planner.on_gap(T0 + 3000, T0 + 3010, NOW_MS)  # [2 s, 4.01 s] may hold lost trades
+    alerts = d.add(fill("250000", "0.50", at=0, ticker="FAR"))  # $125k, 3 s before the gap: no lost fill joins it
+    alerts += d.add(fill("250000", "0.50", at=2500, ticker="NEAR"))  # $125k, a lost fill may belong to it
+    alerts += d.add(fill("1", "0.50", at=9000, ticker="LIVE"))
+    assert [a.ticker for a in alerts] == ["FAR"] and d.held_groups == 1
+
+
+def test_a_hold_ends_at_its_deadline_and_a_late_fill_of_the_alert_is_only_reported() -> None:
+    grew: list[tuple[str, str, Decimal, str]] = []
+    d, planner = gated(on_grew_after_alert=lambda *args: grew.append(args))
+    d.add(fill("250000", "0.50", at=0, trade_id="w0"))  # $125k
+    planner.on_gap(T0, T0 + 20, NOW_MS)  # REST is down: the window will not come soon
+    assert d.close_due(T0 + 60_000) == []
+    planner.tick(NOW_MS + 4_999)
+    assert d.close_due(T0 + 60_000) == []
+    planner.tick(NOW_MS + 5_000)  # HOLD_MAX_S is up: close with what is known
+    (alert,) = d.close_due(T0 + 60_000)
+    assert alert.value_usd == Decimal(125000) and planner.uncovered(T0 - 1000, T0 + 1000) == [(T0 - 1000, T0 + 1020)]
+    d.add(fill("1", "0.50", at=5000, ticker="LIVE"))
+    assert d.add(fill("20000", "0.50", at=10, trade_id="w1")) == []  # REST is back: the lost fill, $10k
+    assert grew == [("w0", "KXBTC-26DEC31-T100000", Decimal(10000), "w1")]
+    assert d.flush() == []  # never a second alert
+
+
+def test_near_whale_hook_fires_once_per_sweep_at_half_the_threshold() -> None:
+    near: list[str] = []
+    d = WhaleDetector(Decimal(100000), 1000, on_near_whale=near.append)
+    d.add(fill("60000", "0.50", at=0, ticker="A"))  # $30k
+    assert near == []
+    d.add(fill("50000", "0.50", at=10, ticker="A"))  # $55k: past half
+    d.add(fill("50000", "0.50", at=20, ticker="A"))
+    d.add(fill("400000", "0.50", at=30, ticker="B"))  # a whale in one fill
+    assert near == ["A", "B"]
+
+
 def test_late_fill_finds_its_own_sweep_among_several_of_the_same_key() -> None:
-    d = detector()
-    token = d.hold(from_ms=T0)
+    d, planner = gated()
+    planner.on_disconnect(T0 + 1000, NOW_MS)  # a window from T0 on stays open (disconnected)
     d.add(fill("150000", "0.50", at=0))  # $75k
     d.add(fill("150000", "0.50", at=5000))  # a later sweep of the same market and side: $75k
     d.add(fill("60000", "0.50", at=4900))  # late: belongs to the second (within its window), not the first
-    d.release(token)
     (alert,) = d.flush()
     assert alert.first_ts_ms == T0 + 4900 and alert.value_usd == Decimal(105000)
 
 
-def test_processed_through_stops_at_open_groups_and_holds() -> None:
-    d = detector()
+def test_processed_through_stops_at_open_and_held_groups() -> None:
+    d, planner = gated()
     assert d.processed_through_ms() == 0
     d.add(fill("10", "0.5", at=0))
     assert d.processed_through_ms() == T0 - 1  # its group is still open
     d.add(fill("10", "0.5", at=2000, ticker="B"))
     assert d.processed_through_ms() == T0 + 1999
-    token = d.hold(T0 + 500)
-    assert d.processed_through_ms() == T0 + 499
-    d.release(token)
-    d.flush()
-    assert d.processed_through_ms() == T0 + 2000
+    planner.on_gap(T0 + 2000, T0 + 2100, NOW_MS)
+    d.add(fill("10", "0.5", at=4000, ticker="C"))  # B is due, but held: a lost fill may still join it
+    assert d.held_groups == 1 and d.processed_through_ms() == T0 + 1999
+    (window,) = planner.due(NOW_MS + 1000)
+    planner.on_done(window.window_id, NOW_MS + 1000)
+    d.close_due(T0 + 4000)
+    assert d.processed_through_ms() == T0 + 3999
 
 
 def test_a_late_fill_reopens_a_sweep_that_closed_short_of_the_threshold() -> None:
@@ -257,12 +308,15 @@ def test_short_sweeps_are_forgotten_after_the_late_fill_horizon() -> None:
 
 
 def test_a_pending_backfill_keeps_closed_sweeps_past_the_horizon() -> None:
-    d = WhaleDetector(Decimal(100000), 1000, late_fill_horizon_ms=10_000)
+    d, planner = gated(late_fill_horizon_ms=10_000)
     d.add(fill("120000", "0.50", at=0))  # $60k, closes short below
     d.close_due(T0 + 1200)
-    token = d.hold(T0 - 1000)  # a drop noticed late: the backfill will reach back before the sweep
+    planner.on_startup(T0, NOW_MS)  # a window reaching back before the sweep, not fetched yet
     d.add(fill("10", "0.50", at=60_000, ticker="OTHER"))  # a minute of live trading after the reconnect
     d.add(fill("100000", "0.50", at=400))  # the backfill's fill of the old sweep
-    d.release(token)
+    planner.on_subscribed(NOW_MS)
+    planner.on_first_trade(T0 + 60_000, NOW_MS)
+    (window,) = planner.due(NOW_MS + 1000)
+    planner.on_done(window.window_id, NOW_MS + 1000)
     (alert,) = d.close_due(T0 + 120_000)
     assert alert.value_usd == Decimal(110000) and alert.fills == 2

@@ -164,6 +164,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "BACKFILL_MAX_S", "1800", "At start-up, fetch missed trades from REST back at most this far.", _seconds
     ),
     SettingSpec(
+        "HOLD_MAX_S",
+        "5",
+        "A sweep a pending backfill could still complete waits at most this long, then closes with what is known.",
+        _seconds,
+    ),
+    SettingSpec(
         "STALL_RESUBSCRIBE_S", "300", "Resubscribe (then reconnect) when no trade arrives for this long.", _seconds
     ),
     SettingSpec("SHUTDOWN_DRAIN_S", "10", "On stop, how long an in-flight post may take to finish.", _seconds),
@@ -196,6 +202,7 @@ class Settings:
     post_template: str = ""
     x_timeout_s: float = 20.0
     backfill_max_s: float = 1800.0
+    hold_max_s: float = 5.0
     stall_resubscribe_s: float = 300.0
     shutdown_drain_s: float = 10.0
 

@@ -1,24 +1,26 @@
 """Wires the stages: source (Kalshi stream or a capture) -> bounded queue -> pipeline -> outbox -> poster.
 
-Each stage is its own task in one TaskGroup, so a failing stage stops the rest. Stopping is staged: intake
-first (the socket closes with 1000), then the queue is worked off and open groups are flushed into the outbox,
-then an in-flight post gets `SHUTDOWN_DRAIN_S` to finish, the checkpoint is saved, and only then is everything
-else cancelled. Whatever was not posted is in the outbox for the next start.
+Each stage is its own task under the `Supervisor` (valshi_x/supervisor.py), so a failing stage stops the rest, and
+the stop is staged: intake first (the socket closes with 1000), then the queue is worked off and open groups are
+flushed into the outbox, then an in-flight post gets `SHUTDOWN_DRAIN_S` to finish, the checkpoint is saved, and
+only then is everything else cancelled. Whatever was not posted is in the outbox for the next start. Live or
+replay is decided once (`ModeProfile`, valshi_x/runmode.py); health and the status line are pure functions of a
+snapshot (valshi_x/health.py).
 
-Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart each ask the
-`Backfiller` for the missed window from Kalshi REST; held groups wait for it, so a sweep split by a gap is
-still one alert.
+Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart are told to the
+`RecoveryPlanner` (valshi_x/recovery.py) with the trade times that bound them; it plans the windows the
+`Backfiller` fetches from Kalshi REST and holds only the sweeps a window could still complete, each for at most
+`HOLD_MAX_S`, so a sweep split by a gap is still one alert and a live whale is never kept waiting on REST.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,19 @@ import structlog
 from aiohttp.client_middlewares import ClientMiddlewareType
 
 from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
-from valshi_x.backoff import Backoff
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
 from valshi_x.errors import ConfigError
+from valshi_x.gapwatch import GapWatch
+from valshi_x.health import Snapshot, Today, TradeRate, healthy, status_line
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.kalshi.stream import SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
+from valshi_x.recovery import RecoveryPlanner
+from valshi_x.runmode import ModeProfile, Tuning
 from valshi_x.store import Store, db_path, wall_ms
+from valshi_x.supervisor import Stages, Supervisor
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, utc_from_ms
 from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
@@ -48,14 +54,8 @@ _CLOSE_TICK_S = 0.05
 _CLOSE_GRACE_MS = 100
 # At most one overflow warning per this many seconds; the count is in every stats line.
 _OVERFLOW_LOG_EVERY_S = 10.0
-# The checkpoint (where a restart resumes) is written this often, not per trade.
-_CHECKPOINT_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
 MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
-# Backfill windows end this far past "now", for a Kalshi clock ahead of ours (overlap with live trades is harmless).
-_CLOCK_SLACK_MS = 2_000
-# Backfill windows reach this far before the last trade seen, for trades that arrived out of order.
-_BACKFILL_MARGIN_MS = 5_000
 # The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
 _MAX_BACKOFF_S = 15.0
 
@@ -73,6 +73,9 @@ class RunOptions:
     @property
     def live(self) -> bool:
         return self.replay_path is None
+
+    def mode(self, settings: Settings) -> ModeProfile:
+        return ModeProfile.choose(settings, replay=self.replay_path is not None, lookup_titles=self.lookup_titles)
 
     def store_path(self, settings: Settings) -> Path | None:
         """Where the outbox lives; None keeps it in memory, so a dry run never touches the production outbox."""
@@ -93,9 +96,7 @@ class Daemon:
         stop: asyncio.Event | None = None,
         env: Mapping[str, str] | None = None,
         x_middlewares: Sequence[ClientMiddlewareType] = (),
-        stream_options: Mapping[str, Any] | None = None,
-        rest_options: Mapping[str, Any] | None = None,
-        backfill_options: Mapping[str, Any] | None = None,
+        tuning: Tuning | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         now_ms: Callable[[], int] = wall_ms,
     ) -> None:
@@ -105,24 +106,25 @@ class Daemon:
         self.stop = stop or asyncio.Event()
         self._env = env or {}
         self._x_middlewares = x_middlewares
-        # Tests pass faster backoffs and shorter timeouts through these; production uses the defaults.
-        self._stream_options = dict(stream_options or {})
-        self._rest_options = dict(rest_options or {})
-        self._backfill_options = dict(backfill_options or {})
+        self.mode = mode = options.mode(settings)
+        # Tests pass faster backoffs and retries through this; production uses the defaults.
+        self.tuning = tuning = tuning or Tuning()
         # Health allows for the longest ordinary reconnect delay: the cap of the backoff the stream really uses.
-        backoff = self._stream_options.get("backoff")
-        self._max_reconnect_delay_s = backoff.cap_s if isinstance(backoff, Backoff) else _MAX_BACKOFF_S
+        self._max_reconnect_delay_s = tuning.max_reconnect_delay_s or _MAX_BACKOFF_S
         self._monotonic = monotonic
         self._now_ms = now_ms
-        # Live, trade ids are remembered as far back as a start-up backfill reaches, so its overlap counts once;
-        # a replay has no backfill, only re-deliveries seconds apart, so ten minutes is plenty (and 20 MB less).
-        dedup_horizon_s = settings.backfill_max_s + 300 if options.live else 600
+        dedup_horizon_s = mode.dedup_horizon_s
+        # The recovery planner decides which sweeps a pending backfill may still complete (a replay has none).
+        self.planner = RecoveryPlanner(hold_max_ms=int(settings.hold_max_s * 1000)) if mode.recovery else None
         detector = WhaleDetector(
             settings.whale_threshold_dollars,
             settings.sweep_window_ms,
             dedup_horizon_ms=int(dedup_horizon_s * 1000),
-            # Late fills come from backfills, which a replay never has; keeping short sweeps costs it a quarter.
-            late_fill_horizon_ms=120_000 if options.live else 0,
+            late_fill_horizon_ms=mode.late_fill_horizon_ms,
+            gate=self.planner,
+            # lead wires TitleLookup.prefetch here at merge (titles are looked up only when the mode says so)
+            on_near_whale=_no_prefetch if mode.lookup_titles else None,
+            on_grew_after_alert=_log_grew_after_alert,
         )
         self.pipeline = Pipeline(
             detector, monotonic=monotonic, replay=not options.live, now_ms=now_ms if options.live else None
@@ -136,6 +138,7 @@ class Daemon:
         self.store: Store | None = None
         self.backfiller: Backfiller | None = None
         self.notifier = Notifier.from_env(self._env)
+        self.supervisor = Supervisor(self.stop, on_stopping=lambda: self.notifier.stopping("draining"))
         self.started_at = monotonic()
         self._started_ms = now_ms()
         self.alerts_queued = 0
@@ -144,23 +147,29 @@ class Daemon:
         self.stall_resubscribes = 0
         self._last_heard: float | None = None
         self._last_trade_seen_at = monotonic()
-        self._disconnect_hold: tuple[int, int] | None = None  # (hold token, from_ms) while a reconnect is pending
-        self._startup_backfill_from_ms: int | None = None  # requested at the first subscription
-        self._tasks: list[asyncio.Task[Any]] = []
+        # The stream's events, with the trade times around them, for the planner.
+        self.gap_watch = (
+            GapWatch(self.planner, now_ms=now_ms, started_ms=self._started_ms, wake=self._wake_backfill)
+            if self.planner is not None
+            else None
+        )
+        # Alerts on their way into the outbox (first trade time -> how many): the checkpoint must not pass them.
+        self._submitting: dict[int, int] = {}
+        self.alerts_unconfirmed = 0
+        self.trades_already_seen = 0  # backfilled trades skipped because the socket had brought them
         # Trade ids only a backfill brought (the stream never delivered them), for the counts.
         self._recovered_ids = SeenTradeIds(horizon_ms=int(dedup_horizon_s * 1000), max_ids=100_000)
-        self._trade_samples = deque([(self.started_at, 0)])  # (monotonic s, trades so far) for trades/min
-        self._day: date | None = None
-        self._day_base = (0, 0)  # (whales, posts) counted before today began
+        self._trade_rate = TradeRate(self.started_at)
+        self._today = Today()
 
     # --- the run ----------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run until the replay ends or `stop` is set, then drain in stages."""
-        settings, options = self.settings, self.options
+        settings, options, mode = self.settings, self.options, self.mode
         log.info(
             "daemon_starting",
-            mode="live" if options.live else "replay",
+            mode=mode.name,
             dry_run=options.dry_run,
             threshold_usd=str(settings.whale_threshold_dollars),
             sweep_window_ms=settings.sweep_window_ms,
@@ -171,12 +180,18 @@ class Daemon:
             self.store = await Store.open(options.store_path(settings))
             resources.push_async_callback(self.store.close)
             await self._check_store_mode()
-            lookup_titles = options.live if options.lookup_titles is None else options.lookup_titles
+            lookup_titles = mode.lookup_titles
             rest: KalshiRest | None = None
-            if options.live or lookup_titles:
+            if mode.recovery or lookup_titles:
                 http = aiohttp.ClientSession()
                 resources.push_async_callback(http.close)
-                rest = KalshiRest(http, settings.kalshi_api_url, **self._rest_options)
+                tuning = self.tuning
+                rest = KalshiRest(
+                    http,
+                    settings.kalshi_api_url,
+                    pause_initial_s=tuning.rest_pause_initial_s,
+                    pause_max_s=tuning.rest_pause_max_s,
+                )
             titles = TitleLookup(rest if lookup_titles else None)
             resources.push_async_callback(titles.aclose)
             transport = await open_transport(settings, dry_run=options.dry_run, middlewares=self._x_middlewares)
@@ -185,74 +200,71 @@ class Daemon:
             if options.dry_run:
                 # A dry run posts nothing, so it spends no budget: every whale is shown as it comes.
                 overrides |= {"posts_per_15min": 10**9, "posts_per_24h": 10**9}
-            if not options.live:
-                overrides["max_alert_age_s"] = None  # a capture's trades are old by nature
+            if not mode.max_alert_age_applies:
+                overrides["max_alert_age_s"] = None
             self.poster = Poster.from_settings(
                 settings, self.store, transport, lookup_label=titles.label_for if lookup_titles else None, **overrides
             )
-            if options.live and rest is not None:
+            if self.planner is not None and rest is not None:
                 self.backfiller = Backfiller(
                     rest,
                     feed=self._feed_backfill,
-                    hold=self.pipeline.detector.hold,
-                    release=self.pipeline.detector.release,
-                    clock_ms=self._backfill_now_ms,
-                    margin_ms=_BACKFILL_MARGIN_MS,
+                    planner=self.planner,
+                    clock_ms=self._now_ms,
                     max_span_s=settings.backfill_max_s,
-                    **self._backfill_options,
+                    retry_initial_s=self.tuning.backfill_retry_initial_s,
+                    retry_max_s=self.tuning.backfill_retry_max_s,
                 )
                 await self._request_startup_backfill()
             await self._run_stages()
         self._log_stats("daemon_stopped")
 
     async def _run_stages(self) -> None:
+        """The run's jobs and the steps of its stop, handed to the supervisor (which owns their order)."""
         assert self.poster is not None
-        async with asyncio.TaskGroup() as tasks:
-            start = tasks.create_task
-            background = [start(self._stats_loop(), name="stats")]
-            # A replay drives the poster itself, chunk by chunk (see `_submit`); live, it is a task of its own.
-            poster = start(self.poster.run(), name="poster") if self.options.live else None
-            if self.recorder is not None:
-                background.append(start(self.recorder.run(), name="recorder"))
-            processor = None
-            if self.options.replay_path is not None:
-                source = start(self._replay(self.options.replay_path), name="replay")
-            else:
-                source = start(self._live(), name="stream")
-                processor = start(self._process_queue(), name="pipeline")
-                background += [
-                    start(self._close_on_stream_clock(), name="group-closer"),
-                    start(self._checkpoint_loop(), name="checkpoint"),
-                    start(self._stall_watch(), name="stall-watch"),
-                    start(self._watchdog().run(), name="watchdog"),
-                ]
-                if self.backfiller is not None:
-                    background.append(start(self.backfiller.run(), name="backfill"))
-            self._tasks = [source, *background] + [t for t in (poster, processor) if t is not None]
-            stop_requested = start(self.stop.wait(), name="stop-wait")
+        poster = self.poster
+        background: dict[str, Any] = {"stats": self._stats_loop()}
+        if self.recorder is not None:
+            background["recorder"] = self.recorder.run()
+        if self.options.replay_path is not None:
+            source, processor = self._replay(self.options.replay_path), None
+        else:
+            source, processor = self._live(), self._process_queue()
+            background |= {
+                "group-closer": self._close_on_stream_clock(),
+                "checkpoint": self._checkpoint_loop(),
+                "stall-watch": self._stall_watch(),
+                "watchdog": self._watchdog().run(),
+            }
+            if self.backfiller is not None:
+                background["backfill"] = self.backfiller.run()
 
-            await asyncio.wait({source, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
-            self.notifier.stopping("draining")
-            # Stage 1: stop intake (closes the socket with 1000).
-            source.cancel()
-            stop_requested.cancel()
-            await asyncio.wait({source, stop_requested})
-            # Stage 2: work off what was received, close every open group, and keep the outbox complete.
-            if processor is not None:
-                await self.queue.put(None)
-                await processor
+        async def end_intake() -> None:
+            await self.queue.put(None)
+
+        async def flush() -> int:
             # Resume before the groups still open: a sweep cut by the stop is fetched whole again on restart.
-            resume_from_ms = self.pipeline.detector.processed_through_ms()
+            resume_from_ms = self._checkpoint_ms()
             await self._submit(self.pipeline.flush())
-            # Stage 3: an in-flight post gets its budget to finish; what is still pending stays in the outbox.
-            if poster is not None:
-                finished = await self.poster.drain(self.settings.shutdown_drain_s)
-                if not finished:
-                    log.warning("post_in_flight_at_stop", budget_s=self.settings.shutdown_drain_s)
-                poster.cancel()
-            await asyncio.shield(self._save_checkpoint(resume_from_ms))
-            for task in background:
-                task.cancel()
+            return resume_from_ms
+
+        async def drain_posts() -> None:
+            if not await poster.drain(self.settings.shutdown_drain_s):
+                log.warning("post_in_flight_at_stop", budget_s=self.settings.shutdown_drain_s)
+
+        await self.supervisor.run(
+            Stages(
+                source=source,
+                processor=processor,
+                # A replay drives the poster itself, chunk by chunk (see `_submit`); live, it is a task of its own.
+                poster=poster.run() if self.mode.poster_task else None,
+                background=background,
+                end_intake=end_intake,
+                flush=flush,
+                drain_posts=drain_posts,
+                save=self._save_checkpoint,
+            )
+        )
 
     # --- sources ----------------------------------------------------------------------------------------------
 
@@ -267,23 +279,34 @@ class Daemon:
             on_subscribed=self._on_subscribed,
             on_disconnect=self._on_disconnect,
             on_gap=self._on_gap,
-            **self._stream_options,
+            backoff=self.tuning.reconnect_backoff,
+            slow_backoff=self.tuning.rejected_backoff,
+            ping_interval_s=self.tuning.ws_ping_interval_s,
         )
         await self.stream.run()
 
     def _enqueue(self, frame: dict[str, Any]) -> None:
         # Called by the reader for every trade frame: it must never wait on the pipeline.
+        watch = self.gap_watch
+        if watch is not None:
+            watch.before_queue(frame)
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.frames_dropped += 1
-            # The dropped trades are still on Kalshi: ask for them on every drop (requests into a pending window
-            # merge), since a window's end is fixed when its fetch begins. Only the log line is throttled.
-            self._request_backfill(self._seen_through_ms(), "frames_dropped")
+            if watch is not None:
+                watch.dropped()  # the dropped trades are still on Kalshi
             now = self._monotonic()
             if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
                 self._last_overflow_log = now
                 log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
+            return
+        if watch is not None:
+            watch.queued(frame)
+
+    def _wake_backfill(self) -> None:
+        if self.backfiller is not None:
+            self.backfiller.wake()
 
     def _on_bad_frame(self, raw: str | bytes, exc: MalformedTrade) -> None:
         self.pipeline.counts.frames += 1
@@ -322,13 +345,41 @@ class Daemon:
         assert self.poster is not None
         if not alerts:
             return
-        # Until the whole batch is in the outbox, the checkpoint must not pass its oldest alert.
-        detector = self.pipeline.detector
-        token = detector.hold(min(alert.first_ts_ms for alert in alerts))
+        # Until the whole batch is in the outbox, the checkpoint must not pass its oldest alert (the outbox
+        # writer's low-water mark, see `_checkpoint_ms`).
+        oldest_ms = min(alert.first_ts_ms for alert in alerts)
+        self._submitting[oldest_ms] = self._submitting.get(oldest_ms, 0) + 1
         try:
+            self._note_unconfirmed(alerts)
             await self._submit_each(alerts)
         finally:
-            detector.release(token)
+            left = self._submitting.pop(oldest_ms) - 1
+            if left:
+                self._submitting[oldest_ms] = left
+
+    def _note_unconfirmed(self, alerts: list[Alert]) -> None:
+        """An alert whose hold ran out before a backfill window it touches was fetched: say which window."""
+        planner = self.planner
+        if planner is None or not planner.pending:
+            return
+        window_ms = self.settings.sweep_window_ms
+        for alert in alerts:
+            uncovered = planner.uncovered(alert.first_ts_ms - window_ms, alert.first_ts_ms + window_ms)
+            if uncovered:
+                self.alerts_unconfirmed += 1
+                from_ms = min(f for f, _ in uncovered)
+                ends = [t for _, t in uncovered]
+                log.warning(
+                    "alert_unconfirmed",
+                    alert_id=alert.alert_id,
+                    value_usd=alert.value_usd_2dp,
+                    uncovered_from=utc_from_ms(from_ms).isoformat(),
+                    uncovered_to=utc_from_ms(max(e for e in ends if e is not None)).isoformat()
+                    if None not in ends
+                    else "open",
+                    hold_max_s=self.settings.hold_max_s,
+                    hint="closed with the fills known; a late fill is logged as sweep_grew_after_alert",
+                )
 
     async def _submit_each(self, alerts: list[Alert]) -> None:
         assert self.poster is not None
@@ -342,7 +393,7 @@ class Daemon:
             else:
                 # Its trades already belong to an alert (a restart, a backfill overlap): never post twice.
                 self.alerts_refused += 1
-            if not self.options.live:
+            if not self.mode.poster_task:
                 await self._post_pending()  # one at a time, or the outbox's biggest-first rule would reorder them
 
     async def _post_pending(self) -> None:
@@ -372,7 +423,7 @@ class Daemon:
             )
 
     async def _request_startup_backfill(self) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.planner is not None
         saved = await self.store.get_checkpoint(CHECKPOINT_NAME)
         now_ms = self._now_ms()
         oldest_ms = now_ms - int(self.settings.backfill_max_s * 1000)
@@ -391,48 +442,33 @@ class Daemon:
                 backfill_max_s=self.settings.backfill_max_s,
             )
             from_ms = oldest_ms
-        # Asked for at the first subscription, not now: the window must reach past the moment the stream
-        # starts delivering, or the trades of the connect and subscribe in between would be nobody's.
-        self._startup_backfill_from_ms = from_ms
-
-    def _request_backfill(self, from_ms: int, reason: str, hold_token: int | None = None) -> None:
-        if self.backfiller is not None:
-            self.backfiller.request(from_ms, None, reason, hold_token=hold_token)
-
-    def _backfill_now_ms(self) -> int:
-        """ "Now" for the end of a backfill window, with slack: Kalshi's clock may run ahead of this host's, and a
-        trade stamped a moment "in the future" must not fall past the window (REST has nothing beyond now)."""
-        return max(self._now_ms(), self.pipeline.detector.watermark_ms) + _CLOCK_SLACK_MS
-
-    def _seen_through_ms(self) -> int:
-        """The newest trade time seen on this run; before the first trade, the moment the run started."""
-        return self.pipeline.detector.watermark_ms or self._started_ms
+        # The window ends at the first trade after the subscription (the planner waits for it), so the trades of
+        # the connect and subscribe in between are fetched too.
+        self.planner.on_startup(from_ms, now_ms)
 
     def _on_gap(self, gap: SeqGap) -> None:
-        self._request_backfill(self._seen_through_ms(), "seq_gap")
+        if self.gap_watch is not None:
+            self.gap_watch.on_gap()
 
     def _on_disconnect(self) -> None:
-        # Hold every sweep the outage may have cut; the backfill after the reconnect fills and releases them.
-        if self._disconnect_hold is None:
-            from_ms = self._seen_through_ms() - _BACKFILL_MARGIN_MS
-            self._disconnect_hold = (self.pipeline.detector.hold(from_ms), from_ms)
+        if self.gap_watch is not None:
+            self.gap_watch.on_disconnect()
 
     def _on_subscribed(self, sid: int) -> None:
         self.notifier.ready(f"subscribed to trades (sid {sid})")
-        if self._startup_backfill_from_ms is not None:
-            self._request_backfill(self._startup_backfill_from_ms, "startup")
-            self._startup_backfill_from_ms = None
-        if self._disconnect_hold is not None:
-            token, from_ms = self._disconnect_hold
-            self._disconnect_hold = None
-            self._request_backfill(from_ms + _BACKFILL_MARGIN_MS, "reconnect", hold_token=token)
+        if self.gap_watch is not None:
+            self.gap_watch.on_subscribed()
 
     async def _feed_backfill(self, trades: list[dict[str, Any]]) -> int:
         seen = self.pipeline.detector.seen
         alerts: list[Alert] = []
         for fields in trades:
             trade_id = fields.get("trade_id")
-            if isinstance(trade_id, str) and trade_id not in seen:
+            if isinstance(trade_id, str):
+                if trade_id in seen:
+                    # The socket brought it already (windows overlap live trades by design): not processed twice.
+                    self.trades_already_seen += 1
+                    continue
                 ts_ms = trade_time_ms(fields)
                 if ts_ms != UNREADABLE_TIME_MS:  # the normalizer reports that one as malformed
                     self._recovered_ids.add(trade_id, ts_ms)
@@ -447,19 +483,32 @@ class Daemon:
     async def _close_on_stream_clock(self) -> None:
         while True:
             await asyncio.sleep(_CLOSE_TICK_S)
+            if self.planner is not None:
+                self.planner.tick(self._now_ms())  # holds past their deadline end here
             alerts = self.pipeline.close_due(_CLOSE_GRACE_MS)
             if alerts:
                 await self._submit(alerts)
 
     async def _checkpoint_loop(self) -> None:
         while True:
-            await asyncio.sleep(_CHECKPOINT_EVERY_S)
+            await asyncio.sleep(self.tuning.checkpoint_every_s)
             await self._save_checkpoint()
+
+    def _checkpoint_ms(self) -> int:
+        """Where a restart may resume: before every open group, every window still to fetch and every alert on
+        its way into the outbox."""
+        through_ms = self.pipeline.detector.processed_through_ms()
+        low_water_ms = self.planner.low_water_ms() if self.planner is not None else None
+        if low_water_ms is not None:
+            through_ms = min(through_ms, low_water_ms - 1)
+        if self._submitting:
+            through_ms = min(through_ms, min(self._submitting) - 1)
+        return through_ms
 
     async def _save_checkpoint(self, through_ms: int | None = None) -> None:
         if through_ms is None:
-            through_ms = self.pipeline.detector.processed_through_ms()
-        if self.store is not None and through_ms > 0 and self.options.live:
+            through_ms = self._checkpoint_ms()
+        if self.store is not None and through_ms > 0 and self.mode.recovery:
             await self.store.set_checkpoint(CHECKPOINT_NAME, str(through_ms))
 
     async def _stall_watch(self) -> None:
@@ -480,7 +529,8 @@ class Daemon:
                 self.stall_resubscribes += 1
                 resubscribed_at = self._monotonic()
                 # If trades did happen, the dead subscription missed them: fetch the quiet span back.
-                self._request_backfill(self._seen_through_ms(), "stall")
+                if self.gap_watch is not None:
+                    self.gap_watch.on_stall()
                 await stream.resubscribe()
             elif self._monotonic() - resubscribed_at >= limit_s:
                 log.warning("trade_stall", quiet_s=round(quiet_s, 1), action="reconnect")
@@ -491,48 +541,40 @@ class Daemon:
     def _watchdog(self) -> HealthWatchdog:
         return HealthWatchdog.from_env(self.notifier, self._env, healthy=self.healthy, status=self.status_line)
 
-    def healthy(self) -> bool:
-        """Every task alive and Kalshi heard from lately: the daemon is doing its job."""
-        if any(task.done() for task in self._tasks):
-            return False
-        stream = self.stream
+    def _snapshot(self) -> Snapshot:
+        stream, poster = self.stream, self.poster
         if stream is not None and stream.last_heard_monotonic is not None:
             self._last_heard = stream.last_heard_monotonic
-        heard = self._last_heard if self._last_heard is not None else self.started_at
-        # Ordinary reconnects (backoff up to a minute) keep the watchdog fed; a long silence does not.
-        return self._monotonic() - heard <= 2 * self.settings.ws_idle_timeout_s + self._max_reconnect_delay_s
+        return Snapshot(
+            now_s=self._monotonic(),
+            now_ms=self._now_ms(),
+            started_at_s=self.started_at,
+            tasks_alive=self.supervisor.all_alive(),
+            last_heard_s=self._last_heard,
+            connected_since=stream.connected_since if stream is not None else None,
+            draining=self.notifier.stopping_sent,
+            trades=self.pipeline.counts.trades,
+            whales=self.pipeline.detector.alerts,
+            posts=poster.stats.posted if poster else 0,
+            queue_depth=self.queue.qsize(),
+            last_posted_ms=poster.stats.last_posted_ms if poster else None,
+        )
+
+    def healthy(self) -> bool:
+        """Every task alive and Kalshi heard from lately: the daemon is doing its job."""
+        return healthy(
+            self._snapshot(),
+            ws_idle_timeout_s=self.settings.ws_idle_timeout_s,
+            max_reconnect_delay_s=self._max_reconnect_delay_s,
+        )
 
     def status_line(self) -> str:
         """The one-line summary `systemctl status` shows (sd_notify STATUS=)."""
-        if self.notifier.stopping_sent:
-            # The watchdog task ticks on through the drain; `systemctl status` must keep saying what is going on.
-            return "draining"
-        stream, poster = self.stream, self.poster
-        now_s = self._monotonic()
-        trades = self.pipeline.counts.trades
-        whales = self.pipeline.detector.alerts
-        posts = poster.stats.posted if poster else 0
-        # Trades per minute over the last minute or so, from samples taken at each call.
-        self._trade_samples.append((now_s, trades))
-        while len(self._trade_samples) > 2 and now_s - self._trade_samples[1][0] >= 60:
-            self._trade_samples.popleft()
-        first_s, first_trades = self._trade_samples[0]
-        per_min = (trades - first_trades) * 60 / max(now_s - first_s, 1.0)
-        # "Today" is the UTC day; the counts since start are re-based when it changes.
-        today = utc_from_ms(self._now_ms()).date()
-        if today != self._day:
-            self._day, self._day_base = today, (whales, posts)
-        since = stream.connected_since if stream is not None else None
-        last_ms = poster.stats.last_posted_ms if poster else None
-        parts = [
-            f"connected since {since:%H:%M:%S}Z" if since else "connecting",
-            f"{per_min:.0f} trades/min",
-            f"whales today {whales - self._day_base[0]}",
-            f"posts today {posts - self._day_base[1]}",
-            f"queue {self.queue.qsize()}",
-            f"last post {utc_from_ms(last_ms):%H:%M:%S}Z" if last_ms else "no post yet",
-        ]
-        return ", ".join(parts)
+        snap = self._snapshot()
+        if snap.draining:
+            return status_line(snap, per_min=0.0, today=(0, 0))
+        per_min = self._trade_rate.per_min(snap.now_s, snap.trades)
+        return status_line(snap, per_min=per_min, today=self._today.counts(snap.now_ms, snap.whales, snap.posts))
 
     async def _stats_loop(self) -> None:
         while True:
@@ -553,6 +595,10 @@ class Daemon:
                 "backfill_s": round(b.seconds, 1),
                 "whales_from_backfill": self.whales_from_backfill,
                 "backfill_failures": b.failures,
+                "backfill_retries": b.retries,
+                "trades_already_seen": self.trades_already_seen,
+                "held_groups": detector.held_groups,
+                "alerts_unconfirmed": self.alerts_unconfirmed,
             }
         poster = self.poster.stats if self.poster is not None else None
         log.info(
@@ -578,3 +624,14 @@ class Daemon:
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
         )
+
+
+def _no_prefetch(ticker: str) -> None:
+    """Until titles are looked up ahead (TitleLookup.prefetch), a sweep near the threshold needs nothing."""
+
+
+def _log_grew_after_alert(alert_id: str, ticker: str, extra_usd: Decimal, trade_id: str) -> None:
+    # Already posted: never a second post for one order, but the operator sees what the alert left out.
+    log.warning(
+        "sweep_grew_after_alert", alert_id=alert_id, ticker=ticker, extra_value_usd=str(extra_usd), trade_id=trade_id
+    )

@@ -11,10 +11,11 @@ negotiated off-book and always stand alone.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Protocol
 
 import msgspec
 
@@ -73,6 +74,26 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     value_usd: Decimal
     closed: bool = False
     alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
+    near: bool = False  # reached half the threshold once (`on_near_whale` was called)
+    alert_id: str = ""  # set when it closed as a whale
+
+
+class RecoveryGate(Protocol):
+    """What the detector asks the recovery planner (valshi_x/recovery.py) before a sweep closes."""
+
+    version: int  # changes whenever a hold may have ended: held sweeps are asked again
+
+    def may_close(self, lo_ms: int, hi_ms: int) -> bool:
+        """May a sweep that can still take fills with trade times in [lo_ms, hi_ms] close now?"""
+        ...
+
+    def low_water_ms(self) -> int | None:
+        """The oldest trade time a pending backfill may still bring, if any."""
+        ...
+
+
+# (alert id, ticker, extra value in USD, trade id of the late fill)
+GrewAfterAlert = Callable[[str, str, Decimal, str], None]
 
 
 def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
@@ -146,12 +167,13 @@ class WhaleDetector:
     `add` closes groups whose window has passed in stream time (a later trade beyond it); `close_due` closes
     them on the caller's clock when the stream goes quiet; `flush` closes everything (end of replay, shutdown).
 
-    Late fills (a backfill after a gap) still find their sweep: a key may have several open groups, and
-    `hold(from_ms)` keeps every group that could still receive fills from `from_ms` on open until `release`.
-    Closed sweeps are kept for `late_fill_horizon_ms` of stream time (and while a hold may still bring their
-    fills): a late fill inside the window of one that closed short reopens it (a gap noticed only after the
-    window ended); one inside the window of a sweep already alerted joins it silently, so one order is never
-    alerted twice.
+    Late fills (a backfill after a gap) still find their sweep: a key may have several open groups, and a sweep
+    that is due to close is first asked about at the `gate` (the recovery planner): while a pending backfill
+    window could still bring one of its fills, it is held open (bounded by the planner's deadline). Closed sweeps
+    are kept for `late_fill_horizon_ms` of stream time (and while a pending window may still bring their fills):
+    a late fill inside the window of one that closed short reopens it (a gap noticed only after the window
+    ended); one inside the window of a sweep already alerted joins it silently (`on_grew_after_alert`), so one
+    order is never alerted twice.
     """
 
     def __init__(
@@ -162,24 +184,33 @@ class WhaleDetector:
         dedup_horizon_ms: int = 35 * 60 * 1000,
         dedup_max_ids: int = 1_000_000,
         late_fill_horizon_ms: int = 120_000,
+        gate: RecoveryGate | None = None,
+        on_near_whale: Callable[[str], None] | None = None,
+        on_grew_after_alert: GrewAfterAlert | None = None,
     ) -> None:
         self.threshold_usd = threshold_usd
+        # Half the threshold, when someone listens (`on_near_whale`); otherwise never reached, so no hook is asked.
+        self._near_usd = threshold_usd / 2 if on_near_whale is not None else Decimal("Infinity")
         self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
+        self.gate = gate
+        self.on_near_whale = on_near_whale
+        self.on_grew_after_alert = on_grew_after_alert
         # Open groups per (ticker, side), oldest first; almost always one.
         self._open: dict[tuple[str, Side], list[_OpenGroup]] = {}
         self._open_count = 0
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
+        # Groups due to close that the gate holds open; asked again when the gate's version changes.
+        self._held: list[_OpenGroup] = []
+        self._held_version = -1
         # Closed sweeps, per key and in closing order, for late fills to find (see the class docstring).
         self._kept: dict[tuple[str, Side], list[_OpenGroup]] = {}
         self._closed_order: deque[_OpenGroup] = deque()
         self.late_fills_rejoined = 0
         self.late_fills_after_alert = 0
-        self._holds: dict[int, int] = {}  # hold token -> trade time from which late fills are expected
-        self._next_hold = 0
         self.watermark_ms = 0  # newest trade time seen
         self.duplicates = 0
         self.groups_closed = 0
@@ -189,23 +220,19 @@ class WhaleDetector:
     def open_groups(self) -> int:
         return self._open_count
 
-    def hold(self, from_ms: int) -> int:
-        """Keep groups that may still get fills at or after `from_ms` open; returns a token for `release`."""
-        self._next_hold += 1
-        self._holds[self._next_hold] = from_ms
-        return self._next_hold
-
-    def release(self, token: int) -> None:
-        self._holds.pop(token, None)
+    @property
+    def held_groups(self) -> int:
+        return len(self._held)
 
     def processed_through_ms(self) -> int:
         """Trade time before which every trade seen is in a closed group: where a restart may resume."""
         through = self.watermark_ms
-        oldest_open = min((group.first_ts_ms for group in self._opened if not group.closed), default=None)
+        oldest_open = min((g.first_ts_ms for g in self._opened if not g.closed), default=None)
         if oldest_open is not None:
             through = min(through, oldest_open - 1)
-        if self._holds:
-            through = min(through, min(self._holds.values()) - 1)
+        oldest_held = min((g.first_ts_ms for g in self._held if not g.closed), default=None)
+        if oldest_held is not None:
+            through = min(through, oldest_held - 1)
         return through
 
     def add(self, trade: Trade) -> list[Alert]:
@@ -228,6 +255,8 @@ class WhaleDetector:
         side = trade.taker_side
         value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
         if trade.is_block_trade or window <= 0:
+            if self.on_near_whale is not None and value_usd >= self.threshold_usd:
+                self.on_near_whale(trade.ticker)
             self._close_group([trade], value_usd, alerts)
             return alerts
 
@@ -239,6 +268,8 @@ class WhaleDetector:
                 if -window <= ts_ms - group.first_ts_ms <= window:
                     group.trades.append(trade)
                     group.value_usd += value_usd
+                    if not group.near and group.value_usd >= self._near_usd:
+                        self._near(group)
                     return alerts
         if self._kept and ts_ms + window < self.watermark_ms:
             # A late fill: its sweep may have closed already.
@@ -247,11 +278,16 @@ class WhaleDetector:
                 closed.trades.append(trade)
                 closed.value_usd += value_usd
                 if closed.alerted:
-                    self.late_fills_after_alert += 1  # already posted: never a second alert for one order
+                    # Already posted: never a second alert for one order; the caller logs what it grew by.
+                    self.late_fills_after_alert += 1
+                    if self.on_grew_after_alert is not None:
+                        self.on_grew_after_alert(closed.alert_id, trade.ticker, value_usd, trade.trade_id)
                 else:
                     self._reopen(closed)
                 return alerts
         group = _OpenGroup(key, ts_ms, [trade], value_usd)
+        if value_usd >= self._near_usd:
+            self._near(group)
         if groups is None:
             self._open[key] = [group]
         else:
@@ -268,10 +304,29 @@ class WhaleDetector:
         return alerts
 
     def close_due(self, now_ms: int) -> list[Alert]:
-        """Close groups whose window ended before `now_ms` (stream time, from the caller's clock)."""
+        """Close groups whose window ended before `now_ms` (stream time, from the caller's clock), and held ones
+        the gate now lets go."""
         alerts: list[Alert] = []
         self._close_until(now_ms - self.sweep_window_ms - 1, alerts)
+        self.release_held(alerts)
         return alerts
+
+    def release_held(self, alerts: list[Alert]) -> None:
+        """Ask the gate again about held groups (only when its answers may have changed)."""
+        gate = self.gate
+        if not self._held or gate is None or gate.version == self._held_version:
+            return
+        self._held_version = gate.version
+        window = self.sweep_window_ms
+        still: list[_OpenGroup] = []
+        for group in self._held:
+            if group.closed:
+                continue
+            if gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
+                self._finish(group, alerts)
+            else:
+                still.append(group)
+        self._held = still
 
     def flush(self) -> list[Alert]:
         """Close every open group, held or not."""
@@ -280,18 +335,28 @@ class WhaleDetector:
             group = self._opened.popleft()
             if not group.closed:
                 self._finish(group, alerts)
-        return alerts
-
-    def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
-        if self._holds:
-            # A group whose window reaches into a pending backfill may still grow: keep it.
-            held_from = min(self._holds.values()) - self.sweep_window_ms
-            first_ts_ms_at_most = min(first_ts_ms_at_most, held_from - 1)
-        opened = self._opened
-        while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
-            group = opened.popleft()
+        held, self._held = self._held, []
+        for group in held:
             if not group.closed:
                 self._finish(group, alerts)
+        return alerts
+
+    def _near(self, group: _OpenGroup) -> None:
+        group.near = True
+        if self.on_near_whale is not None:
+            self.on_near_whale(group.key[0])
+
+    def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
+        opened, gate, window = self._opened, self.gate, self.sweep_window_ms
+        while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
+            group = opened.popleft()
+            if group.closed:
+                continue
+            if gate is not None and not gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
+                # A pending backfill window may still bring one of its fills: keep it open, ask again later.
+                self._held.append(group)
+                continue
+            self._finish(group, alerts)
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
@@ -302,6 +367,8 @@ class WhaleDetector:
             if not groups:
                 del self._open[group.key]
         group.alerted = self._close_group(group.trades, group.value_usd, alerts)
+        if group.alerted:
+            group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
             self._kept.setdefault(group.key, []).append(group)
             self._closed_order.append(group)
@@ -323,6 +390,8 @@ class WhaleDetector:
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
+        if not group.near and group.value_usd >= self._near_usd:
+            self._near(group)
         groups = self._open.setdefault(group.key, [])
         groups.append(group)
         groups.sort(key=_first_ts)
@@ -330,9 +399,10 @@ class WhaleDetector:
         self._opened.append(group)
 
     def _forget_closed(self, first_ts_ms_before: int) -> None:
-        if self._holds:
+        low_water_ms = self.gate.low_water_ms() if self.gate is not None else None
+        if low_water_ms is not None:
             # A pending backfill may still bring fills of these: keep them until it is done.
-            first_ts_ms_before = min(first_ts_ms_before, min(self._holds.values()) - self.sweep_window_ms)
+            first_ts_ms_before = min(first_ts_ms_before, low_water_ms - self.sweep_window_ms)
         closed = self._closed_order
         while closed and closed[0].first_ts_ms < first_ts_ms_before:
             group = closed.popleft()

@@ -1,9 +1,11 @@
 """Kalshi REST, public endpoints only: market titles for posts and the trades pager for backfill.
 
-One `KalshiRest` per daemon, on the daemon's `aiohttp.ClientSession`. It owns its retries: every request waits
-its turn in a rate limiter (a fixed spacing), has a timeout, and is retried on 429 (Kalshi sends no
-Retry-After: exponential backoff with jitter, during which no other request goes out either), on 5xx, timeouts
-and dropped connections, a bounded number of times; then it raises `KalshiRestError`.
+One `KalshiRest` per daemon, on the daemon's `aiohttp.ClientSession`. Every request waits for a token of a
+shared bucket (Kalshi's public budget, with a small burst), has a timeout, and is tried ONCE: a failure is
+classified in `KalshiRestError.reason` (rate_limited, server_error, timeout, connection_error, bad_response,
+not_found, http_error) and the caller decides whether and when to try again (the backfill does, with
+valshi_x/backoff.py's arithmetic; one retry layer, not two nested ones). A 429 also pauses the shared bucket
+(Kalshi sends no Retry-After: a jittered, doubling pause), so no other request goes out meanwhile.
 
 `TitleLookup` wraps the title lookup for the poster: it answers within half a second or gives up (None), so a
 slow or failing Kalshi never holds a post back; the post falls back to the ticker. Titles are never retried:
@@ -72,26 +74,32 @@ async def _read_capped(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
 
 
 class RateLimiter:
-    """Spaces requests at least `1 / per_s` apart; `hold` pushes every later request back (after a 429)."""
+    """A token bucket: `per_s` requests a second on average, up to `burst` at once; `hold` pauses every request
+    (after a 429). Waiters reserve their token before sleeping, so concurrent callers queue fairly without a lock."""
 
-    def __init__(self, per_s: float, *, clock: Clock, sleep: Sleep) -> None:
-        if per_s <= 0:
-            raise ValueError("per_s must be positive")
+    def __init__(self, per_s: float, *, burst: int = 1, clock: Clock, sleep: Sleep) -> None:
+        if per_s <= 0 or burst < 1:
+            raise ValueError("per_s must be positive and burst at least 1")
         self._interval_s = 1.0 / per_s
+        self._burst_s = burst * self._interval_s
         self._clock = clock
         self._sleep = sleep
+        # The time at which the bucket is empty again ("theoretical arrival time"): a request may go at once while
+        # it lies less than `burst` intervals ahead of now.
         self._next_s = float("-inf")
+        self._paused_until_s = float("-inf")
 
     async def wait(self) -> None:
-        # Reserve the slot before sleeping so concurrent callers queue up behind each other without a lock.
         now = self._clock()
-        slot = max(now, self._next_s)
-        self._next_s = slot + self._interval_s
-        if slot > now:
-            await self._sleep(slot - now)
+        # After a pause the bucket starts empty: requests resume at the plain rate, not in a burst.
+        arrival_s = max(self._next_s, now, self._paused_until_s + self._burst_s - self._interval_s)
+        self._next_s = arrival_s + self._interval_s
+        go_at = arrival_s - self._burst_s + self._interval_s
+        if go_at > now:
+            await self._sleep(go_at - now)
 
     def hold(self, delay_s: float) -> None:
-        self._next_s = max(self._next_s, self._clock() + delay_s)
+        self._paused_until_s = max(self._paused_until_s, self._clock() + delay_s)
 
 
 class TTLCache(Generic[_K, _V]):
@@ -187,11 +195,11 @@ class KalshiRest:
         session: aiohttp.ClientSession,
         base_url: str,
         *,
-        max_requests_per_s: float = 10.0,
+        max_requests_per_s: float = 20.0,
+        burst: int = 5,
         timeout_s: float = 5.0,
-        max_attempts: int = 5,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 30.0,
+        pause_initial_s: float = 1.0,
+        pause_max_s: float = 30.0,
         label_ttl_s: float = 6 * 3600.0,
         failure_ttl_s: float = 60.0,
         cache_entries: int = 2000,
@@ -199,87 +207,70 @@ class KalshiRest:
         sleep: Sleep = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._max_attempts = max_attempts
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
+        self._pause_initial_s = pause_initial_s
+        self._pause_max_s = pause_max_s
         self._label_ttl_s = label_ttl_s
         self._failure_ttl_s = failure_ttl_s
         self._sleep = sleep
         self._jitter = jitter
-        self.limiter = RateLimiter(max_requests_per_s, clock=clock, sleep=sleep)
+        self.limiter = RateLimiter(max_requests_per_s, burst=burst, clock=clock, sleep=sleep)
         self._labels: TTLCache[str, MarketLabel | _Failure] = TTLCache(cache_entries, clock)
         self._events: TTLCache[str, _Event] = TTLCache(cache_entries, clock)
-        self.requests = 0  # HTTP requests sent, retries included
-        self.retries = 0
+        self.requests = 0  # HTTP requests sent
+        self.rate_limited = 0  # 429s in a row, for the pause
+        self.failures = 0
 
-    def backoff_s(self, retry: int) -> float:
-        """Wait before retry number `retry` (1, 2, …): doubling from the initial wait up to the cap, then
-        jittered into [half, full] so clients that failed together do not come back together."""
-        step_s = capped_step_s(retry, initial_s=self._backoff_initial_s, cap_s=self._backoff_max_s)
+    def pause_s(self, in_a_row: int) -> float:
+        """How long every request waits after the `in_a_row`-th 429 in a row: doubling up to the cap, jittered."""
+        step_s = capped_step_s(in_a_row, initial_s=self._pause_initial_s, cap_s=self._pause_max_s)
         return equal_jitter(step_s, self._jitter())
 
     async def get_json(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-        """GET `path` (below the base URL) and return its JSON object, retrying what can be retried."""
-        url = self._base_url + path
-        failure: KalshiRestError | None = None
-        for attempt in range(1, self._max_attempts + 1):
-            if failure is not None:
-                self.retries += 1
-                wait_s = self.backoff_s(attempt - 1)
-                log.warning(
-                    "kalshi_rest_retry",
-                    path=path,
-                    reason=failure.reason,
-                    status=failure.status,
-                    attempt=attempt,
-                    wait_s=round(wait_s, 3),
-                )
-                if failure.reason == "rate_limited":
-                    # The limit is per client: every request waits, not only this one.
-                    self.limiter.hold(wait_s)
-                else:
-                    await self._sleep(wait_s)
-            await self.limiter.wait()
-            self.requests += 1
-            try:
-                async with self._session.get(
-                    url, params=params, timeout=self._timeout, allow_redirects=False
-                ) as response:
-                    status = response.status
-                    body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
-            except TimeoutError:
-                failure = KalshiRestError("timeout", path)
-                continue
-            except aiohttp.ClientError as exc:
-                failure = KalshiRestError("connection_error", path, detail=type(exc).__name__)
-                continue
-            except DecodeRefused as exc:  # the body passed MAX_REST_BODY_BYTES: the same answer would again
-                raise KalshiRestError("bad_response", path, detail=exc.detail) from None
+        """GET `path` (below the base URL) once and return its JSON object; raise a classified KalshiRestError."""
+        await self.limiter.wait()
+        self.requests += 1
+        try:
+            data = await self._get_once(path, params)
+        except KalshiRestError as exc:
+            self.failures += 1
+            if exc.reason == "rate_limited":
+                # The limit is per client: every request waits, not only this one.
+                self.rate_limited += 1
+                self.limiter.hold(self.pause_s(self.rate_limited))
+            raise
+        self.rate_limited = 0
+        return data
 
-            if status == 200:
-                try:
-                    data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
-                except DecodeRefused as exc:
-                    failure = KalshiRestError("bad_response", path, status=status, detail=exc.reason)
-                    continue
-                if not isinstance(data, dict):
-                    raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
-                return data
-            if status == 429:
-                failure = KalshiRestError("rate_limited", path, status=status)
-            elif status >= 500:
-                failure = KalshiRestError("server_error", path, status=status)
-            elif status == 404:
-                raise KalshiRestError("not_found", path, status=status)
-            else:
-                raise KalshiRestError("http_error", path, status=status, detail=body[:120].decode(errors="replace"))
-        assert failure is not None
-        raise failure
+    async def _get_once(self, path: str, params: dict[str, str] | None) -> dict[str, Any]:
+        url = self._base_url + path
+        try:
+            async with self._session.get(url, params=params, timeout=self._timeout, allow_redirects=False) as response:
+                status = response.status
+                body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
+        except TimeoutError:
+            raise KalshiRestError("timeout", path) from None
+        except aiohttp.ClientError as exc:
+            raise KalshiRestError("connection_error", path, detail=type(exc).__name__) from None
+        except DecodeRefused as exc:  # the body passed MAX_REST_BODY_BYTES
+            raise KalshiRestError("bad_response", path, detail=exc.detail) from None
+        if status == 200:
+            try:
+                data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+            except DecodeRefused as exc:
+                raise KalshiRestError("bad_response", path, status=status, detail=exc.reason) from None
+            if not isinstance(data, dict):
+                raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
+            return data
+        if status == 429:
+            raise KalshiRestError("rate_limited", path, status=status)
+        if status >= 500:
+            raise KalshiRestError("server_error", path, status=status)
+        if status == 404:
+            raise KalshiRestError("not_found", path, status=status)
+        raise KalshiRestError("http_error", path, status=status, detail=body[:120].decode(errors="replace"))
 
     # -- titles -------------------------------------------------------------------------------------------------
 
@@ -333,7 +324,7 @@ class KalshiRest:
             found = self._labels.get(ticker)
             if isinstance(found, MarketLabel):
                 return found
-        market = (await self._get_title_json(path)).get("market")
+        market = (await self.get_json(path)).get("market")
         if not isinstance(market, dict):
             raise KalshiRestError("bad_response", path, status=200, detail="no market object")
         event_ticker = _text_field(market, "event_ticker")
@@ -346,7 +337,7 @@ class KalshiRest:
         if cached is not None:
             return cached
         path = f"/events/{event_ticker}"
-        data = await self._get_title_json(path)
+        data = await self.get_json(path)
         raw = data.get("event")
         if not isinstance(raw, dict):
             raise KalshiRestError("bad_response", path, status=200, detail="no event object")
@@ -367,40 +358,6 @@ class KalshiRest:
                     self._labels.put(ticker, label_from(ticker, market, event), self._label_ttl_s)
         return event
 
-    async def _get_title_json(self, path: str) -> dict[str, Any]:
-        """One GET (in the rate limiter's queue, with the timeout) for a title: no retry, a failure is raised."""
-        # Titles must not retry (see market_label) and `get_json` does (until the one-retry-layer change makes it
-        # one attempt too; then this is `get_json`).
-        await self.limiter.wait()
-        self.requests += 1
-        try:
-            async with self._session.get(
-                self._base_url + path, timeout=self._timeout, allow_redirects=False
-            ) as response:
-                status = response.status
-                body = await _read_capped(response.content, MAX_REST_BODY_BYTES)
-        except TimeoutError:
-            raise KalshiRestError("timeout", path) from None
-        except aiohttp.ClientError as exc:
-            raise KalshiRestError("connection_error", path, detail=type(exc).__name__) from None
-        except DecodeRefused as exc:
-            raise KalshiRestError("bad_response", path, detail=exc.detail) from None
-        if status == 200:
-            try:
-                data = decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
-            except DecodeRefused as exc:
-                raise KalshiRestError("bad_response", path, status=status, detail=exc.reason) from None
-            if not isinstance(data, dict):
-                raise KalshiRestError("bad_response", path, status=status, detail="not a JSON object")
-            return data
-        if status == 429:
-            raise KalshiRestError("rate_limited", path, status=status)
-        if status >= 500:
-            raise KalshiRestError("server_error", path, status=status)
-        if status == 404:
-            raise KalshiRestError("not_found", path, status=status)
-        raise KalshiRestError("http_error", path, status=status, detail=body[:120].decode(errors="replace"))
-
     # -- trades -------------------------------------------------------------------------------------------------
 
     async def iter_trades(
@@ -409,7 +366,8 @@ class KalshiRest:
         """Every trade between the two times (Unix seconds, as Kalshi filters them), one page at a time.
 
         Yields each non-empty page's raw trade objects (newest first, as Kalshi sends them); follows `cursor`
-        until it comes back empty. Raises KalshiRestError when a page cannot be had after retries.
+        until it comes back empty. Raises KalshiRestError for the first page that fails (one try each: the
+        caller retries, from the page's slice).
         """
         if not 1 <= limit <= 1000:
             raise ValueError("limit must be between 1 and 1000")
