@@ -250,6 +250,15 @@ def test_near_whale_hook_fires_once_per_sweep_at_half_the_threshold() -> None:
     assert near == ["A", "B"]
 
 
+def test_near_whale_hook_set_after_construction_fires_too() -> None:
+    # The daemon builds the detector before the title lookup exists, and sets the hook once it does.
+    near: list[str] = []
+    d = WhaleDetector(Decimal(100000), 1000)
+    d.on_near_whale = near.append
+    d.add(fill("120000", "0.50", at=0, ticker="A"))  # $60k: past half
+    assert near == ["A"]
+
+
 def test_late_fill_finds_its_own_sweep_among_several_of_the_same_key() -> None:
     d, planner = gated()
     planner.on_disconnect(T0 + 1000, NOW_MS)  # a window from T0 on stays open (disconnected)

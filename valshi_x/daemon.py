@@ -122,8 +122,8 @@ class Daemon:
             dedup_horizon_ms=int(dedup_horizon_s * 1000),
             late_fill_horizon_ms=mode.late_fill_horizon_ms,
             gate=self.planner,
-            # lead wires TitleLookup.prefetch here at merge (titles are looked up only when the mode says so)
-            on_near_whale=_no_prefetch if mode.lookup_titles else None,
+            # Set to the title lookup's prefetch once it exists (in `run`), when titles are looked up at all.
+            on_near_whale=None,
             on_grew_after_alert=_log_grew_after_alert,
         )
         self.pipeline = Pipeline(
@@ -194,6 +194,9 @@ class Daemon:
                 )
             titles = TitleLookup(rest if lookup_titles else None)
             resources.push_async_callback(titles.aclose)
+            if lookup_titles:
+                # A sweep at half the threshold starts its title lookup, so the post rarely waits for one.
+                self.pipeline.detector.on_near_whale = titles.prefetch
             transport = await open_transport(settings, dry_run=options.dry_run, middlewares=self._x_middlewares)
             resources.push_async_callback(transport.close)
             overrides: dict[str, Any] = {}
@@ -624,10 +627,6 @@ class Daemon:
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
         )
-
-
-def _no_prefetch(ticker: str) -> None:
-    """Until titles are looked up ahead (TitleLookup.prefetch), a sweep near the threshold needs nothing."""
 
 
 def _log_grew_after_alert(alert_id: str, ticker: str, extra_usd: Decimal, trade_id: str) -> None:

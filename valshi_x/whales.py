@@ -189,13 +189,11 @@ class WhaleDetector:
         on_grew_after_alert: GrewAfterAlert | None = None,
     ) -> None:
         self.threshold_usd = threshold_usd
-        # Half the threshold, when someone listens (`on_near_whale`); otherwise never reached, so no hook is asked.
-        self._near_usd = threshold_usd / 2 if on_near_whale is not None else Decimal("Infinity")
         self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
         self.gate = gate
-        self.on_near_whale = on_near_whale
+        self.on_near_whale = on_near_whale  # also sets `_near_usd`
         self.on_grew_after_alert = on_grew_after_alert
         # Open groups per (ticker, side), oldest first; almost always one.
         self._open: dict[tuple[str, Side], list[_OpenGroup]] = {}
@@ -215,6 +213,17 @@ class WhaleDetector:
         self.duplicates = 0
         self.groups_closed = 0
         self.alerts = 0
+
+    @property
+    def on_near_whale(self) -> Callable[[str], None] | None:
+        """Called with the ticker once a sweep reaches half the threshold (to look its title up ahead)."""
+        return self._on_near_whale
+
+    @on_near_whale.setter
+    def on_near_whale(self, hook: Callable[[str], None] | None) -> None:
+        self._on_near_whale = hook
+        # Half the threshold, when someone listens; otherwise never reached, so no hook is asked.
+        self._near_usd = self.threshold_usd / 2 if hook is not None else Decimal("Infinity")
 
     @property
     def open_groups(self) -> int:
