@@ -56,8 +56,10 @@ _CLOSE_GRACE_MS = 100
 _OVERFLOW_LOG_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
 MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
-# The watchdog stays fed through ordinary reconnects; only this much silence from Kalshi means "wedged".
-_MAX_BACKOFF_S = 15.0
+# Silence from Kalshi allowed beyond two idle timeouts before the daemon calls itself wedged (the watchdog then
+# restarts it, about three minutes after the last frame). Wider than the reconnect backoff's 15 s cap on purpose:
+# a restart cures a wedged process, not an outage at Kalshi, so an outage alone should not cause one.
+_RECONNECT_ALLOWANCE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class Daemon:
         # Tests pass faster backoffs and retries through this; production uses the defaults.
         self.tuning = tuning = tuning or Tuning()
         # Health allows for the longest ordinary reconnect delay: the cap of the backoff the stream really uses.
-        self._max_reconnect_delay_s = tuning.max_reconnect_delay_s or _MAX_BACKOFF_S
+        self._max_reconnect_delay_s = tuning.max_reconnect_delay_s or _RECONNECT_ALLOWANCE_S
         self._monotonic = monotonic
         self._now_ms = now_ms
         dedup_horizon_s = mode.dedup_horizon_s
@@ -561,6 +563,7 @@ class Daemon:
             posts=poster.stats.posted if poster else 0,
             queue_depth=self.queue.qsize(),
             last_posted_ms=poster.stats.last_posted_ms if poster else None,
+            dry_run=self.options.dry_run,
         )
 
     def healthy(self) -> bool:

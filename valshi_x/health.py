@@ -28,6 +28,7 @@ class Snapshot:
     posts: int
     queue_depth: int
     last_posted_ms: int | None
+    dry_run: bool = False  # posts are `would_post` lines: the status line must not say "posts"
 
 
 def healthy(snap: Snapshot, *, ws_idle_timeout_s: float, max_reconnect_delay_s: float) -> bool:
@@ -76,12 +77,13 @@ def status_line(snap: Snapshot, *, per_min: float, today: tuple[int, int]) -> st
         # The watchdog task ticks on through the drain; `systemctl status` must keep saying what is going on.
         return "draining"
     since, last_ms = snap.connected_since, snap.last_posted_ms
+    post = "would-post" if snap.dry_run else "post"
     parts = [
         f"connected since {since:%H:%M:%S}Z" if since else "connecting",
         f"{per_min:.0f} trades/min",
         f"whales today {today[0]}",
-        f"posts today {today[1]}",
+        f"{post}s today {today[1]}",
         f"queue {snap.queue_depth}",
-        f"last post {utc_from_ms(last_ms):%H:%M:%S}Z" if last_ms else "no post yet",
+        f"last {post} {utc_from_ms(last_ms):%H:%M:%S}Z" if last_ms else f"no {post} yet",
     ]
     return ", ".join(parts)
