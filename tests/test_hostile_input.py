@@ -43,6 +43,7 @@ from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError, TitleLookup
 from valshi_x.logs import LogFormat, configure_logging
 from valshi_x.pipeline import MAX_NOTED_TYPES, Pipeline
+from valshi_x.runmode import Tuning
 from valshi_x.sanitize import clean_log_text, find_link
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.trades import FUTURE_TOLERANCE_MS, MalformedTrade, fast_trade_from_raw, parse_frame
@@ -159,10 +160,8 @@ async def test_item1_live_daemon_a_frame_an_hour_ahead_moves_neither_sweep_nor_b
             need_x=False,
         )
         signer = KalshiSigner(settings.kalshi_api_key_id, load_private_key(settings.kalshi_private_key_path, None))
-        fast = {"backoff": Backoff(initial_s=0.05, factor=2.0, cap_s=0.2), "ping_interval_s": None}
-        daemon = Daemon(
-            settings, RunOptions(dry_run=True, state_dir=tmp_path / "state"), signer=signer, stream_options=fast
-        )
+        fast = Tuning(reconnect_backoff=Backoff(initial_s=0.05, factor=2.0, cap_s=0.2), ws_ping_interval_s=None)
+        daemon = Daemon(settings, RunOptions(dry_run=True, state_dir=tmp_path / "state"), signer=signer, tuning=fast)
         with structlog.testing.capture_logs() as events:
             run = asyncio.create_task(daemon.run())
             async with asyncio.timeout(30):
@@ -306,7 +305,7 @@ def rest_client(http: aiohttp.ClientSession, server: TestServer) -> KalshiRest:
     async def no_sleep(_delay_s: float) -> None:
         return None
 
-    return KalshiRest(http, str(server.make_url("/trade-api/v2")), max_attempts=2, sleep=no_sleep)
+    return KalshiRest(http, str(server.make_url("/trade-api/v2")), sleep=no_sleep)
 
 
 async def test_item2_a_deep_rest_page_or_title_answer_is_a_rest_error(

@@ -323,7 +323,7 @@ async def test_a_recording_that_fails_at_run_time_stops_recording_and_the_daemon
             # /dev/full opens for appending like a file and refuses every write with ENOSPC: a full disk.
             RunOptions(dry_run=True, record_path=Path("/dev/full")),
             signer=KalshiSigner(settings.kalshi_api_key_id, key),
-            stream_options=FAST_STREAM,
+            tuning=FAST_STREAM,
         )
         with capture_logs() as logs:
             run = asyncio.create_task(daemon.run())
