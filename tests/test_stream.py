@@ -667,6 +667,28 @@ async def test_other_error_frames_are_logged_and_a_refused_subscribe_reconnects(
     assert client.delays == [UNIT]
 
 
+async def test_an_error_frame_whose_id_is_no_number_is_logged_not_fatal(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    # An unhashable id once ended the reader with TypeError, and with it the daemon (a peer could loop it).
+    good = msgs(1)
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        for odd_id in ([1], {"a": 1}, "1", None):
+            await session.send({"id": odd_id, "type": "error", "msg": {"code": 17, "msg": "odd"}})
+        await session.send_trades(good)
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            await client.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == good
+    assert len(kalshi.handshakes) == 1  # the connection was kept
+    assert len(events(captured, "ws_error_frame")) == 4
+
+
 async def test_malformed_and_unknown_frames_are_reported_not_fatal(kalshi_keys: KeyPair) -> None:  # noqa: F811
     good = msgs(1)
 

@@ -384,7 +384,7 @@ class TradeStream:
                 hint="Kalshi dropped frames because this client read too slowly; reconnecting",
             )
             self._end = "buffer_overflow"
-        elif command_id in self._pending_subscribes:
+        elif isinstance(command_id, int) and command_id in self._pending_subscribes:  # a peer's id may be a list
             log.warning("ws_error_frame", code=code, msg=text, id=command_id, hint="subscribe refused; reconnecting")
             self._end = "subscribe_failed"
         elif self._warnings.allow("ws_error_frame"):
