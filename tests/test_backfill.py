@@ -237,6 +237,23 @@ async def test_a_window_older_than_max_span_is_clipped_from_the_old_end_and_logg
     assert len(feed.trades) == 60
 
 
+async def test_a_clipped_window_whose_oldest_slice_fails_once_is_tried_again_not_given_up(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
+) -> None:
+    # The oldest slice of a clipped window starts right at the span's edge: one 503 there once gave up the whole
+    # catch-up of a restart after a long stop.
+    fake.add_trades(small_trades(NOW_MS - 3_600_000, 360, 10_000))
+    fake.script("trades", 503)
+    feed = Recorder()
+    clock = iter(range(NOW_MS, NOW_MS + 10**9, 1_500))  # time passes while it works: 1.5 s a look at the clock
+    backfiller = make_backfiller(
+        make_rest(session, fake), feed, max_span_s=600, slice_s=300, clock_ms=lambda: next(clock)
+    )
+    assert await backfiller.fetch(window(NOW_MS - 3_600_000, NOW_MS, "startup"))
+    assert len(events(logs, "backfill_retry")) == 1 and not events(logs, "backfill_incomplete")
+    assert len(feed.trades) == 60
+
+
 def test_trade_time_of_rest_and_ws_shapes() -> None:
     assert trade_time_ms(rest_trade("a", "K", ts_ms=NOW_MS + 7)) == NOW_MS + 7
     assert trade_time_ms({"created_time": "2026-09-01T01:46:15.690388Z"}) == 1_788_227_175_690

@@ -81,8 +81,8 @@ ROWS = [
     ),
     Row(
         "gaps far apart are separate windows",
-        [gap(1_000, 1_040, now=1_040), gap(9_000, 9_001, now=1_200)],
-        due_at=1_700,
+        [gap(1_000, 1_040, now=1_040), gap(9_000, 9_001, now=9_001)],
+        due_at=9_600,
         windows=[(0, 2_040), (8_000, 10_001)],
     ),
     Row(
@@ -201,20 +201,25 @@ def test_a_hold_expires_at_its_deadline_but_the_window_stays_to_be_fetched() -> 
 
 
 def test_a_window_given_up_ends_its_holds_and_no_longer_holds_the_checkpoint() -> None:
-    planner = play([gap(1_000, 1_040, now=1_040), gap(9_000, 9_010, now=1_100)])
+    planner = play([gap(1_000, 1_040, now=1_040), gap(3_500, 3_510, now=1_100)])
     first, second = planner.due(N + 1_600)
     planner.on_given_up(first.window_id, N + 1_700)
-    assert planner.may_close(T + 900, T + 1_100) and not planner.may_close(T + 8_900, T + 9_100)
+    assert planner.may_close(T + 900, T + 1_100) and not planner.may_close(T + 3_400, T + 3_600)
     assert planner.low_water_ms() == second.from_ms and planner.counts.given_up == 1
 
 
-def test_a_reconnect_holds_while_disconnected_and_for_hold_max_after_subscribing() -> None:
-    planner = play([disconnect(5_000, now=5_010), tick(now=60_000)])
-    assert not planner.may_close(T + 4_500, T + 6_500)  # the outage may hold the rest of this sweep
+def test_a_reconnect_holds_for_hold_max_only_even_while_disconnected() -> None:
+    # A whale seen just before a long outage must not wait for Kalshi to come back (it would go stale).
+    planner = play([disconnect(5_000, now=5_010), tick(now=5_010 + 4_999)])
+    assert not planner.may_close(T + 4_500, T + 6_500)  # the outage may hold the rest of this sweep a while
     assert planner.may_close(T + 1_000, T + 3_000)
-    planner.on_subscribed(N + 61_000)
-    planner.tick(N + 61_000 + 2_000 + 5_000)  # quiet: bounded after 2 s, then HOLD_MAX_S
+    planner.tick(N + 5_010 + 5_000)  # HOLD_MAX_S after the drop, still disconnected
     assert planner.may_close(T + 4_500, T + 6_500)
+    assert planner.uncovered(T + 4_500, T + 6_500) == [(T + 4_000, None)]  # an alert closed now says so
+    planner.on_subscribed(N + 61_000)  # trades resume: a sweep in progress may take fills from the window's end
+    assert not planner.may_close(T + 60_500, T + 61_500)
+    planner.tick(N + 61_000 + 2_000 + 5_000)  # quiet: bounded after 2 s, then HOLD_MAX_S
+    assert planner.may_close(T + 60_500, T + 61_500)
 
 
 def frame(ts: int) -> dict[str, Any]:
@@ -243,3 +248,32 @@ def test_gap_watch_reads_the_trade_times_around_gaps_and_drops() -> None:
         (500, 2_700, ("overflow",)),  # from the newest trade queued to the first queued after the drops
     ]
     assert wakes == [1, 1]
+
+
+def test_no_stamp_aims_a_window_past_what_kalshi_can_have() -> None:
+    # A frame after a gap stamped an hour ahead: the window ends at the newest trade the pipeline accepts, plus
+    # REST's one-second edge (it once ran to the year 2100 and blocked the loop building its slices).
+    planner = play([gap(1_000, 3_601_000, now=1_040)])
+    assert [(w.from_ms - T, w.to_ms - T) for w in planner.due(N + 1_540)] == [(0, 50 + 1_040 + 3_000 + 1_000)]
+    # The first trade after a reconnect stamped an hour in the past cannot end the window before it starts: the
+    # host's clock says when trades resumed.
+    planner = play([disconnect(5_000, now=5_010), subscribed(now=8_000), first_trade(-3_600_000, now=8_100)])
+    assert [(w.from_ms - T, w.to_ms - T) for w in planner.due(N + 8_600)] == [(4_000, 50 + 8_100 + 2_000)]
+
+
+def test_gap_watch_keeps_to_the_trade_time_rule_and_waits_for_a_readable_time() -> None:
+    planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)
+    clock = {"ms": N + 1_000}
+    watch = GapWatch(planner, now_ms=lambda: clock["ms"], started_ms=T - 60_000, wake=lambda: None)
+    watch.before_queue(frame(1_000))
+    watch.queued(frame(1_000))
+    watch.before_queue(frame(3_601_000))  # an hour ahead: the pipeline refuses it, and so does the planner
+    watch.queued(frame(3_601_000))
+    watch.on_gap()
+    watch.before_queue({"type": "trade", "sid": 1, "seq": 9, "msg": {"ts_ms": "soon"}})  # unreadable: wait
+    watch.before_queue(frame(1_200))  # the first readable time after the gap
+    watch.queued(frame(1_200))
+    watch.on_disconnect()
+    (gap_window,) = planner.due(N + 1_600)
+    assert (gap_window.from_ms - T, gap_window.to_ms - T) == (0, 2_200)  # around 1,000 and 1,200, not an hour on
+    assert planner.low_water_ms() == T  # the reconnect window starts at the last readable trade, 1,200 - 1 s

@@ -245,8 +245,9 @@ class Backfiller:
                 return await self._slice(min_ts_s, max_ts_s)
             except KalshiRestError as exc:
                 failures += 1
-                # Kalshi keeps its tape, but a window older than the span a start-up would fetch is given up.
-                too_old = min_ts_s * 1000 < self._clock_ms() - self.max_span_ms
+                # Kalshi keeps its tape, but a slice wholly older than the span a start-up would fetch is given up
+                # (judged by its end: the oldest slice of a clipped window starts right at that edge).
+                too_old = max_ts_s * 1000 + 999 < self._clock_ms() - self.max_span_ms
                 if exc.reason not in _RETRYABLE or too_old:
                     raise
                 step_s = capped_step_s(failures, initial_s=self.retry_initial_s, cap_s=self.retry_max_s)

@@ -431,22 +431,14 @@ class Daemon:
         assert self.store is not None and self.planner is not None
         saved = await self.store.get_checkpoint(CHECKPOINT_NAME)
         now_ms = self._now_ms()
-        oldest_ms = now_ms - int(self.settings.backfill_max_s * 1000)
         if saved is None:
             # First start: nothing before now is ours to post (the old bot may have), but from now on a crash
             # must find a checkpoint, even one in the first seconds before any trade has arrived.
             log.info("no_checkpoint", hint="first start: nothing to backfill")
             await self.store.set_checkpoint(CHECKPOINT_NAME, str(self._started_ms))
             return
+        # A checkpoint older than BACKFILL_MAX_S is clipped (and logged, `backfill_clipped`) by the backfill itself.
         from_ms = int(saved)
-        if from_ms < oldest_ms:
-            log.warning(
-                "backfill_clipped",
-                checkpoint=utc_from_ms(from_ms).isoformat(),
-                from_time=utc_from_ms(oldest_ms).isoformat(),
-                backfill_max_s=self.settings.backfill_max_s,
-            )
-            from_ms = oldest_ms
         # The window ends at the first trade after the subscription (the planner waits for it), so the trades of
         # the connect and subscribe in between are fetched too.
         self.planner.on_startup(from_ms, now_ms)

@@ -14,15 +14,18 @@ from valshi_x import trades
 from valshi_x.recovery import CLOCK_SLACK_MS, RecoveryPlanner
 
 
-def frame_ts_ms(frame: dict[str, Any]) -> int | None:
-    """Trade time of a trade frame, or None when unreadable (the pipeline reports that frame)."""
+def frame_ts_ms(frame: dict[str, Any], now_ms: int) -> int | None:
+    """Trade time of a trade frame, or None when unreadable or dated past the trade-time rule (the pipeline
+    reports that frame): a stamp the pipeline refuses must not aim a backfill window either."""
     msg = frame.get("msg")
     if not isinstance(msg, dict):
         return None
     try:
-        return trades.trade_time_ms(msg)
+        ts_ms = trades.trade_time_ms(msg)
+        trades.check_trade_time(ts_ms, now_ms)
     except trades.MalformedTrade:
         return None
+    return ts_ms
 
 
 class GapWatch:
@@ -35,16 +38,19 @@ class GapWatch:
         self._now_ms = now_ms
         self._wake = wake  # a window may have become due: the backfill looks now rather than at its next poll
         self._last_queued: dict[str, Any] | None = None  # read lazily, see `last_queued_ms`
+        self._queued_before: dict[str, Any] | None = None  # the one before it, in case its time is refused
         self._last_queued_ms = started_ms  # before any trade: the start of the run
         self._gap_before_ms: int | None = None  # a seq gap waiting for the frame after it
 
     def last_queued_ms(self) -> int:
         """Trade time of the last frame queued (or, before any, of the run's start)."""
-        frame, self._last_queued = self._last_queued, None
-        if frame is not None:
-            ts_ms = frame_ts_ms(frame)
+        now_ms = self._now_ms()
+        for frame in (self._last_queued, self._queued_before):
+            ts_ms = frame_ts_ms(frame, now_ms) if frame is not None else None
             if ts_ms is not None:
                 self._last_queued_ms = ts_ms
+                break
+        self._last_queued = self._queued_before = None
         return self._last_queued_ms
 
     # --- the reader's path --------------------------------------------------------------------------------------
@@ -57,17 +63,18 @@ class GapWatch:
         """Every trade frame, before it is queued (or dropped)."""
         before_ms = self._gap_before_ms
         if before_ms is not None:
-            self._gap_before_ms = None
-            after_ms = frame_ts_ms(frame)
-            if after_ms is not None:
-                self.planner.on_gap(before_ms, after_ms, self._now_ms())
+            now_ms = self._now_ms()
+            after_ms = frame_ts_ms(frame, now_ms)
+            if after_ms is not None:  # else the gap waits for the next frame whose time can be read
+                self._gap_before_ms = None
+                self.planner.on_gap(before_ms, after_ms, now_ms)
                 self._wake()
 
     def queued(self, frame: dict[str, Any]) -> None:
         """Every trade frame that made it into the queue."""
-        self._last_queued = frame
+        self._queued_before, self._last_queued = self._last_queued, frame
         if self.planner.wants_first_trade:
-            ts_ms = frame_ts_ms(frame)
+            ts_ms = frame_ts_ms(frame, self._now_ms())
             if ts_ms is not None:
                 self.planner.on_first_trade(ts_ms, self._now_ms())
                 self._wake()

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from valshi_x.trades import FUTURE_TOLERANCE_MS
+
 # A window's ends reach this far past the frames that bound it: REST filters whole seconds, and trade times of
 # neighbouring frames are only nearly ordered.
 MARGIN_MS = 1_000
@@ -120,14 +122,18 @@ class RecoveryPlanner:
         self._connected = False
         self._subscribed_at_ms = None
         if "reconnect" not in self._open:
-            self._open_window("reconnect", last_ts_ms - self.margin_ms, now_ms)
+            window_id = self._open_window("reconnect", last_ts_ms - self.margin_ms, now_ms)
+            # Every hold has a deadline, an outage's too: a whale seen just before the drop is not kept from its
+            # post for as long as Kalshi is away (it closes unconfirmed; the backfill completes the picture).
+            self._windows[window_id].hold_until_ms = now_ms + self.hold_max_ms
         self._awaiting_first_trade.discard("reconnect")
 
     def on_startup(self, checkpoint_ms: int, now_ms: int) -> None:
         """A restart: everything after the saved checkpoint may be missed until the first trade (the margin is for
         trades stamped a little before the last one processed but never seen)."""
         self._advance(now_ms)
-        self._open_window("startup", checkpoint_ms - self.margin_ms, now_ms)
+        window_id = self._open_window("startup", checkpoint_ms - self.margin_ms, now_ms)
+        self._windows[window_id].hold_until_ms = now_ms + self.hold_max_ms
 
     def on_subscribed(self, now_ms: int) -> None:
         """Trades flow again: open windows end at the next trade delivered."""
@@ -138,8 +144,11 @@ class RecoveryPlanner:
             window_id = self._open.get(cause)
             if window_id is not None:
                 self._awaiting_first_trade.add(cause)
-                # Its holds last at most `hold_max_ms` from now on (see `_hold_deadline`).
-                self._windows[window_id].hold_until_ms = now_ms + QUIET_BOUND_MS + self.hold_max_ms
+                # Its holds start again and last at most `hold_max_ms` once its end is known: a sweep in progress
+                # as trades resume may still get fills from the window's last second.
+                pending = self._windows[window_id]
+                pending.hold_until_ms = now_ms + QUIET_BOUND_MS + self.hold_max_ms
+                pending.expired = False
         self.version += 1
 
     def on_overflow(self, last_queued_ts_ms: int, now_ms: int) -> None:
@@ -248,7 +257,12 @@ class RecoveryPlanner:
         if window_id is None:
             return
         pending = self._windows[window_id]
-        pending.to_ms = max(to_ms, pending.from_ms)
+        if to_ms < pending.from_ms:
+            # An end stamped before the start (a trade dated in the past) cannot be believed: this host's clock
+            # says when trades resumed.
+            to_ms = now_ms + CLOCK_SLACK_MS
+        pending.to_ms = min(to_ms, self._latest_end_ms(now_ms))
+        pending.from_ms = min(pending.from_ms, pending.to_ms)
         pending.state = "waiting"
         pending.ready_at_ms = now_ms + self.settle_ms
         pending.merge_until_ms = pending.ready_at_ms
@@ -256,6 +270,8 @@ class RecoveryPlanner:
         self.version += 1
 
     def _add_bounded(self, from_ms: int, to_ms: int, reason: str, now_ms: int) -> None:
+        to_ms = min(to_ms, self._latest_end_ms(now_ms))
+        from_ms = min(from_ms, to_ms)
         for pending in self._windows.values():
             if pending.state == "waiting" and now_ms < pending.merge_until_ms and pending.touches(from_ms, to_ms):
                 assert pending.to_ms is not None
@@ -282,6 +298,11 @@ class RecoveryPlanner:
             state="waiting",
         )
         self.counts.windows += 1
+
+    def _latest_end_ms(self, now_ms: int) -> int:
+        """No window reaches further ahead than the newest trade the pipeline accepts (the trade-time rule), plus
+        REST's one-second edge: whatever a frame's stamp said, Kalshi has no trade from the future to give."""
+        return now_ms + FUTURE_TOLERANCE_MS + self.margin_ms
 
     def _advance(self, now_ms: int) -> None:
         """Move the clock; expire holds past their deadline."""
