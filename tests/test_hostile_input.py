@@ -684,3 +684,24 @@ def test_the_property_test_can_see_an_alert() -> None:
     # A guard on the property test above: frames of its shape do make alerts, so "exact" is really checked there.
     (alert,) = whale_total(("150000.50", "0.9000"))
     assert alert.value_usd == Decimal("135000.450000")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" + b"{}," * 2_700_000 + b"{}]", b"[" + b"[[1]]," * 1_300_000 + b"1]"],
+    ids=["empty_objects", "nested_pairs"],
+)
+def test_item12_a_body_of_millions_of_containers_is_refused_unread(body: bytes) -> None:
+    # Decoding (or scanning in Python) millions of tiny containers held the event loop for seconds; the count of
+    # brackets, taken at C speed, refuses it before anything is decoded.
+    with pytest.raises(DecodeRefused) as caught:
+        decode_json(body, max_bytes=MAX_REST_BODY_BYTES)
+    assert caught.value.reason == "too_large"
+
+
+def test_item2_nesting_is_judged_on_the_decoded_shape() -> None:
+    assert decode_json(b"[" * 32 + b"1" + b"]" * 32, max_bytes=MAX_FRAME_BYTES) is not None
+    with pytest.raises(DecodeRefused, match="too_deep"):
+        decode_json(b"[" * 33 + b"1" + b"]" * 33, max_bytes=MAX_FRAME_BYTES)
+    # Brackets inside strings are no nesting.
+    assert decode_json(b'["' + b"[" * 500 + b'"]', max_bytes=MAX_FRAME_BYTES) == ["[" * 500]

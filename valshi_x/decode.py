@@ -2,10 +2,10 @@
 
 Pure: no asyncio, no I/O. A peer must not be able to make a decode crash the daemon (`[` x 1000 raises
 RecursionError in any recursive decoder), eat memory (a 1 GB frame) or stall the event loop, so every input is
-checked against a size and a nesting limit before it is decoded, and every way decoding can fail comes out as
-one exception type, `DecodeRefused`, with a short snake_case `reason`:
+checked against a size limit before it is decoded and a nesting limit after, and every way decoding can fail
+comes out as one exception type, `DecodeRefused`, with a short snake_case `reason`:
 
-    too_large   more bytes (or characters) than the caller's limit
+    too_large   more bytes (or characters) than the caller's limit, or more than MAX_CONTAINERS arrays/objects
     too_deep    arrays/objects nested deeper than `max_depth`
     not_json    anything the JSON decoder itself refuses (syntax, numbers beyond 64-bit/double range, ...)
 
@@ -16,7 +16,6 @@ Callers translate it: the normalizer into `MalformedTrade` (a `malformed_frame` 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final
 
 import msgspec
@@ -27,10 +26,8 @@ MAX_FRAME_BYTES: Final = 64 * 1024
 MAX_REST_BODY_BYTES: Final = 8 * 1024 * 1024
 # Kalshi's answers nest three or four levels; this leaves room and stays far below Python's recursion limit.
 MAX_DEPTH: Final = 32
-
-# A JSON string (skipped whole, so brackets inside it do not count) or one bracket.
-_TOKENS_TEXT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
-_TOKENS_BYTES = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# A trades page of 1,000 trades holds about 1,000 objects; an event with its markets a few hundred.
+MAX_CONTAINERS: Final = 20_000
 
 
 class DecodeRefused(ValueError):
@@ -42,31 +39,39 @@ class DecodeRefused(ValueError):
         self.detail = detail
 
 
-def nesting_depth_exceeds(raw: str | bytes, max_depth: int) -> bool:
-    """True when arrays/objects in `raw` nest deeper than `max_depth` (brackets inside strings do not count).
-
-    Cheap for ordinary input: with no more openers than `max_depth` in all, the nesting cannot exceed it, and
-    only input with more (a REST page, an attack) is scanned.
-    """
+def _openers(raw: str | bytes) -> int:
+    """How many `[` and `{` `raw` holds (inside strings too): an upper bound on its arrays and objects, counted at C
+    speed before anything is decoded."""
     if isinstance(raw, str):
-        if raw.count("[") + raw.count("{") <= max_depth:
-            return False
-        tokens = (m.group()[:1] for m in _TOKENS_TEXT.finditer(raw))
-        opens, closes = "[{", "]}"
-    else:
-        if raw.count(b"[") + raw.count(b"{") <= max_depth:
-            return False
-        tokens = (chr(m.group()[0]) for m in _TOKENS_BYTES.finditer(raw))
-        opens, closes = "[{", "]}"
-    depth = 0
-    for token in tokens:
-        if token in opens:
-            depth += 1
-            if depth > max_depth:
-                return True
-        elif token in closes:
-            depth -= 1
-    return False
+        return raw.count("[") + raw.count("{")
+    return raw.count(b"[") + raw.count(b"{")
+
+
+def shape_problem(value: Any, max_depth: int, max_containers: int = MAX_CONTAINERS) -> str | None:
+    """ "too_deep" or "too_large" when the decoded arrays/objects of `value` nest deeper than `max_depth` or number
+    more than `max_containers`; None when the shape is fine.
+
+    A walk over the decoded containers, not a scan of the text, and one that stops at the first problem: its work
+    is bounded by `max_containers` whatever the input, so no body can hold the event loop (a character scan in
+    Python took seconds on an 8 MB body of brackets). Nesting past the decoder's own recursion limit never gets
+    here: the decoder raises RecursionError.
+    """
+    if not isinstance(value, list | dict):
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    containers = 1
+    while stack:
+        container, depth = stack.pop()
+        for item in container.values() if isinstance(container, dict) else container:
+            if isinstance(item, list | dict):
+                containers += 1
+                if depth >= max_depth:
+                    return "too_deep"
+                if containers > max_containers:
+                    return "too_large"
+                if item:  # an empty one holds nothing to look at
+                    stack.append((item, depth + 1))
+    return None
 
 
 def decode_json(raw: str | bytes | bytearray, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
@@ -75,11 +80,18 @@ def decode_json(raw: str | bytes | bytearray, *, max_bytes: int, max_depth: int 
         raw = bytes(raw)
     if len(raw) > max_bytes:
         raise DecodeRefused("too_large", f"{len(raw)} > {max_bytes}")
-    if nesting_depth_exceeds(raw, max_depth):
-        raise DecodeRefused("too_deep", f"nesting over {max_depth}")
+    openers = _openers(raw)
+    if openers > MAX_CONTAINERS:
+        # Decoding millions of tiny containers alone takes seconds (8 MB of `[[1]],`): refused unread.
+        raise DecodeRefused("too_large", f"over {MAX_CONTAINERS} arrays/objects")
     try:
-        return msgspec.json.decode(raw)
+        value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:  # ValidationError (numbers out of range) included
         raise DecodeRefused("not_json", str(exc)[:80]) from None
-    except RecursionError:  # unreachable after the depth check; kept so no input can ever crash a caller
+    except RecursionError:  # the decoder's own guard, for nesting in the thousands
         raise DecodeRefused("too_deep", "recursion limit") from None
+    # With no more openers than `max_depth` in all (a trade frame has two) the nesting cannot exceed it: no walk.
+    if openers > max_depth and (problem := shape_problem(value, max_depth)) is not None:
+        limit = f"nesting over {max_depth}" if problem == "too_deep" else f"over {MAX_CONTAINERS} arrays/objects"
+        raise DecodeRefused(problem, limit)
+    return value
