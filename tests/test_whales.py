@@ -29,9 +29,9 @@ def fill(
     return Trade(
         trade_id=trade_id or f"t{next(_ids)}",
         ticker=ticker,
-        yes_price_dollars=yes,
-        no_price_dollars=1 - yes,
-        count_fp=Decimal(count),
+        yes_price_text=str(yes),
+        no_price_text=str(1 - yes),
+        count_text=count,
         taker_side=side,
         is_block_trade=block,
         ts_ms=T0 + at,
@@ -329,3 +329,49 @@ def test_a_pending_backfill_keeps_closed_sweeps_past_the_horizon() -> None:
     planner.on_done(window.window_id, NOW_MS + 1000)
     (alert,) = d.close_due(T0 + 120_000)
     assert alert.value_usd == Decimal(110000) and alert.fills == 2
+
+
+# The float screen (whales.py docstring): floats may only prove "clearly below"; Decimal decides the rest
+
+
+@pytest.mark.parametrize(
+    ("fills", "value"),
+    [
+        ([("200000.00", "0.5000")], "100000.000000"),  # exactly $100,000.00: a whale
+        ([("199999.98", "0.5000")], None),  # $99,999.99
+        ([("199999.999998", "0.500000"), ("0.001000", "0.000999")], None),  # $99,999.999999999: 1e-9 below
+        ([("199999.999998", "0.500000"), ("0.001000", "0.001000")], "100000.000000000000"),  # exactly, in two
+        ([("1000.00", "0.1")] * 1000, "100000.000"),  # 1,000 fills whose floats are all inexact
+        ([("999.9999", "0.1")] * 1000, None),  # $99,999.99 in 1,000 inexact floats
+    ],
+)
+def test_the_float_screen_never_decides_a_whale_near_the_threshold(
+    fills: list[tuple[str, str]], value: str | None
+) -> None:
+    d = detector()
+    alerts = []
+    for i, (count, price) in enumerate(fills):
+        alerts += d.add(fill(count, price, at=i % 1000 // 2))
+    alerts += d.flush()
+    assert [str(a.value_usd) for a in alerts] == ([value] if value else [])
+    assert d.exact_sums == 1  # every one of these lies within the screen's margin of the threshold
+
+
+def test_groups_clearly_below_the_threshold_are_never_summed_exactly() -> None:
+    d = detector()
+    for i in range(100):
+        d.add(fill("1999.99", "0.5000", at=i * 2000, ticker=f"T{i}"))  # $999.995 each, all apart
+    d.add(fill("199999.60", "0.5000", at=300_000))  # $99,999.80: below by more than the margin ($0.10)
+    d.add(fill("199999.98", "0.5000", at=302_000))  # $99,999.99: within the margin, so summed exactly
+    assert d.flush() == [] and d.groups_closed == 102
+    assert d.exact_sums == 1
+
+
+def test_near_whale_hook_is_exact_at_half_the_threshold() -> None:
+    near: list[str] = []
+    d = WhaleDetector(Decimal(100000), 1000, on_near_whale=near.append)
+    d.add(fill("99999.999998", "0.500000", ticker="A"))  # $49,999.999999
+    d.add(fill("0.001000", "0.000999", at=1, ticker="A"))  # + $0.000000999: 1e-9 short of half
+    d.add(fill("99999.999998", "0.500000", ticker="B"))
+    d.add(fill("0.001000", "0.001000", at=1, ticker="B"))  # exactly half
+    assert near == ["B"]

@@ -6,6 +6,16 @@ caller, so the same code serves live streams, replays and tests.
 A sweep is a run of fills on the same ticker and taker side whose trade times lie within `sweep_window_ms`
 of the group's first fill. Kalshi gives no order id, so this is the best link there is. Block trades are
 negotiated off-book and always stand alone.
+
+Exact without a Decimal per print: each group also sums its fills' values as floats, and a float sum can only
+prove "clearly below" a limit; any group within `SCREEN_MARGIN` of the threshold (or of the near-whale mark), and
+every alert's numbers, are computed with `Decimal` from the fills' original text. Why the margin is safe: each
+`float(text)` is correctly rounded (relative error at most u = 2^-53), a product adds one more rounding, and a
+recursive sum of n non-negative terms is off by at most gamma(n+2) = (n+2)u / (1 - (n+2)u) of the exact sum;
+the float threshold carries two more roundings. For n below 10^9 fills (a group that large cannot fit in memory),
+that is under 1.2e-7 of the value, far inside the margin of 1e-6: a float sum below `threshold x (1 - 1e-6)`
+means an exact sum below the threshold. A $100,000 threshold leaves $0.10 of margin, so groups within ten cents
+of it are summed exactly, which almost never happens.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import msgspec
 from valshi_x.trades import Side, Trade, utc_from_ms
 
 _TWO_PLACES = Decimal("0.01")
+# Relative margin of the float screen (module docstring): a float sum below limit x (1 - SCREEN_MARGIN) is an exact
+# sum below the limit.
+SCREEN_MARGIN = 1e-6
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +84,7 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     key: tuple[str, Side]
     first_ts_ms: int
     trades: list[Trade]
-    value_usd: Decimal
+    value_f: float  # float sum of the fills' values: only a screen (module docstring); `exact_value` decides
     closed: bool = False
     alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
     near: bool = False  # reached half the threshold once (`on_near_whale` was called)
@@ -94,6 +107,14 @@ class RecoveryGate(Protocol):
 
 # (alert id, ticker, extra value in USD, trade id of the late fill)
 GrewAfterAlert = Callable[[str, str, Decimal, str], None]
+
+
+def exact_value(trades: list[Trade]) -> Decimal:
+    """Exact value of a group: count x taker-side price per fill, summed in arrival order from the fills' text."""
+    values = [Decimal(t.count_text) * Decimal(t.price_text) for t in trades]
+    # Started from the first term, not Decimal(0), so the sum keeps the form (exponent) it had when summed per
+    # fill; the digits are exact either way.
+    return sum(values[1:], values[0])
 
 
 def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
@@ -189,6 +210,9 @@ class WhaleDetector:
         on_grew_after_alert: GrewAfterAlert | None = None,
     ) -> None:
         self.threshold_usd = threshold_usd
+        # Below this float sum a group is no whale (module docstring); at or above it, Decimal decides.
+        self._clearly_below_f = float(threshold_usd) * (1 - SCREEN_MARGIN)
+        self.exact_sums = 0  # groups whose value was summed exactly: alerts and the few near a limit
         self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
@@ -224,6 +248,9 @@ class WhaleDetector:
         self._on_near_whale = hook
         # Half the threshold, when someone listens; otherwise never reached, so no hook is asked.
         self._near_usd = self.threshold_usd / 2 if hook is not None else Decimal("Infinity")
+        near_f = float(self._near_usd)
+        self._near_below_f = near_f * (1 - SCREEN_MARGIN)  # inf without a hook: never reached
+        self._near_above_f = near_f * (1 + SCREEN_MARGIN)  # clearly reached
 
     @property
     def open_groups(self) -> int:
@@ -262,11 +289,15 @@ class WhaleDetector:
                 self._forget_closed(ts_ms - self.late_fill_horizon_ms)
 
         side = trade.taker_side
-        value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
+        value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
         if trade.is_block_trade or window <= 0:
-            if self.on_near_whale is not None and value_usd >= self.threshold_usd:
+            if (
+                self.on_near_whale is not None
+                and value_f >= self._clearly_below_f
+                and trade.value_usd >= self.threshold_usd
+            ):
                 self.on_near_whale(trade.ticker)
-            self._close_group([trade], value_usd, alerts)
+            self._close_group([trade], value_f, alerts)
             return alerts
 
         key = (trade.ticker, side)
@@ -276,27 +307,27 @@ class WhaleDetector:
             for group in reversed(groups):
                 if -window <= ts_ms - group.first_ts_ms <= window:
                     group.trades.append(trade)
-                    group.value_usd += value_usd
-                    if not group.near and group.value_usd >= self._near_usd:
-                        self._near(group)
+                    group.value_f += value_f
+                    if not group.near and group.value_f >= self._near_below_f:
+                        self._near_check(group)
                     return alerts
         if self._kept and ts_ms + window < self.watermark_ms:
             # A late fill: its sweep may have closed already.
             closed = self._closed_sweep(key, ts_ms)
             if closed is not None:
                 closed.trades.append(trade)
-                closed.value_usd += value_usd
+                closed.value_f += value_f
                 if closed.alerted:
                     # Already posted: never a second alert for one order; the caller logs what it grew by.
                     self.late_fills_after_alert += 1
                     if self.on_grew_after_alert is not None:
-                        self.on_grew_after_alert(closed.alert_id, trade.ticker, value_usd, trade.trade_id)
+                        self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
                 else:
                     self._reopen(closed)
                 return alerts
-        group = _OpenGroup(key, ts_ms, [trade], value_usd)
-        if value_usd >= self._near_usd:
-            self._near(group)
+        group = _OpenGroup(key, ts_ms, [trade], value_f)
+        if value_f >= self._near_below_f:
+            self._near_check(group)
         if groups is None:
             self._open[key] = [group]
         else:
@@ -350,6 +381,11 @@ class WhaleDetector:
                 self._finish(group, alerts)
         return alerts
 
+    def _near_check(self, group: _OpenGroup) -> None:
+        """The float screen says the group may be at half the threshold: make sure, exactly if need be."""
+        if group.value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd:
+            self._near(group)
+
     def _near(self, group: _OpenGroup) -> None:
         group.near = True
         if self.on_near_whale is not None:
@@ -375,7 +411,7 @@ class WhaleDetector:
             self._open_count -= 1
             if not groups:
                 del self._open[group.key]
-        group.alerted = self._close_group(group.trades, group.value_usd, alerts)
+        group.alerted = self._close_group(group.trades, group.value_f, alerts)
         if group.alerted:
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
@@ -399,8 +435,8 @@ class WhaleDetector:
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
-        if not group.near and group.value_usd >= self._near_usd:
-            self._near(group)
+        if not group.near and group.value_f >= self._near_below_f:
+            self._near_check(group)
         groups = self._open.setdefault(group.key, [])
         groups.append(group)
         groups.sort(key=_first_ts)
@@ -421,9 +457,13 @@ class WhaleDetector:
                 if not candidates:
                     del self._kept[group.key]
 
-    def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> bool:
-        """Count the group closed; alert if it is a whale. True when it was one."""
+    def _close_group(self, trades: list[Trade], value_f: float, alerts: list[Alert]) -> bool:
+        """Count the group closed; alert if it is a whale (decided exactly; module docstring). True when it was one."""
         self.groups_closed += 1
+        if value_f < self._clearly_below_f:
+            return False
+        self.exact_sums += 1
+        value_usd = exact_value(trades)
         if value_usd >= self.threshold_usd:
             self.alerts += 1
             alerts.append(_alert_from(trades, value_usd))
