@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 
 from valshi_x.recovery import RecoveryPlanner
+from valshi_x.store import Store
 from valshi_x.trades import Side, Trade
 from valshi_x.whales import SeenTradeIds, WhaleDetector, alert_log_fields
 
@@ -375,3 +376,48 @@ def test_near_whale_hook_is_exact_at_half_the_threshold() -> None:
     d.add(fill("99999.999998", "0.500000", ticker="B"))
     d.add(fill("0.001000", "0.001000", at=1, ticker="B"))  # exactly half
     assert near == ["B"]
+
+
+# Bounded memory by count (issue 11, item 5)
+
+
+def test_kept_closed_sweeps_are_capped_by_count_and_the_newest_still_take_late_fills() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, late_fill_horizon_ms=10**9, max_kept_trades=5)
+    for i in range(20):
+        d.add(fill("1000", "0.50", at=i * 3000, ticker=f"T{i}"))
+        d.add(fill("1000", "0.50", at=i * 3000 + 10, ticker=f"T{i}"))
+        assert d.kept_trades <= 5
+    assert d.kept_forgotten_early >= 15
+    # A late fill of the newest closed sweep still reopens it; one of a forgotten sweep stands alone.
+    d.add(fill("199000", "0.50", at=18 * 3000 + 500, ticker="T18"))
+    d.add(fill("1000", "0.50", at=1 * 3000 + 500, ticker="T1"))
+    assert d.late_fills_rejoined == 1
+    (alert,) = d.flush()
+    assert alert.ticker == "T18" and alert.value_usd == Decimal("100500.00")
+    assert d.kept_trades <= 5
+
+
+def test_seen_ids_stay_under_their_count_cap() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, dedup_horizon_ms=10**9, dedup_max_ids=100)
+    for i in range(2000):
+        d.add(fill("1", "0.50", at=i * 7, ticker=f"T{i % 50}"))
+        assert len(d.seen) <= 100
+    d.flush()
+
+
+async def test_a_dedup_miss_when_the_cap_bites_is_caught_by_the_durable_outbox() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, dedup_horizon_ms=10**9, dedup_max_ids=3, late_fill_horizon_ms=0)
+    whale_fill = fill("250000", "0.50", at=0, trade_id="w")
+    alerts = d.add(whale_fill)
+    for i in range(1, 6):  # later seconds: "w" leaves the capped id set
+        alerts += d.add(fill("1", "0.50", at=i * 2000, ticker=f"T{i}"))
+    assert "w" not in d.seen
+    alerts += d.add(whale_fill)  # re-delivered (a backfill overlap): no longer known, so alerted again
+    alerts += d.flush()
+    assert [a.alert_id for a in alerts] == ["w", "w"]
+    store = await Store.open(None)
+    try:
+        assert await store.enqueue(alerts[0])
+        assert not await store.enqueue(alerts[1])  # never posted twice
+    finally:
+        await store.close()

@@ -177,9 +177,20 @@ class SeenTradeIds:
             if not buckets:
                 buckets.append((second, []))
             buckets[-1][1].append(trade_id)
+        if len(ids) > self._max_ids:
+            self._forget_over_cap()
+        return True
+
+    def _forget_over_cap(self) -> None:
+        """Oldest seconds first; within the newest second too, should one second alone hold more than the cap."""
+        ids, buckets = self._ids, self._buckets
         while len(ids) > self._max_ids and len(buckets) > 1:
             ids.difference_update(buckets.popleft()[1])
-        return True
+        excess = len(ids) - self._max_ids
+        if excess > 0:
+            newest = buckets[-1][1]
+            ids.difference_update(newest[:excess])
+            del newest[:excess]
 
 
 class WhaleDetector:
@@ -195,6 +206,15 @@ class WhaleDetector:
     a late fill inside the window of one that closed short reopens it (a gap noticed only after the window
     ended); one inside the window of a sweep already alerted joins it silently (`on_grew_after_alert`), so one
     order is never alerted twice.
+
+    Memory is bounded by count as well as by time (issue 11): at most `max_kept_trades` fills in kept closed
+    sweeps (the oldest sweeps go first; `kept_forgotten_early` counts those that left before their time) and at
+    most `dedup_max_ids` trade ids (`SeenTradeIds`). The defaults fit the live budget of 150 MB peak RSS: about
+    58 MB of interpreter and libraries, 60,000 kept fills at ~570 bytes (the `Trade` and its share of a group:
+    34 MB) and 300,000 ids at ~135 bytes (the id string, its set slot and bucket: 41 MB). At 2,000 trades/s that
+    keeps the last 30 s of closed sweeps rather than 120 s, and 150 s of ids. Ids cover more than the kept fills
+    on purpose, so a re-delivered fill is never added twice to a kept sweep; a whale re-delivered after its ids
+    left is refused by the durable outbox, which never lets one trade belong to two alerts.
     """
 
     def __init__(
@@ -203,8 +223,9 @@ class WhaleDetector:
         sweep_window_ms: int,
         *,
         dedup_horizon_ms: int = 35 * 60 * 1000,
-        dedup_max_ids: int = 1_000_000,
+        dedup_max_ids: int = 300_000,
         late_fill_horizon_ms: int = 120_000,
+        max_kept_trades: int = 60_000,
         gate: RecoveryGate | None = None,
         on_near_whale: Callable[[str], None] | None = None,
         on_grew_after_alert: GrewAfterAlert | None = None,
@@ -231,6 +252,9 @@ class WhaleDetector:
         # Closed sweeps, per key and in closing order, for late fills to find (see the class docstring).
         self._kept: dict[tuple[str, Side], list[_OpenGroup]] = {}
         self._closed_order: deque[_OpenGroup] = deque()
+        self.max_kept_trades = max_kept_trades
+        self.kept_trades = 0  # fills in kept closed sweeps, held at or below max_kept_trades
+        self.kept_forgotten_early = 0  # kept sweeps dropped by the count cap before their time was up
         self.late_fills_rejoined = 0
         self.late_fills_after_alert = 0
         self.watermark_ms = 0  # newest trade time seen
@@ -317,6 +341,7 @@ class WhaleDetector:
             if closed is not None:
                 closed.trades.append(trade)
                 closed.value_f += value_f
+                self.kept_trades += 1
                 if closed.alerted:
                     # Already posted: never a second alert for one order; the caller logs what it grew by.
                     self.late_fills_after_alert += 1
@@ -417,6 +442,9 @@ class WhaleDetector:
         if self.late_fill_horizon_ms > 0:
             self._kept.setdefault(group.key, []).append(group)
             self._closed_order.append(group)
+            self.kept_trades += len(group.trades)
+            if self.kept_trades > self.max_kept_trades:
+                self._forget_kept_over_cap()
 
     def _closed_sweep(self, key: tuple[str, Side], ts_ms: int) -> _OpenGroup | None:
         """The kept closed sweep of `key` whose window holds `ts_ms`, if any."""
@@ -428,10 +456,7 @@ class WhaleDetector:
 
     def _reopen(self, group: _OpenGroup) -> None:
         """Open a sweep that closed short again; it closes (and is judged) anew with its late fills."""
-        candidates = self._kept[group.key]
-        candidates.remove(group)
-        if not candidates:
-            del self._kept[group.key]
+        self._unkeep(group)
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
@@ -450,12 +475,25 @@ class WhaleDetector:
             first_ts_ms_before = min(first_ts_ms_before, low_water_ms - self.sweep_window_ms)
         closed = self._closed_order
         while closed and closed[0].first_ts_ms < first_ts_ms_before:
-            group = closed.popleft()
-            candidates = self._kept.get(group.key)
-            if candidates is not None and group in candidates:
-                candidates.remove(group)
-                if not candidates:
-                    del self._kept[group.key]
+            self._unkeep(closed.popleft())
+
+    def _forget_kept_over_cap(self) -> None:
+        """Drop the oldest kept sweeps until the count cap holds again (even ones a pending window may need)."""
+        closed = self._closed_order
+        while self.kept_trades > self.max_kept_trades and closed:
+            if self._unkeep(closed.popleft()):
+                self.kept_forgotten_early += 1
+
+    def _unkeep(self, group: _OpenGroup) -> bool:
+        """Stop keeping a closed sweep (an entry of `_closed_order` may be stale: reopened, or kept again)."""
+        candidates = self._kept.get(group.key)
+        if candidates is None or group not in candidates:
+            return False
+        candidates.remove(group)
+        if not candidates:
+            del self._kept[group.key]
+        self.kept_trades -= len(group.trades)
+        return True
 
     def _close_group(self, trades: list[Trade], value_f: float, alerts: list[Alert]) -> bool:
         """Count the group closed; alert if it is a whale (decided exactly; module docstring). True when it was one."""
