@@ -151,6 +151,7 @@ class SeenTradeIds:
         self._ids: set[str] = set()
         self._buckets: deque[tuple[int, list[str]]] = deque()  # (trade second, ids), oldest first
         self._newest_s = 0
+        self._newest_ids: list[str] = []  # the newest bucket's ids (the hot path appends here)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -165,18 +166,19 @@ class SeenTradeIds:
             return False
         ids.add(trade_id)
         second = ts_ms // 1000
-        buckets = self._buckets
         if second > self._newest_s:
             self._newest_s = second
-            buckets.append((second, [trade_id]))
+            buckets = self._buckets
+            self._newest_ids = newest = [trade_id]
+            buckets.append((second, newest))
             oldest_kept = second - self._horizon_s
             while buckets[0][0] < oldest_kept:
                 ids.difference_update(buckets.popleft()[1])
         else:
             # Same second, or an older trade (a backfill): it rides in the newest bucket and leaves with it.
-            if not buckets:
-                buckets.append((second, []))
-            buckets[-1][1].append(trade_id)
+            if not self._buckets:
+                self._buckets.append((second, self._newest_ids))
+            self._newest_ids.append(trade_id)
         if len(ids) > self._max_ids:
             self._forget_over_cap()
         return True
@@ -188,7 +190,7 @@ class SeenTradeIds:
             ids.difference_update(buckets.popleft()[1])
         excess = len(ids) - self._max_ids
         if excess > 0:
-            newest = buckets[-1][1]
+            newest = self._newest_ids
             ids.difference_update(newest[:excess])
             del newest[:excess]
 
@@ -430,14 +432,19 @@ class WhaleDetector:
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
-        groups = self._open.get(group.key)
-        if groups is not None and group in groups:
-            groups.remove(group)
-            self._open_count -= 1
-            if not groups:
-                del self._open[group.key]
-        group.alerted = self._close_group(group.trades, group.value_f, alerts)
-        if group.alerted:
+        key = group.key
+        groups = self._open.get(key)
+        if groups is not None:
+            if len(groups) == 1 and groups[0] is group:  # the common case, without a scan
+                del self._open[key]
+                self._open_count -= 1
+            elif group in groups:
+                groups.remove(group)
+                self._open_count -= 1
+        if group.value_f < self._clearly_below_f:  # `_close_group`'s screen, inline: the common case
+            self.groups_closed += 1
+        elif self._close_group(group.trades, group.value_f, alerts):
+            group.alerted = True
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
             self._kept.setdefault(group.key, []).append(group)
