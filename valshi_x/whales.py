@@ -330,13 +330,15 @@ class WhaleDetector:
         groups = self._open.get(key)
         if groups is not None:
             # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
-            for group in reversed(groups):
-                if -window <= ts_ms - group.first_ts_ms <= window:
-                    group.trades.append(trade)
-                    group.value_f += value_f
-                    if not group.near and group.value_f >= self._near_below_f:
-                        self._near_check(group)
-                    return alerts
+            newest = groups[-1]
+            found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
+            if found is not None:
+                group = found
+                group.trades.append(trade)
+                group.value_f += value_f
+                if not group.near and group.value_f >= self._near_below_f:
+                    self._near_check(group)
+                return alerts
         if self._kept and ts_ms + window < self.watermark_ms:
             # A late fill: its sweep may have closed already.
             closed = self._closed_sweep(key, ts_ms)
@@ -363,6 +365,16 @@ class WhaleDetector:
         self._open_count += 1
         self._opened.append(group)
         return alerts
+
+    def _older_open(self, groups: list[_OpenGroup], ts_ms: int) -> _OpenGroup | None:
+        """The open group of one key, older than its newest, whose window holds `ts_ms` (newest first)."""
+        if len(groups) < 2:
+            return None
+        window = self.sweep_window_ms
+        for group in reversed(groups[:-1]):
+            if -window <= ts_ms - group.first_ts_ms <= window:
+                return group
+        return None
 
     def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
         alerts: list[Alert] = []
