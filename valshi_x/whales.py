@@ -211,12 +211,12 @@ class WhaleDetector:
 
     Memory is bounded by count as well as by time (issue 11): at most `max_kept_trades` fills in kept closed
     sweeps (the oldest sweeps go first; `kept_forgotten_early` counts those that left before their time) and at
-    most `dedup_max_ids` trade ids (`SeenTradeIds`). The defaults fit the live budget of 150 MB peak RSS: about
-    58 MB of interpreter and libraries, 60,000 kept fills at ~570 bytes (the `Trade` and its share of a group:
-    34 MB) and 300,000 ids at ~135 bytes (the id string, its set slot and bucket: 41 MB). At 2,000 trades/s that
-    keeps the last 30 s of closed sweeps rather than 120 s, and 150 s of ids. Ids cover more than the kept fills
-    on purpose, so a re-delivered fill is never added twice to a kept sweep; a whale re-delivered after its ids
-    left is refused by the durable outbox, which never lets one trade belong to two alerts.
+    most `dedup_max_ids` trade ids (`SeenTradeIds`). The defaults fit the live budget of 150 MB peak RSS: some
+    58 MB are interpreter and libraries, and a detector held at both caps (50,000 kept fills, 200,000 ids: 25 s of
+    closed sweeps and 100 s of ids at 2,000 trades/s) measured about 60 MB more, flat over 10 minutes of trade time
+    at that rate. Ids cover more than the kept fills on purpose, so a re-delivered fill is never added twice to a
+    kept sweep; a whale re-delivered after its ids left is refused by the durable outbox, which never lets one
+    trade belong to two alerts.
     """
 
     def __init__(
@@ -225,9 +225,9 @@ class WhaleDetector:
         sweep_window_ms: int,
         *,
         dedup_horizon_ms: int = 35 * 60 * 1000,
-        dedup_max_ids: int = 300_000,
+        dedup_max_ids: int = 200_000,
         late_fill_horizon_ms: int = 120_000,
-        max_kept_trades: int = 60_000,
+        max_kept_trades: int = 50_000,
         gate: RecoveryGate | None = None,
         on_near_whale: Callable[[str], None] | None = None,
         on_grew_after_alert: GrewAfterAlert | None = None,
