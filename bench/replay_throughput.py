@@ -9,10 +9,13 @@ pipeline in-process (no subprocess, no logging) and cProfile reports of either, 
     .venv/bin/python bench/replay_throughput.py --inprocess --profile
     .venv/bin/python bench/replay_throughput.py --profile-cli
     .venv/bin/python bench/replay_throughput.py --runs 0 --future-frame   # one trade dated an hour ahead
+    .venv/bin/python bench/replay_throughput.py --runs 5 --compare /tmp/main-base   # interleaved with another tree
 
-Targets on the reference machine: >= 300,000 frames/s, peak RSS <= 100 MB. With `--future-frame`, the same
-capture with one background trade (in the middle) dated an hour ahead is replayed too, alternating with the
-plain one: it must take no more than 1.2x the (CPU) time and peak RSS of the plain capture (issue 9, item 1).
+Targets on the reference machine: >= 400,000 frames/s, peak RSS <= 60 MB (issue 11); with `--compare`, at
+least 1.3x the other tree's speed in the same interleaved run, with the same `would_post` lines byte for byte.
+With `--future-frame`, the same capture with one background trade (in the middle) dated an hour ahead is
+replayed too, alternating with the plain one: it must take no more than 1.2x the (CPU) time and peak RSS of the
+plain capture (issue 9, item 1).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import json
 import os
 import pstats
+import re
 import statistics
 import subprocess
 import sys
@@ -44,18 +48,19 @@ import msgspec  # noqa: E402
 import structlog  # noqa: E402
 
 from valshi_x.pipeline import Pipeline  # noqa: E402
-from valshi_x.trades import MalformedTrade, parse_frame, trade_from_frame  # noqa: E402
+from valshi_x.trades import fast_trade_from_raw  # noqa: E402
 from valshi_x.whales import WhaleDetector  # noqa: E402
 
-TARGET_FRAMES_PER_S = 300_000
-TARGET_PEAK_RSS_MB = 100.0
+TARGET_FRAMES_PER_S = 400_000
+TARGET_PEAK_RSS_MB = 60.0
+TARGET_COMPARE_RATIO = 1.3
 TARGET_FUTURE_FRAME_RATIO = 1.2
 HOUR_MS = 3_600_000
 
 
-def clean_env(home: Path) -> dict[str, str]:
+def clean_env(home: Path, repo: Path = REPO) -> dict[str, str]:
     """No keys and no settings from the caller's shell: the defaults, as a fresh user would run it."""
-    return {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
+    return {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "LANG": "C.UTF-8", "PYTHONPATH": str(repo)}
 
 
 def ensure_capture(path: Path, frames: int, seed: int) -> dict[str, Any]:
@@ -74,13 +79,14 @@ def ensure_capture(path: Path, frames: int, seed: int) -> dict[str, Any]:
     return manifest
 
 
-def run_cli(capture: Path, log_path: Path, prefix: list[str] | None = None) -> dict[str, Any]:
-    """One replay through the command line; wall time and the child's own rusage (os.wait4)."""
+def run_cli(capture: Path, log_path: Path, prefix: list[str] | None = None, repo: Path = REPO) -> dict[str, Any]:
+    """One replay through the command line of the tree `repo`; wall time and the child's own rusage (os.wait4)."""
     with tempfile.TemporaryDirectory(prefix="valshi-bench-") as workdir, log_path.open("wb") as log:
         argv = [*(prefix or [sys.executable]), "-m", "valshi_x", "--dry-run", "--replay", str(capture.resolve())]
         argv += ["--log-format", "json"]
         started = time.perf_counter()
-        child = subprocess.Popen(argv, cwd=workdir, env=clean_env(Path(workdir)), stdout=log, stderr=subprocess.PIPE)
+        env = clean_env(Path(workdir), repo)
+        child = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(child.pid, 0)
         wall_s = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -193,14 +199,22 @@ def compare_future_frame(capture: Path, manifest: dict[str, Any], runs: int) -> 
     return ok and meets, summary
 
 
+def replay_detector(settings: dict[str, str]) -> WhaleDetector:
+    """The detector as a replay builds it (valshi_x/runmode.py: ten minutes of ids, no closed sweeps kept)."""
+    return WhaleDetector(
+        Decimal(settings["WHALE_THRESHOLD_DOLLARS"]),
+        int(settings["SWEEP_WINDOW_MS"]),
+        dedup_horizon_ms=600_000,
+        late_fill_horizon_ms=0,
+    )
+
+
 def replay_in_process(capture: Path, manifest: dict[str, Any]) -> tuple[int, int]:
     """The pipeline without the daemon around it: frames and alerts, for timing and profiling."""
     # Malformed-frame warnings would go to stdout; the numbers are about the pipeline, not the terminal.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory(), cache_logger_on_first_use=False)
 
-    settings = manifest["settings"]
-    detector = WhaleDetector(Decimal(settings["WHALE_THRESHOLD_DOLLARS"]), int(settings["SWEEP_WINDOW_MS"]))
-    pipeline = Pipeline(detector)
+    pipeline = Pipeline(replay_detector(manifest["settings"]), replay=True)
     alerts = 0
     with capture.open("rb") as handle:
         while lines := handle.readlines(1 << 20):
@@ -213,7 +227,9 @@ def replay_in_process(capture: Path, manifest: dict[str, Any]) -> tuple[int, int
 
 
 def stage_costs(capture: Path, manifest: dict[str, Any], frames: int) -> dict[str, float]:
-    """Microseconds per frame of each stage, cumulatively, over the capture's first `frames` lines held in memory."""
+    """Microseconds per frame of each stage of the replay's own path, cumulatively, over the capture's first
+    `frames` lines held in memory: the generic JSON decode is the floor, then the typed decode of the fast path,
+    then the whole pipeline as `--replay` drives it (dedup, grouping, the screen, alerts)."""
     with capture.open("rb") as handle:
         lines = [line for line, _ in zip(handle, range(frames), strict=False)]
     settings = manifest["settings"]
@@ -229,28 +245,74 @@ def stage_costs(capture: Path, manifest: dict[str, Any], frames: int) -> dict[st
             except msgspec.DecodeError:
                 pass
 
-    def normalize() -> None:
+    def typed() -> None:
         for line in lines:
-            try:
-                frame = parse_frame(line)
-                if frame.get("type") == "trade":
-                    trade_from_frame(frame)
-            except MalformedTrade:
-                pass
+            fast_trade_from_raw(line)
 
-    def detect() -> None:
-        detector = WhaleDetector(Decimal(settings["WHALE_THRESHOLD_DOLLARS"]), int(settings["SWEEP_WINDOW_MS"]))
-        pipeline = Pipeline(detector)
+    def pipeline() -> None:
+        replay = Pipeline(replay_detector(settings), replay=True)
         for line in lines:
-            pipeline.on_raw(line)
-        pipeline.flush()
+            replay.on_raw(line)
+        replay.flush()
 
     costs = {}
-    stages = (("iterate", read), ("+ json decode", decode), ("+ normalize", normalize), ("+ detect", detect))
+    stages = (("iterate", read), ("json decode", decode), ("typed decode", typed), ("pipeline", pipeline))
     for name, stage in stages:
         best = min(_timed(stage) for _ in range(3))
         costs[name] = best / len(lines) * 1e6
     return costs
+
+
+def would_post_lines(log_path: Path) -> list[str]:
+    """The `would_post` lines of a replay's log without their wall-clock timestamp, for a byte-for-byte comparison."""
+    lines = []
+    with log_path.open("rb") as log:
+        for line in log:
+            if b'"event": "would_post"' in line:
+                lines.append(re.sub(r'^\{"timestamp": "[^"]*", ', "{", line.decode()))
+    return lines
+
+
+def compare_trees(capture: Path, manifest: dict[str, Any], base: Path, runs: int) -> tuple[bool, dict[str, Any]]:
+    """This tree and `base` (another checkout with its own .venv), alternately: speed ratio and the same alerts."""
+    frames = manifest["frames"]
+    trees = {"base": (base, [str(base / ".venv" / "bin" / "python")]), "this": (REPO, [sys.executable])}
+    results: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
+    same = True
+    for i in range(max(runs, 1)):
+        posted = {}
+        for name, (repo, prefix) in trees.items():
+            log_path = OUT / f"replay-{name}-stdout.jsonl"
+            result = run_cli(capture, log_path, prefix=prefix, repo=repo)
+            result["frames_per_s"] = frames / result["wall_s"]
+            results[name].append(result)
+            posted[name] = would_post_lines(log_path)
+            print(
+                f"{name:>4} run {i + 1}: {result['wall_s']:.2f} s wall, {result['cpu_s']:.2f} s cpu, "
+                f"{result['frames_per_s']:,.0f} frames/s, peak RSS {result['peak_rss_mb']:.1f} MB, "
+                f"{len(posted[name])} would_post, exit {result['exit_code']}"
+            )
+        same = same and posted["base"] == posted["this"] and bool(posted["this"])
+    summary: dict[str, Any] = {}
+    for name, rows in results.items():
+        summary[name] = {
+            "median_wall_s": statistics.median(r["wall_s"] for r in rows),
+            "median_cpu_s": statistics.median(r["cpu_s"] for r in rows),
+            "best_frames_per_s": max(r["frames_per_s"] for r in rows),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+            "runs": rows,
+        }
+    wall_ratio = summary["base"]["median_wall_s"] / summary["this"]["median_wall_s"]
+    cpu_ratio = summary["base"]["median_cpu_s"] / summary["this"]["median_cpu_s"]
+    meets = same and wall_ratio >= TARGET_COMPARE_RATIO
+    print(
+        f"vs {base}: median wall {summary['this']['median_wall_s']:.2f} s vs {summary['base']['median_wall_s']:.2f} s "
+        f"= {wall_ratio:.2f}x faster (cpu {cpu_ratio:.2f}x), peak RSS {summary['this']['peak_rss_mb']:.1f} MB vs "
+        f"{summary['base']['peak_rss_mb']:.1f} MB; would_post lines {'identical' if same else 'DIFFER'}; "
+        f"target >= {TARGET_COMPARE_RATIO}x: {'met' if meets else 'NOT met'}"
+    )
+    summary |= {"wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio, "same_alerts": same, "meets": meets}
+    return meets, summary
 
 
 def _timed(run: Callable[[], object]) -> float:
@@ -283,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="CLI runs; the best and the median are reported")
     parser.add_argument("--inprocess", action="store_true", help="also time the pipeline in this process")
     parser.add_argument("--stages", action="store_true", help="cost per frame of each stage (first 300k frames)")
+    parser.add_argument("--compare", type=Path, metavar="TREE", help="also replay another checkout, interleaved")
     parser.add_argument("--profile", action="store_true", help="cProfile the in-process pipeline")
     parser.add_argument("--profile-cli", action="store_true", help="cProfile one CLI run (python -m cProfile)")
     parser.add_argument("--top", type=int, default=25, help="functions shown in a profile")
@@ -331,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         future_ok, report["future_frame"] = compare_future_frame(capture, manifest, max(args.runs, 3))
         ok = ok and future_ok
 
+    if args.compare is not None:
+        compare_ok, report["compare"] = compare_trees(capture, manifest, args.compare.resolve(), max(args.runs, 3))
+        ok = ok and compare_ok
+
     if args.inprocess:
         started = time.perf_counter()
         seen, alerts = replay_in_process(capture, manifest)
@@ -344,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages:
         structlog.configure(logger_factory=structlog.ReturnLoggerFactory(), cache_logger_on_first_use=False)
         costs = stage_costs(capture, manifest, min(frames, 300_000))
-        print("stage costs, cumulative (us/frame, best of 3, lines in memory):")
+        print("stage costs, cumulative (us/frame, best of 3, lines in memory; json decode is the floor, not a step):")
         for name, micros in costs.items():
             print(f"  {name:<16} {micros:6.2f} us  -> {1e6 / micros:>12,.0f} frames/s")
         report["stages_us_per_frame"] = costs

@@ -134,7 +134,7 @@ T0_MS = int(datetime(2026, 9, 1, 14, 3, 27, 250000, tzinfo=UTC).timestamp() * 10
 
 def trade(n: int, ticker: str, yes_price: str, count: str, side: Side = "yes", *, block: bool = False) -> Trade:
     yes = Decimal(yes_price)
-    return Trade(f"t{n}", ticker, yes, Decimal(1) - yes, Decimal(count), side, block, T0_MS + n)
+    return Trade(f"t{n}", ticker, str(yes), str(Decimal(1) - yes), count, side, block, T0_MS + n)
 
 
 def alert_of(*trades: Trade) -> Alert:

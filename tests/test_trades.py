@@ -45,9 +45,9 @@ def test_todays_frame_is_read_exactly() -> None:
     assert trade == Trade(
         trade_id=TODAY["trade_id"],
         ticker="KXNFLGAME-26NOV01KCBUF-KC",
-        yes_price_dollars=Decimal("0.6200"),
-        no_price_dollars=Decimal("0.3800"),
-        count_fp=Decimal("147.53"),
+        yes_price_text="0.6200",
+        no_price_text="0.3800",
+        count_text="147.53",
         taker_side="no",
         is_block_trade=False,
         ts_ms=1793000000123,
@@ -226,3 +226,26 @@ def test_fast_path_reads_todays_frame_and_declines_the_rest() -> None:
     assert fast_trade_from_raw(json.dumps(frame(yes_price_dollars="NaN"))) is None
     assert fast_trade_from_raw(b'{"type":"subscribed","msg":{"sid":1}}') is None
     assert fast_trade_from_raw(b"{not json") is None
+
+
+def test_fast_path_keeps_the_exact_text_and_refuses_what_it_cannot_prove() -> None:
+    raw = json.dumps(frame(count_fp="199999.999998", yes_price_dollars="0.000999", no_price_dollars="0.999001"))
+    trade = fast_trade_from_raw(raw)
+    assert trade is not None and trade == trade_from_frame(parse_frame(raw))
+    assert (trade.count_fp, trade.yes_price_dollars) == (Decimal("199999.999998"), Decimal("0.000999"))
+    # Over-precise, out of range, zero, signed, exponent, blank or non-ASCII digits: the careful path decides.
+    for changes in (
+        {"count_fp": "199999.9999999"},
+        {"yes_price_dollars": "0.1234567"},
+        {"yes_price_dollars": "0.000000"},
+        {"count_fp": "0.00"},
+        {"count_fp": "1000000000.00"},  # 10^9 itself is allowed, but only the careful path proves it
+        {"count_fp": "1E+2"},
+        {"yes_price_dollars": "+0.5"},
+        {"yes_price_dollars": " 0.5"},
+        {"yes_price_dollars": "0.5\n"},
+        {"yes_price_dollars": "0.\u0665"},
+        {"count_fp": "01.00"},
+    ):
+        assert fast_trade_from_raw(json.dumps(frame(**changes))) is None, changes
+    assert trade_from_frame(frame(count_fp="1000000000.00")).count_fp == Decimal(10**9)

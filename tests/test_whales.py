@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 
 from valshi_x.recovery import RecoveryPlanner
+from valshi_x.store import Store
 from valshi_x.trades import Side, Trade
 from valshi_x.whales import SeenTradeIds, WhaleDetector, alert_log_fields
 
@@ -29,9 +30,9 @@ def fill(
     return Trade(
         trade_id=trade_id or f"t{next(_ids)}",
         ticker=ticker,
-        yes_price_dollars=yes,
-        no_price_dollars=1 - yes,
-        count_fp=Decimal(count),
+        yes_price_text=str(yes),
+        no_price_text=str(1 - yes),
+        count_text=count,
         taker_side=side,
         is_block_trade=block,
         ts_ms=T0 + at,
@@ -329,3 +330,94 @@ def test_a_pending_backfill_keeps_closed_sweeps_past_the_horizon() -> None:
     planner.on_done(window.window_id, NOW_MS + 1000)
     (alert,) = d.close_due(T0 + 120_000)
     assert alert.value_usd == Decimal(110000) and alert.fills == 2
+
+
+# The float screen (whales.py docstring): floats may only prove "clearly below"; Decimal decides the rest
+
+
+@pytest.mark.parametrize(
+    ("fills", "value"),
+    [
+        ([("200000.00", "0.5000")], "100000.000000"),  # exactly $100,000.00: a whale
+        ([("199999.98", "0.5000")], None),  # $99,999.99
+        ([("199999.999998", "0.500000"), ("0.001000", "0.000999")], None),  # $99,999.999999999: 1e-9 below
+        ([("199999.999998", "0.500000"), ("0.001000", "0.001000")], "100000.000000000000"),  # exactly, in two
+        ([("1000.00", "0.1")] * 1000, "100000.000"),  # 1,000 fills whose floats are all inexact
+        ([("999.9999", "0.1")] * 1000, None),  # $99,999.99 in 1,000 inexact floats
+    ],
+)
+def test_the_float_screen_never_decides_a_whale_near_the_threshold(
+    fills: list[tuple[str, str]], value: str | None
+) -> None:
+    d = detector()
+    alerts = []
+    for i, (count, price) in enumerate(fills):
+        alerts += d.add(fill(count, price, at=i % 1000 // 2))
+    alerts += d.flush()
+    assert [str(a.value_usd) for a in alerts] == ([value] if value else [])
+    assert d.exact_sums == 1  # every one of these lies within the screen's margin of the threshold
+
+
+def test_groups_clearly_below_the_threshold_are_never_summed_exactly() -> None:
+    d = detector()
+    for i in range(100):
+        d.add(fill("1999.99", "0.5000", at=i * 2000, ticker=f"T{i}"))  # $999.995 each, all apart
+    d.add(fill("199999.60", "0.5000", at=300_000))  # $99,999.80: below by more than the margin ($0.10)
+    d.add(fill("199999.98", "0.5000", at=302_000))  # $99,999.99: within the margin, so summed exactly
+    assert d.flush() == [] and d.groups_closed == 102
+    assert d.exact_sums == 1
+
+
+def test_near_whale_hook_is_exact_at_half_the_threshold() -> None:
+    near: list[str] = []
+    d = WhaleDetector(Decimal(100000), 1000, on_near_whale=near.append)
+    d.add(fill("99999.999998", "0.500000", ticker="A"))  # $49,999.999999
+    d.add(fill("0.001000", "0.000999", at=1, ticker="A"))  # + $0.000000999: 1e-9 short of half
+    d.add(fill("99999.999998", "0.500000", ticker="B"))
+    d.add(fill("0.001000", "0.001000", at=1, ticker="B"))  # exactly half
+    assert near == ["B"]
+
+
+# Bounded memory by count (issue 11, item 5)
+
+
+def test_kept_closed_sweeps_are_capped_by_count_and_the_newest_still_take_late_fills() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, late_fill_horizon_ms=10**9, max_kept_trades=5)
+    for i in range(20):
+        d.add(fill("1000", "0.50", at=i * 3000, ticker=f"T{i}"))
+        d.add(fill("1000", "0.50", at=i * 3000 + 10, ticker=f"T{i}"))
+        assert d.kept_trades <= 5
+    assert d.kept_forgotten_early >= 15
+    # A late fill of the newest closed sweep still reopens it; one of a forgotten sweep stands alone.
+    d.add(fill("199000", "0.50", at=18 * 3000 + 500, ticker="T18"))
+    d.add(fill("1000", "0.50", at=1 * 3000 + 500, ticker="T1"))
+    assert d.late_fills_rejoined == 1
+    (alert,) = d.flush()
+    assert alert.ticker == "T18" and alert.value_usd == Decimal("100500.00")
+    assert d.kept_trades <= 5
+
+
+def test_seen_ids_stay_under_their_count_cap() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, dedup_horizon_ms=10**9, dedup_max_ids=100)
+    for i in range(2000):
+        d.add(fill("1", "0.50", at=i * 7, ticker=f"T{i % 50}"))
+        assert len(d.seen) <= 100
+    d.flush()
+
+
+async def test_a_dedup_miss_when_the_cap_bites_is_caught_by_the_durable_outbox() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, dedup_horizon_ms=10**9, dedup_max_ids=3, late_fill_horizon_ms=0)
+    whale_fill = fill("250000", "0.50", at=0, trade_id="w")
+    alerts = d.add(whale_fill)
+    for i in range(1, 6):  # later seconds: "w" leaves the capped id set
+        alerts += d.add(fill("1", "0.50", at=i * 2000, ticker=f"T{i}"))
+    assert "w" not in d.seen
+    alerts += d.add(whale_fill)  # re-delivered (a backfill overlap): no longer known, so alerted again
+    alerts += d.flush()
+    assert [a.alert_id for a in alerts] == ["w", "w"]
+    store = await Store.open(None)
+    try:
+        assert await store.enqueue(alerts[0])
+        assert not await store.enqueue(alerts[1])  # never posted twice
+    finally:
+        await store.close()

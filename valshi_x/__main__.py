@@ -14,17 +14,19 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from dotenv import dotenv_values
 
 from valshi_x.capture import capture_problem
-from valshi_x.check import run_checks, show_status
 from valshi_x.config import Settings, load_settings, readable_by_others, unknown_settings
 from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError, StateUnavailable
-from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 from valshi_x.logs import configure_logging, default_format
+
+if TYPE_CHECKING:  # the signer (cryptography) and the checker (aiohttp, tweepy, websockets) load where they are
+    from valshi_x.kalshi.auth import KalshiSigner  # used, so a replay starts without them (issue 11)
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -108,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signer = None
         key_text: tuple[str, ...] = ()
         if args.replay is None and args.command != "status" and settings.has_kalshi_key:
+            from valshi_x.kalshi.auth import KalshiSigner, load_private_key  # noqa: PLC0415  (lazy: see the imports)
+
             key = load_private_key(settings.kalshi_private_key_path, settings.kalshi_private_key)
             signer = KalshiSigner(settings.kalshi_api_key_id, key)
             key_text = _key_file_text(settings)
@@ -122,9 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for unknown, closest in unknown_keys:
             log.warning("unknown_setting", key=unknown, did_you_mean=closest, note="not a setting; ignored")
     if args.command == "status":
+        from valshi_x.check import show_status  # noqa: PLC0415  (lazy: see the imports)
+
         return show_status(args.state_dir or settings.state_dir)
     secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
     if args.command == "check":
+        from valshi_x.check import run_checks  # noqa: PLC0415
+
         return asyncio.run(run_checks(settings, signer, secret_files=secret_files, unknown_keys=unknown_keys))
     for path, mode in readable_by_others(secret_files):
         log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")

@@ -22,11 +22,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import structlog
-from aiohttp.client_middlewares import ClientMiddlewareType
 
 from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
 from valshi_x.capture import Recorder, read_chunks
@@ -34,9 +32,7 @@ from valshi_x.config import Settings
 from valshi_x.errors import ConfigError
 from valshi_x.gapwatch import GapWatch
 from valshi_x.health import Snapshot, Today, TradeRate, healthy, status_line
-from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
-from valshi_x.kalshi.stream import SeqGap, TradeStream
 from valshi_x.pipeline import Pipeline
 from valshi_x.recovery import RecoveryPlanner
 from valshi_x.runmode import ModeProfile, Tuning
@@ -46,6 +42,12 @@ from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, utc_from_ms
 from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
 from valshi_x.x.poster import Poster, open_transport
+
+if TYPE_CHECKING:  # the live side's libraries load only when a live run starts: a replay needs none (issue 11)
+    from aiohttp.client_middlewares import ClientMiddlewareType
+
+    from valshi_x.kalshi.auth import KalshiSigner
+    from valshi_x.kalshi.stream import SeqGap, TradeStream
 
 log = structlog.get_logger(__name__)
 
@@ -185,7 +187,7 @@ class Daemon:
             lookup_titles = mode.lookup_titles
             rest: KalshiRest | None = None
             if mode.recovery or lookup_titles:
-                http = aiohttp.ClientSession()
+                http = _http_session()
                 resources.push_async_callback(http.close)
                 tuning = self.tuning
                 rest = KalshiRest(
@@ -274,6 +276,8 @@ class Daemon:
     # --- sources ----------------------------------------------------------------------------------------------
 
     async def _live(self) -> None:
+        from valshi_x.kalshi.stream import TradeStream  # noqa: PLC0415  (lazy: see the imports)
+
         self.stream = TradeStream(
             url=self.settings.kalshi_ws_url,
             signer=self.signer,
@@ -622,6 +626,13 @@ class Daemon:
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
         )
+
+
+def _http_session() -> Any:
+    """An aiohttp session for Kalshi REST; aiohttp is imported here, so a replay without titles never loads it."""
+    import aiohttp  # noqa: PLC0415
+
+    return aiohttp.ClientSession()
 
 
 def _log_grew_after_alert(alert_id: str, ticker: str, extra_usd: Decimal, trade_id: str) -> None:

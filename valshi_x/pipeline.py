@@ -120,7 +120,13 @@ class Pipeline:
         trade = fast_trade_from_raw(raw)
         if trade is not None:
             # The common case: a replay spends most of its time here.
-            self.counts.frames += 1
+            counts = self.counts
+            counts.frames += 1
+            detector = self.detector
+            if self._replay and self._held is None and detector.watermark_ms >= trade.ts_ms - FUTURE_TOLERANCE_MS > 0:
+                # `_take`'s replay case, inline: a trade within the tolerance of the clock.
+                counts.trades += 1
+                return detector.add(trade)
             return self._take(trade)
         try:
             frame = parse_frame(raw)
@@ -170,8 +176,11 @@ class Pipeline:
     def stream_now_ms(self) -> int:
         """Trade time now: the newest trade time plus what our clock says has passed since it arrived.
 
-        Closing groups on this clock, not on wall-clock UTC, keeps a skewed host clock from splitting sweeps.
+        Closing groups on this clock, not on wall-clock UTC, keeps a skewed host clock from splitting sweeps. A
+        replay's clock is its trade time alone (this host's clock says nothing about a capture's pace).
         """
+        if self._replay:
+            return self.detector.watermark_ms
         elapsed_ms = int((self._monotonic() - self.watermark_seen_at) * 1000)
         return self.detector.watermark_ms + elapsed_ms
 
@@ -192,10 +201,9 @@ class Pipeline:
         detector = self.detector
         ts_ms = trade.ts_ms
         if self._replay and self._held is None and detector.watermark_ms >= ts_ms - FUTURE_TOLERANCE_MS > 0:
-            # The replay's common case, inline (it is the hot path): a trade within the tolerance of the clock.
+            # The replay's common case: a trade within the tolerance of the clock. (No clock call: a replay's
+            # stream clock is its trade time, `stream_now_ms`.)
             self.counts.trades += 1
-            if ts_ms > detector.watermark_ms:
-                self.watermark_seen_at = self._monotonic()
             return detector.add(trade)
         return self._take_checked(trade)
 

@@ -7,8 +7,11 @@ Money is exact by construction: prices lie strictly between 0 and 1 and counts b
 most `MAX_DECIMALS` decimals (Kalshi sends 4 to 6 for prices, 2 for counts); anything more precise is refused
 (`too_precise`), never rounded. So a fill's value has at most 22 significant digits and a sum of up to a million
 fills at most 28: Python's default decimal context never rounds, and no rounding can lift a sum over the whale
-threshold. Lengths are bounded too (`MAX_TEXT_LEN` for ids and tickers), and frames go through the one bounded
-decoder (`valshi_x.decode`).
+threshold. A `Trade` keeps the fixed-point fields as the text they arrived as (canonical decimal strings) and
+gives them as `Decimal` on demand: building three Decimals per print was the replay's biggest single cost, and
+only the few groups near the threshold ever need them (`valshi_x.whales` screens the rest with floats).
+Lengths are bounded too (`MAX_TEXT_LEN` for ids and tickers), and frames go through the one bounded decoder
+(`valshi_x.decode`).
 
 Trade time has one rule, `check_trade_time`: a trade stamped more than `FUTURE_TOLERANCE_MS` ahead of the
 reference clock is `future_time`, so no single trade can move the stream clock, the checkpoint or a backfill
@@ -17,9 +20,10 @@ window by more than that. The caller chooses the clock (see `valshi_x.pipeline`)
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -63,34 +67,55 @@ class MalformedTrade(ValueError):
 
 
 class Trade(msgspec.Struct, frozen=True, gc=False):
-    """One maker fill, in the shape of Kalshi's REST trade schema (fixed-point fields as `Decimal`).
+    """One maker fill, in the shape of Kalshi's REST trade schema; prices and count are exact `Decimal`s on demand.
 
     A frozen msgspec Struct: immutable, cheap to build, and decodable straight from today's wire format (the
-    encoded names are the WebSocket's: `market_ticker`, `taker_outcome_side`), which is the replay's hot path.
+    encoded names are the WebSocket's: `market_ticker`, `yes_price_dollars`, `taker_outcome_side`), which is the
+    replay's hot path. The fixed-point fields are kept as their canonical decimal text (`*_text`): `Decimal(text)`
+    is exact, and `float(text)` is what the whale screen sums. The constraints below are checked when decoding
+    (the fast path); the careful path checks the same and more by hand.
     """
 
-    trade_id: str
-    ticker: str = msgspec.field(name="market_ticker")
-    yes_price_dollars: Decimal
-    no_price_dollars: Decimal
-    count_fp: Decimal
+    trade_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)]
+    ticker: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)] = msgspec.field(name="market_ticker")
+    yes_price_text: str = msgspec.field(name="yes_price_dollars")
+    no_price_text: str = msgspec.field(name="no_price_dollars")
+    count_text: str = msgspec.field(name="count_fp")
     taker_side: Side = msgspec.field(name="taker_outcome_side")
     is_block_trade: bool
-    ts_ms: int  # trade time, Unix milliseconds; `created_time` is derived from it
+    ts_ms: Annotated[int, msgspec.Meta(ge=_MIN_TS_MS, lt=_MAX_TS_MS)]  # trade time, Unix ms; see `created_time`
 
     @property
     def created_time(self) -> datetime:
         return utc_from_ms(self.ts_ms)
 
     @property
+    def yes_price_dollars(self) -> Decimal:
+        return Decimal(self.yes_price_text)
+
+    @property
+    def no_price_dollars(self) -> Decimal:
+        return Decimal(self.no_price_text)
+
+    @property
+    def count_fp(self) -> Decimal:
+        """Contracts, exact."""
+        return Decimal(self.count_text)
+
+    @property
+    def price_text(self) -> str:
+        """The taker side's price as text (see `price_dollars`)."""
+        return self.yes_price_text if self.taker_side == "yes" else self.no_price_text
+
+    @property
     def price_dollars(self) -> Decimal:
         """What the taker paid per contract: the price of the side it bought."""
-        return self.yes_price_dollars if self.taker_side == "yes" else self.no_price_dollars
+        return Decimal(self.price_text)
 
     @property
     def value_usd(self) -> Decimal:
         """What the taker paid for this fill: contracts x the taker side's price, exact."""
-        return self.count_fp * self.price_dollars
+        return Decimal(self.count_text) * Decimal(self.price_text)
 
 
 def utc_from_ms(ts_ms: int) -> datetime:
@@ -124,34 +149,50 @@ class _TradeFrame(msgspec.Struct, gc=False):
 
 _decode_trade_frame = msgspec.json.Decoder(_TradeFrame).decode
 
+# The fast path's format check, by regular expression: today's canonical fixed-point text only (ASCII digits, at most
+# MAX_DECIMALS decimals, no sign, exponent, blank or underscore), a price in (0, 1) and a count in (0, 10^9).
+# Anything else (10^9 itself, "1E+2", " 0.5") is left to the careful path, which reads it or names the problem.
+_PRICE_TEXT = re.compile(r"0\.(?=[0-9]*[1-9])[0-9]{1,6}")
+_COUNT_TEXT = re.compile(r"(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|0\.(?=[0-9]*[1-9])[0-9]{1,6})")
+# Texts that passed, so the check runs once per distinct text, not per print (a set lookup costs a tenth of the
+# match). Bounded: a capture of a million prints holds some 500 prices and 22,000 counts; when full, a cache is
+# emptied and fills again with what is current (about 3 MB at most).
+_KNOWN_MAX = 32_768
+_known_prices: set[str] = set()
+_known_counts: set[str] = set()
+
 
 def fast_trade_from_raw(raw: str | bytes) -> Trade | None:
     """The trade in a raw frame of today's exact shape, decoded and type-checked in C; None for anything else.
 
     None is not a verdict: the caller then takes the careful path (`parse_frame`, `trade_from_frame`), which
-    reads every other frame and names what is wrong with a malformed one.
+    reads every other frame and names what is wrong with a malformed one. No `Decimal` is built here: the money
+    fields are checked as text, which proves the same ranges and precision (`_exact_money`) for these forms.
     """
     if len(raw) > MAX_FRAME_BYTES:
         return None
     try:
         trade = _decode_trade_frame(raw).msg
-        # Types are checked by the decoder; ranges and precision are ours (`_exact_money`, inline: the hot path).
-        yes, no, count = trade.yes_price_dollars, trade.no_price_dollars, trade.count_fp
-        if (
-            _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
-            and 0 < len(trade.trade_id) <= MAX_TEXT_LEN
-            and 0 < len(trade.ticker) <= MAX_TEXT_LEN
-            and _QUANTUM <= yes < _ONE
-            and _QUANTUM <= no < _ONE
-            and _QUANTUM <= count <= _MAX_COUNT
-            and not yes % _QUANTUM
-            and not no % _QUANTUM
-            and not count % _QUANTUM
-        ):
-            return trade
-    except (msgspec.DecodeError, InvalidOperation, RecursionError):
-        pass
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    prices, counts = _known_prices, _known_counts
+    if (
+        trade.yes_price_text in prices and trade.no_price_text in prices and trade.count_text in counts
+    ) or _money_text_ok(trade):
+        return trade
     return None
+
+
+def _money_text_ok(trade: Trade) -> bool:
+    """Prices and count of a freshly decoded trade in today's canonical form (remembered when they are)."""
+    yes, no, count = trade.yes_price_text, trade.no_price_text, trade.count_text
+    if not (_PRICE_TEXT.fullmatch(yes) and _PRICE_TEXT.fullmatch(no) and _COUNT_TEXT.fullmatch(count)):
+        return False
+    for known, text in ((_known_prices, yes), (_known_prices, no), (_known_counts, count)):
+        if len(known) >= _KNOWN_MAX:
+            known.clear()
+        known.add(text)
+    return True
 
 
 def _exact_money(yes: Decimal, no: Decimal, count: Decimal) -> bool:
@@ -210,7 +251,7 @@ def trade_from_fields(msg: dict[str, Any]) -> Trade:
             count = Decimal(count_raw)
             # NaN makes these comparisons raise; infinities, out-of-range and over-precise values fail them.
             if _exact_money(yes, no, count):
-                return Trade(trade_id, ticker, yes, no, count, _OUTCOMES[side], block, ts_ms)
+                return Trade(trade_id, ticker, str(yes), str(no), str(count), _OUTCOMES[side], block, ts_ms)
         except InvalidOperation:
             pass
     return _trade_from_fields_checked(msg)
@@ -236,7 +277,8 @@ def _trade_from_fields_checked(msg: dict[str, Any]) -> Trade:
     block = msg.get("is_block_trade", False)
     if not isinstance(block, bool):
         raise MalformedTrade("bad_is_block_trade", repr(block)[:40])
-    return Trade(trade_id, ticker, yes_price, no_price, count, side, block, trade_time_ms(msg))
+    # Canonical text: `str` of a Decimal reads back as the very same Decimal (digits and exponent).
+    return Trade(trade_id, ticker, str(yes_price), str(no_price), str(count), side, block, trade_time_ms(msg))
 
 
 def _taker_side(msg: dict[str, Any]) -> Side:

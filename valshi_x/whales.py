@@ -6,6 +6,16 @@ caller, so the same code serves live streams, replays and tests.
 A sweep is a run of fills on the same ticker and taker side whose trade times lie within `sweep_window_ms`
 of the group's first fill. Kalshi gives no order id, so this is the best link there is. Block trades are
 negotiated off-book and always stand alone.
+
+Exact without a Decimal per print: each group also sums its fills' values as floats, and a float sum can only
+prove "clearly below" a limit; any group within `SCREEN_MARGIN` of the threshold (or of the near-whale mark), and
+every alert's numbers, are computed with `Decimal` from the fills' original text. Why the margin is safe: each
+`float(text)` is correctly rounded (relative error at most u = 2^-53), a product adds one more rounding, and a
+recursive sum of n non-negative terms is off by at most gamma(n+2) = (n+2)u / (1 - (n+2)u) of the exact sum;
+the float threshold carries two more roundings. For n below 10^9 fills (a group that large cannot fit in memory),
+that is under 1.2e-7 of the value, far inside the margin of 1e-6: a float sum below `threshold x (1 - 1e-6)`
+means an exact sum below the threshold. A $100,000 threshold leaves $0.10 of margin, so groups within ten cents
+of it are summed exactly, which almost never happens.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import msgspec
 from valshi_x.trades import Side, Trade, utc_from_ms
 
 _TWO_PLACES = Decimal("0.01")
+# Relative margin of the float screen (module docstring): a float sum below limit x (1 - SCREEN_MARGIN) is an exact
+# sum below the limit.
+SCREEN_MARGIN = 1e-6
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +84,7 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     key: tuple[str, Side]
     first_ts_ms: int
     trades: list[Trade]
-    value_usd: Decimal
+    value_f: float  # float sum of the fills' values: only a screen (module docstring); `exact_value` decides
     closed: bool = False
     alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
     near: bool = False  # reached half the threshold once (`on_near_whale` was called)
@@ -94,6 +107,14 @@ class RecoveryGate(Protocol):
 
 # (alert id, ticker, extra value in USD, trade id of the late fill)
 GrewAfterAlert = Callable[[str, str, Decimal, str], None]
+
+
+def exact_value(trades: list[Trade]) -> Decimal:
+    """Exact value of a group: count x taker-side price per fill, summed in arrival order from the fills' text."""
+    values = [Decimal(t.count_text) * Decimal(t.price_text) for t in trades]
+    # Started from the first term, not Decimal(0), so the sum keeps the form (exponent) it had when summed per
+    # fill; the digits are exact either way.
+    return sum(values[1:], values[0])
 
 
 def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
@@ -130,6 +151,7 @@ class SeenTradeIds:
         self._ids: set[str] = set()
         self._buckets: deque[tuple[int, list[str]]] = deque()  # (trade second, ids), oldest first
         self._newest_s = 0
+        self._newest_ids: list[str] = []  # the newest bucket's ids (the hot path appends here)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -144,21 +166,33 @@ class SeenTradeIds:
             return False
         ids.add(trade_id)
         second = ts_ms // 1000
-        buckets = self._buckets
         if second > self._newest_s:
             self._newest_s = second
-            buckets.append((second, [trade_id]))
+            buckets = self._buckets
+            self._newest_ids = newest = [trade_id]
+            buckets.append((second, newest))
             oldest_kept = second - self._horizon_s
             while buckets[0][0] < oldest_kept:
                 ids.difference_update(buckets.popleft()[1])
         else:
             # Same second, or an older trade (a backfill): it rides in the newest bucket and leaves with it.
-            if not buckets:
-                buckets.append((second, []))
-            buckets[-1][1].append(trade_id)
+            if not self._buckets:
+                self._buckets.append((second, self._newest_ids))
+            self._newest_ids.append(trade_id)
+        if len(ids) > self._max_ids:
+            self._forget_over_cap()
+        return True
+
+    def _forget_over_cap(self) -> None:
+        """Oldest seconds first; within the newest second too, should one second alone hold more than the cap."""
+        ids, buckets = self._ids, self._buckets
         while len(ids) > self._max_ids and len(buckets) > 1:
             ids.difference_update(buckets.popleft()[1])
-        return True
+        excess = len(ids) - self._max_ids
+        if excess > 0:
+            newest = self._newest_ids
+            ids.difference_update(newest[:excess])
+            del newest[:excess]
 
 
 class WhaleDetector:
@@ -174,6 +208,15 @@ class WhaleDetector:
     a late fill inside the window of one that closed short reopens it (a gap noticed only after the window
     ended); one inside the window of a sweep already alerted joins it silently (`on_grew_after_alert`), so one
     order is never alerted twice.
+
+    Memory is bounded by count as well as by time (issue 11): at most `max_kept_trades` fills in kept closed
+    sweeps (the oldest sweeps go first; `kept_forgotten_early` counts those that left before their time) and at
+    most `dedup_max_ids` trade ids (`SeenTradeIds`). The defaults fit the live budget of 150 MB peak RSS: some
+    58 MB are interpreter and libraries, and a detector held at both caps (50,000 kept fills, 200,000 ids: 25 s of
+    closed sweeps and 100 s of ids at 2,000 trades/s) measured about 60 MB more, flat over 10 minutes of trade time
+    at that rate. Ids cover more than the kept fills on purpose, so a re-delivered fill is never added twice to a
+    kept sweep; a whale re-delivered after its ids left is refused by the durable outbox, which never lets one
+    trade belong to two alerts.
     """
 
     def __init__(
@@ -182,13 +225,17 @@ class WhaleDetector:
         sweep_window_ms: int,
         *,
         dedup_horizon_ms: int = 35 * 60 * 1000,
-        dedup_max_ids: int = 1_000_000,
+        dedup_max_ids: int = 200_000,
         late_fill_horizon_ms: int = 120_000,
+        max_kept_trades: int = 50_000,
         gate: RecoveryGate | None = None,
         on_near_whale: Callable[[str], None] | None = None,
         on_grew_after_alert: GrewAfterAlert | None = None,
     ) -> None:
         self.threshold_usd = threshold_usd
+        # Below this float sum a group is no whale (module docstring); at or above it, Decimal decides.
+        self._clearly_below_f = float(threshold_usd) * (1 - SCREEN_MARGIN)
+        self.exact_sums = 0  # groups whose value was summed exactly: alerts and the few near a limit
         self.late_fill_horizon_ms = late_fill_horizon_ms
         self.sweep_window_ms = sweep_window_ms
         self.seen = SeenTradeIds(dedup_horizon_ms, dedup_max_ids)
@@ -207,6 +254,9 @@ class WhaleDetector:
         # Closed sweeps, per key and in closing order, for late fills to find (see the class docstring).
         self._kept: dict[tuple[str, Side], list[_OpenGroup]] = {}
         self._closed_order: deque[_OpenGroup] = deque()
+        self.max_kept_trades = max_kept_trades
+        self.kept_trades = 0  # fills in kept closed sweeps, held at or below max_kept_trades
+        self.kept_forgotten_early = 0  # kept sweeps dropped by the count cap before their time was up
         self.late_fills_rejoined = 0
         self.late_fills_after_alert = 0
         self.watermark_ms = 0  # newest trade time seen
@@ -224,6 +274,9 @@ class WhaleDetector:
         self._on_near_whale = hook
         # Half the threshold, when someone listens; otherwise never reached, so no hook is asked.
         self._near_usd = self.threshold_usd / 2 if hook is not None else Decimal("Infinity")
+        near_f = float(self._near_usd)
+        self._near_below_f = near_f * (1 - SCREEN_MARGIN)  # inf without a hook: never reached
+        self._near_above_f = near_f * (1 + SCREEN_MARGIN)  # clearly reached
 
     @property
     def open_groups(self) -> int:
@@ -262,41 +315,48 @@ class WhaleDetector:
                 self._forget_closed(ts_ms - self.late_fill_horizon_ms)
 
         side = trade.taker_side
-        value_usd = trade.count_fp * (trade.yes_price_dollars if side == "yes" else trade.no_price_dollars)
+        value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
         if trade.is_block_trade or window <= 0:
-            if self.on_near_whale is not None and value_usd >= self.threshold_usd:
+            if (
+                self.on_near_whale is not None
+                and value_f >= self._clearly_below_f
+                and trade.value_usd >= self.threshold_usd
+            ):
                 self.on_near_whale(trade.ticker)
-            self._close_group([trade], value_usd, alerts)
+            self._close_group([trade], value_f, alerts)
             return alerts
 
         key = (trade.ticker, side)
         groups = self._open.get(key)
         if groups is not None:
             # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
-            for group in reversed(groups):
-                if -window <= ts_ms - group.first_ts_ms <= window:
-                    group.trades.append(trade)
-                    group.value_usd += value_usd
-                    if not group.near and group.value_usd >= self._near_usd:
-                        self._near(group)
-                    return alerts
+            newest = groups[-1]
+            found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
+            if found is not None:
+                group = found
+                group.trades.append(trade)
+                group.value_f += value_f
+                if not group.near and group.value_f >= self._near_below_f:
+                    self._near_check(group)
+                return alerts
         if self._kept and ts_ms + window < self.watermark_ms:
             # A late fill: its sweep may have closed already.
             closed = self._closed_sweep(key, ts_ms)
             if closed is not None:
                 closed.trades.append(trade)
-                closed.value_usd += value_usd
+                closed.value_f += value_f
+                self.kept_trades += 1
                 if closed.alerted:
                     # Already posted: never a second alert for one order; the caller logs what it grew by.
                     self.late_fills_after_alert += 1
                     if self.on_grew_after_alert is not None:
-                        self.on_grew_after_alert(closed.alert_id, trade.ticker, value_usd, trade.trade_id)
+                        self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
                 else:
                     self._reopen(closed)
                 return alerts
-        group = _OpenGroup(key, ts_ms, [trade], value_usd)
-        if value_usd >= self._near_usd:
-            self._near(group)
+        group = _OpenGroup(key, ts_ms, [trade], value_f)
+        if value_f >= self._near_below_f:
+            self._near_check(group)
         if groups is None:
             self._open[key] = [group]
         else:
@@ -305,6 +365,16 @@ class WhaleDetector:
         self._open_count += 1
         self._opened.append(group)
         return alerts
+
+    def _older_open(self, groups: list[_OpenGroup], ts_ms: int) -> _OpenGroup | None:
+        """The open group of one key, older than its newest, whose window holds `ts_ms` (newest first)."""
+        if len(groups) < 2:
+            return None
+        window = self.sweep_window_ms
+        for group in reversed(groups[:-1]):
+            if -window <= ts_ms - group.first_ts_ms <= window:
+                return group
+        return None
 
     def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
         alerts: list[Alert] = []
@@ -350,6 +420,11 @@ class WhaleDetector:
                 self._finish(group, alerts)
         return alerts
 
+    def _near_check(self, group: _OpenGroup) -> None:
+        """The float screen says the group may be at half the threshold: make sure, exactly if need be."""
+        if group.value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd:
+            self._near(group)
+
     def _near(self, group: _OpenGroup) -> None:
         group.near = True
         if self.on_near_whale is not None:
@@ -369,18 +444,26 @@ class WhaleDetector:
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
-        groups = self._open.get(group.key)
-        if groups is not None and group in groups:
-            groups.remove(group)
-            self._open_count -= 1
-            if not groups:
-                del self._open[group.key]
-        group.alerted = self._close_group(group.trades, group.value_usd, alerts)
-        if group.alerted:
+        key = group.key
+        groups = self._open.get(key)
+        if groups is not None:
+            if len(groups) == 1 and groups[0] is group:  # the common case, without a scan
+                del self._open[key]
+                self._open_count -= 1
+            elif group in groups:
+                groups.remove(group)
+                self._open_count -= 1
+        if group.value_f < self._clearly_below_f:  # `_close_group`'s screen, inline: the common case
+            self.groups_closed += 1
+        elif self._close_group(group.trades, group.value_f, alerts):
+            group.alerted = True
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
             self._kept.setdefault(group.key, []).append(group)
             self._closed_order.append(group)
+            self.kept_trades += len(group.trades)
+            if self.kept_trades > self.max_kept_trades:
+                self._forget_kept_over_cap()
 
     def _closed_sweep(self, key: tuple[str, Side], ts_ms: int) -> _OpenGroup | None:
         """The kept closed sweep of `key` whose window holds `ts_ms`, if any."""
@@ -392,15 +475,12 @@ class WhaleDetector:
 
     def _reopen(self, group: _OpenGroup) -> None:
         """Open a sweep that closed short again; it closes (and is judged) anew with its late fills."""
-        candidates = self._kept[group.key]
-        candidates.remove(group)
-        if not candidates:
-            del self._kept[group.key]
+        self._unkeep(group)
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
-        if not group.near and group.value_usd >= self._near_usd:
-            self._near(group)
+        if not group.near and group.value_f >= self._near_below_f:
+            self._near_check(group)
         groups = self._open.setdefault(group.key, [])
         groups.append(group)
         groups.sort(key=_first_ts)
@@ -414,16 +494,33 @@ class WhaleDetector:
             first_ts_ms_before = min(first_ts_ms_before, low_water_ms - self.sweep_window_ms)
         closed = self._closed_order
         while closed and closed[0].first_ts_ms < first_ts_ms_before:
-            group = closed.popleft()
-            candidates = self._kept.get(group.key)
-            if candidates is not None and group in candidates:
-                candidates.remove(group)
-                if not candidates:
-                    del self._kept[group.key]
+            self._unkeep(closed.popleft())
 
-    def _close_group(self, trades: list[Trade], value_usd: Decimal, alerts: list[Alert]) -> bool:
-        """Count the group closed; alert if it is a whale. True when it was one."""
+    def _forget_kept_over_cap(self) -> None:
+        """Drop the oldest kept sweeps until the count cap holds again (even ones a pending window may need)."""
+        closed = self._closed_order
+        while self.kept_trades > self.max_kept_trades and closed:
+            if self._unkeep(closed.popleft()):
+                self.kept_forgotten_early += 1
+
+    def _unkeep(self, group: _OpenGroup) -> bool:
+        """Stop keeping a closed sweep (an entry of `_closed_order` may be stale: reopened, or kept again)."""
+        candidates = self._kept.get(group.key)
+        if candidates is None or group not in candidates:
+            return False
+        candidates.remove(group)
+        if not candidates:
+            del self._kept[group.key]
+        self.kept_trades -= len(group.trades)
+        return True
+
+    def _close_group(self, trades: list[Trade], value_f: float, alerts: list[Alert]) -> bool:
+        """Count the group closed; alert if it is a whale (decided exactly; module docstring). True when it was one."""
         self.groups_closed += 1
+        if value_f < self._clearly_below_f:
+            return False
+        self.exact_sums += 1
+        value_usd = exact_value(trades)
         if value_usd >= self.threshold_usd:
             self.alerts += 1
             alerts.append(_alert_from(trades, value_usd))

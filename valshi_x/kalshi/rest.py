@@ -22,9 +22,8 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
-import aiohttp
 import structlog
 
 from valshi_x.backoff import capped_step_s, equal_jitter
@@ -32,6 +31,9 @@ from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.errors import ValshiError
 from valshi_x.sanitize import MAX_POST_TEXT
 from valshi_x.x.text import MarketLabel
+
+if TYPE_CHECKING:  # aiohttp is imported where a request is made: a replay never loads it (issue 11)
+    import aiohttp
 
 log = structlog.get_logger(__name__)
 
@@ -209,6 +211,8 @@ class KalshiRest:
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
+        import aiohttp  # noqa: PLC0415  (lazy: see the imports)
+
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._pause_initial_s = pause_initial_s
         self._pause_max_s = pause_max_s
@@ -245,6 +249,8 @@ class KalshiRest:
         return data
 
     async def _get_once(self, path: str, params: dict[str, str] | None) -> dict[str, Any]:
+        import aiohttp  # noqa: PLC0415  (lazy: see the imports; loaded already by then)
+
         url = self._base_url + path
         try:
             async with self._session.get(url, params=params, timeout=self._timeout, allow_redirects=False) as response:

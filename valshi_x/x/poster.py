@@ -31,13 +31,10 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 import msgspec
 import structlog
-from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
-from tweepy.asynchronous import AsyncClient
 
 from valshi_x.backoff import capped_step_s
 from valshi_x.config import Settings
@@ -45,6 +42,10 @@ from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
+
+if TYPE_CHECKING:  # aiohttp and tweepy are imported when X is really used: a dry run never loads them (issue 11)
+    import aiohttp
+    from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
 
 log = structlog.get_logger(__name__)
 
@@ -314,6 +315,9 @@ class XTransport:
         middlewares: Sequence[ClientMiddlewareType] = (),
     ) -> XTransport:
         """`middlewares` run after the signing, inside the tap (tests use one to reach a local server)."""
+        import aiohttp  # noqa: PLC0415  (lazy: see the imports)
+        from tweepy.asynchronous import AsyncClient  # noqa: PLC0415
+
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 10.0)),
             middlewares=(_tap, *middlewares),
@@ -330,6 +334,8 @@ class XTransport:
         return cls(client, session)
 
     async def send(self, alert: Alert, text: str) -> SendResult:
+        import aiohttp  # noqa: PLC0415  (lazy: see the imports; loaded already by `open`)
+
         box: list[tuple[aiohttp.ClientResponse, bytes]] = []
         token = _TAPPED.set(box)
         try:
