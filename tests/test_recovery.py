@@ -217,26 +217,21 @@ def test_a_reconnect_holds_while_disconnected_and_for_hold_max_after_subscribing
     assert planner.may_close(T + 4_500, T + 6_500)
 
 
-def frame(ts: int) -> dict[str, Any]:
-    return {"type": "trade", "sid": 1, "seq": 1, "msg": {"ts_ms": T + ts}}
-
-
 def test_gap_watch_reads_the_trade_times_around_gaps_and_drops() -> None:
-    """The stream's callbacks become planner events with the times of the frames around them."""
+    """The stream's callbacks become planner events with the times of the frames (batches) around them."""
     planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)
     clock = {"ms": N}
     wakes: list[int] = []
     watch = GapWatch(planner, now_ms=lambda: clock["ms"], started_ms=T - 60_000, wake=lambda: wakes.append(1))
-    for ts in (1_000, 1_010):
-        watch.before_queue(frame(ts))
-        watch.queued(frame(ts))
-    watch.on_gap()  # the stream saw seq jump on the frame about to come
-    watch.before_queue(frame(1_500))
-    watch.queued(frame(1_500))
+    watch.before_queue(T + 1_000)  # a batch of two
+    watch.queued(T + 1_000, T + 1_010)
+    watch.on_gap()  # the stream saw seq jump on the frame about to come: it starts the next batch
+    watch.before_queue(T + 1_500)
+    watch.queued(T + 1_500, T + 1_500)
     watch.dropped()  # a full queue: from the newest trade queued...
-    watch.before_queue(frame(1_600))  # (dropped too)
-    watch.before_queue(frame(1_700))
-    watch.queued(frame(1_700))  # ...to the first one queued after
+    watch.before_queue(T + 1_600)  # (a batch dropped too)
+    watch.before_queue(T + 1_700)
+    watch.queued(T + 1_700, T + 1_800)  # ...to the first one queued after
     clock["ms"] = N + 1_000
     assert [(w.from_ms - T, w.to_ms - T, w.reasons) for w in planner.due(N + 1_000)] == [
         (10, 2_500, ("seq_gap",)),  # between the frames around the gap, 1 s either side

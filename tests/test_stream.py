@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -32,7 +33,7 @@ from tests.fake_kalshi import (
 from valshi_x.backoff import OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream, reconnect_backoff, rejected_backoff
-from valshi_x.trades import MalformedTrade
+from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, trade_from_fields
 
 UNIT = 0.05  # seconds; every timing below is a small multiple of it
 
@@ -55,6 +56,7 @@ class Client:
         slow_backoff: RetryDelays | None = None,
     ) -> None:
         self.delivered: list[dict[str, Any]] = []
+        self.batches: list[int] = []  # the size of each batch delivered
         self.bad: list[tuple[str | bytes, MalformedTrade]] = []
         self.recorded: list[str] = []
         self.sids: list[int] = []
@@ -85,8 +87,10 @@ class Client:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _deliver(self, frame: dict[str, Any]) -> None:
-        self.delivered.append(frame)
+    def _deliver(self, batch: list[TradeFrame]) -> None:
+        # Back in the wire's shape (prices as their strings), so a test compares them with what the server sent.
+        self.delivered.extend(msgspec.to_builtins(frame) for frame in batch)
+        self.batches.append(len(batch))
         self._notify()
 
     def _on_bad(self, raw: str | bytes, exc: MalformedTrade) -> None:
@@ -123,6 +127,11 @@ class Client:
         self.task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await self.task
+
+
+def typed(sent: list[dict[str, Any]]) -> list[Any]:
+    """The trades the stream should deliver for these `msg`s, in the shape `Client.delivered` holds them."""
+    return [msgspec.to_builtins(trade_from_fields(msg)) for msg in sent]
 
 
 @contextmanager
@@ -230,8 +239,8 @@ async def test_first_connect_subscribes_signed_and_delivers_trades(kalshi_keys: 
     (session,) = kalshi.sessions
     assert session.commands == [{"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}]
     assert session.ws.close_code == 1000  # cancelled: a clean close
-    assert [frame["msg"] for frame in client.delivered] == sent
-    assert client.delivered == kalshi.tape
+    assert [frame["msg"] for frame in client.delivered] == typed(sent)
+    assert client.delivered == [msgspec.to_builtins(careful_trade_frame(frame)) for frame in kalshi.tape]
     assert client.sids == [1]
     assert client.recorded[0] == dumps({"id": 1, "type": "subscribed", "msg": {"channel": "trade", "sid": 1}})
     assert client.recorded[1:] == [dumps(frame) for frame in kalshi.tape]
@@ -284,7 +293,7 @@ async def test_abrupt_drop_and_close_1011_reconnect_and_resubscribe_with_new_sid
             await client.wait_for(lambda: len(client.delivered) == 5)
             await client.stop()
 
-    assert [frame["msg"] for frame in client.delivered] == first + second + third
+    assert [frame["msg"] for frame in client.delivered] == typed(first + second + third)
     assert client.sids == [1, 2, 3]
     # Command ids are per connection; every connection subscribed again.
     assert [s.commands for s in kalshi.sessions] == [
@@ -639,7 +648,7 @@ async def test_error_6_already_subscribed_is_ignored(kalshi_keys: KeyPair) -> No
             await client.wait_for(lambda: len(client.delivered) == 1)
             await client.stop()
 
-    assert [frame["msg"] for frame in client.delivered] == after
+    assert [frame["msg"] for frame in client.delivered] == typed(after)
     assert client.stream.error_frames == 1
     assert len(kalshi.handshakes) == 1
     assert not [e for e in captured if e["log_level"] in ("warning", "error")]
@@ -687,7 +696,7 @@ async def test_malformed_and_unknown_frames_are_reported_not_fatal(kalshi_keys: 
             await client.stop()
 
     assert [(raw, exc.reason) for raw, exc in client.bad] == [("{not json", "not_json"), ("[1, 2]", "not_an_object")]
-    assert [frame["msg"] for frame in client.delivered] == good
+    assert [frame["msg"] for frame in client.delivered] == typed(good)
     (unknown,) = events(captured, "ws_unknown_frame_type")
     assert unknown["type"] == "ticker_v3"
     assert len(client.recorded) == 7  # every frame is recorded as received, even the bad ones
