@@ -28,6 +28,7 @@ from tests.fake_kalshi import (
     send_then_close,
     send_then_drop,
     send_then_stall,
+    trade_frame,
     trade_msg,
 )
 from valshi_x.backoff import OutageBackoff, RetryDelays
@@ -148,7 +149,20 @@ def signer_for(keys: KeyPair) -> KalshiSigner:
     return KalshiSigner(keys.key_id, keys.private_key)
 
 
+# Every test here runs twice: with permessage-deflate (websockets reads each frame) and without it (the stream cuts
+# plain text frames out of the socket's bytes itself, `ObservedConnection.take_text_frames`).
+_compression: list[str | None] = ["deflate"]
+
+
+@pytest.fixture(autouse=True, params=["deflate", None], ids=["deflate", "plain"])
+def _both_framings(request: pytest.FixtureRequest) -> Iterator[None]:
+    _compression[0] = request.param
+    yield
+    _compression[0] = "deflate"
+
+
 def server_for(keys: KeyPair, **kwargs: Any) -> FakeKalshi:
+    kwargs.setdefault("compression", _compression[0])
     return FakeKalshi(public_key=keys.public_key, key_id=keys.key_id, require_auth=True, **kwargs)
 
 
@@ -785,3 +799,41 @@ async def test_resubscribe_and_requested_reconnect(kalshi_keys: KeyPair) -> None
     assert (disconnected["cause"], disconnected["code"], disconnected["log_level"]) == ("requested", 1000, "info")
     assert kalshi.sessions[0].ws.close_code == 1000
     assert len(kalshi.sessions) == 2
+
+
+# ------------------------------------------------------------------------------------------------ framing
+
+
+async def test_frames_keep_their_order_whatever_their_framing(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    """Text, binary and fragmented trade frames and pings, mixed: delivered in the order sent, no gap seen.
+
+    Without deflate the stream cuts plain text frames out of the socket's bytes itself and leaves the rest to
+    websockets; a frame websockets still holds must not be overtaken by the text frames after it."""
+    sent: list[dict[str, Any]] = []
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        for round_ in range(20):
+            frames = [trade_frame(trade_msg(), sid=session.sid, seq=session._take_seq()) for _ in range(4)]
+            sent.extend(frame["msg"] for frame in frames)
+            await session.ws.send(dumps(frames[0]))
+            await session.ws.send(dumps(frames[1]).encode())  # binary
+            text = dumps(frames[2])
+            await session.ws.send([text[:50], text[50:120], text[120:]])  # fragmented
+            await session.ws.ping()
+            await session.ws.send(dumps(frames[3]))
+            if round_ % 5 == 0:
+                await asyncio.sleep(0)
+
+    async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys))
+        client.start()
+        await client.wait_for(lambda: len(client.delivered) == 80)
+        ws = client.stream._ws
+        assert ws is not None
+        cut_here = ws._text_sink is not None
+        await client.stop()
+    assert [frame["msg"] for frame in client.delivered] == typed(sent)
+    assert (client.stream.gaps, client.stream.seq_unreadable, client.bad) == (0, 0, [])
+    # Without deflate the plain text frames were cut out here, with it websockets read them all.
+    assert cut_here == (_compression[0] is None)

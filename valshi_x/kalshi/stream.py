@@ -36,7 +36,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 
 from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
@@ -104,10 +104,22 @@ class SeqGap:
 
 
 class ObservedConnection(ClientConnection):
-    """A client connection that notes (loop time) when the server last sent a data frame or a ping."""
+    """A client connection that notes (loop time) when the server last sent a data frame or a ping, and that can
+    hand complete text frames straight from the socket's bytes to a callback (`take_text_frames`).
+
+    Why the second part: websockets parses each frame with a generator and queues it for `recv()`, a few µs per
+    frame, as much as everything else the daemon does with a trade. A Kalshi trade frame is always one unmasked,
+    unfragmented, uncompressed text frame, and those are cheap to cut out of the byte stream. Every other frame
+    (pings, pongs, close, binary, fragments, compressed or masked frames, one too big, invalid UTF-8) is handed to
+    websockets whole and in order, which answers, queues or fails it exactly as before; while websockets still
+    holds a data frame for `recv()`, text frames queue behind it, so frames are never reordered.
+    """
 
     last_heard: float = 0.0
     pings_received: int = 0
+    _text_sink: Callable[[str], None] | None = None
+    _read_done: Callable[[], None] | None = None
+    _partial: bytes = b""  # the start of a frame whose end has not arrived yet
 
     def process_event(self, event: Event) -> None:
         super().process_event(event)
@@ -120,6 +132,74 @@ class ObservedConnection(ClientConnection):
     def frames_ready(self) -> int:
         """Frames received and not yet read by `recv()`: zero means the next `recv()` would wait."""
         return len(self.recv_messages.frames)
+
+    def take_text_frames(self, sink: Callable[[str], None], read_done: Callable[[], None]) -> bool:
+        """From now on, hand each complete plain text frame to `sink` as it arrives, and call `read_done` after
+        the frames of each read from the socket; False (and nothing changes) unless the connection is open and
+        websockets holds no unparsed bytes, so the byte stream is cut at a frame boundary."""
+        if self.protocol.state is not State.OPEN or self.protocol.reader.buffer or self.protocol.extensions:
+            return False
+        self._text_sink, self._read_done = sink, read_done
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        sink = self._text_sink
+        if sink is None:
+            super().data_received(data)
+            return
+        buffer = self._partial + data if self._partial else data
+        view = memoryview(buffer)
+        size = len(buffer)
+        max_size = self.protocol.max_message_size
+        frames = self.recv_messages.frames
+        at = 0
+        took = False
+        while size - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                length = int.from_bytes(view[at + 2 : at + 4])
+                head = 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                length = int.from_bytes(view[at + 2 : at + 10])
+                head = 10
+            if second & 0x80:
+                head += 4  # masked: a protocol error from a server, websockets fails it
+            end = at + head + length
+            if max_size is not None and length > max_size:
+                end = size  # websockets fails the connection at this header; nothing after it matters
+            elif end > size:
+                break
+            if first == 0x81 and not second & 0x80 and not frames:
+                try:
+                    text = str(view[at + head : end], "utf-8")
+                except UnicodeDecodeError:
+                    text = None
+                if text is not None:
+                    sink(text)
+                    took = True
+                    at = end
+                    continue
+            super().data_received(bytes(view[at:end]))  # whole frames only: websockets stays at a boundary
+            at = end
+            if self.protocol.state is not State.OPEN:  # closing: websockets takes everything from here on
+                self._text_sink = None
+                if at < size:
+                    super().data_received(bytes(view[at:]))
+                at = size
+                break
+        self._partial = bytes(view[at:]) if at < size else b""
+        view.release()
+        if took:
+            self.last_heard = self.loop.time()
+            read_done = self._read_done
+            if read_done is not None:
+                read_done()
 
 
 def public_url(url: str) -> str:
@@ -201,6 +281,7 @@ class TradeStream:
         self._unknown_types: set[str] = set()
         self._warned_unsigned = False
         self._batch: list[TradeFrame] = []  # trade frames read and not yet delivered
+        self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -274,6 +355,7 @@ class TradeStream:
         self._seq_missing_noted = set()
         self._next_id = 1
         self._pending_subscribes = set()
+        self._closing = None
         self._deliver = self._first_trade
         log.info("ws_connected", url=self._public_url, attempt=self.attempts, signed=self._signer is not None)
 
@@ -281,6 +363,9 @@ class TradeStream:
         """Subscribe, then read until the connection ends or asks to be replaced; returns why it ended."""
         loop = asyncio.get_running_loop()
         opened = loop.time()
+        # Text frames are handled as they arrive, a read's worth at a time (the recv loop below then sees only
+        # what websockets keeps: binary or fragmented frames). Before subscribing, so no trade comes in between.
+        ws.take_text_frames(self._handle, self._read_done)
         await self._subscribe(ws)
         try:
             return await self._read_frames(ws, loop, opened)
@@ -384,6 +469,14 @@ class TradeStream:
             if name not in self._unknown_types and len(self._unknown_types) < _MAX_LOGGED_TYPES:
                 self._unknown_types.add(name)
                 log.warning("ws_unknown_frame_type", type=name)
+
+    def _read_done(self) -> None:
+        """After the frames of one read from the socket: deliver them, and end the session if one asked to."""
+        self._flush()
+        ws = self._ws
+        if self._end is not None and ws is not None and self._closing is None:
+            # The read loop waits in `recv()`: closing ends it (ConnectionClosed; `run` reads `_end`).
+            self._closing = asyncio.get_running_loop().create_task(ws.close())
 
     def _flush(self) -> None:
         """Hand the batch read so far to `deliver` (the clock is read once per batch)."""
