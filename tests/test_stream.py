@@ -837,3 +837,22 @@ async def test_frames_keep_their_order_whatever_their_framing(kalshi_keys: KeyPa
     assert (client.stream.gaps, client.stream.seq_unreadable, client.bad) == (0, 0, [])
     # Without deflate the plain text frames were cut out here, with it websockets read them all.
     assert cut_here == (_compression[0] is None)
+
+
+async def test_a_frame_over_the_size_limit_ends_the_connection_and_nothing_of_it_is_delivered(
+    kalshi_keys: KeyPair,  # noqa: F811
+) -> None:
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trade()
+        await session.ws.send('{"type":"trade","msg":"' + "x" * 2**20 + '"}')  # over websockets' 1 MiB
+        await session.send_trade()
+
+    async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+        client.start()
+        await client.wait_for(lambda: client.disconnects >= 1)
+        await client.stop()
+    assert len(client.delivered) == 1
+    assert client.bad == []
+    assert kalshi.sessions[0].ws.close_code == 1009  # message too big, as websockets always answered

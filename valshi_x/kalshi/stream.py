@@ -158,28 +158,28 @@ class ObservedConnection(ClientConnection):
             first, second = buffer[at], buffer[at + 1]
             length = second & 0x7F
             head = 2
-            if length == 126:
+            if length == 126:  # a trade frame's case: 126 to 65,535 bytes
                 if size - at < 4:
                     break
-                length = int.from_bytes(view[at + 2 : at + 4])
+                length = (buffer[at + 2] << 8) | buffer[at + 3]
                 head = 4
             elif length == 127:
                 if size - at < 10:
                     break
                 length = int.from_bytes(view[at + 2 : at + 10])
                 head = 10
-            if second & 0x80:
+            if second >= 0x80:
                 head += 4  # masked: a protocol error from a server, websockets fails it
             end = at + head + length
             if max_size is not None and length > max_size:
                 end = size  # websockets fails the connection at this header; nothing after it matters
             elif end > size:
                 break
-            if first == 0x81 and not second & 0x80 and not frames:
+            elif first == 0x81 and second < 0x80 and not frames:
                 try:
                     text = str(view[at + head : end], "utf-8")
                 except UnicodeDecodeError:
-                    text = None
+                    text = None  # websockets fails the connection, as it always did
                 if text is not None:
                     sink(text)
                     took = True
