@@ -14,6 +14,9 @@ import msgspec
 import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from tests.fake_kalshi import (
     Attempt,
@@ -33,7 +36,14 @@ from tests.fake_kalshi import (
 )
 from valshi_x.backoff import OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
-from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream, reconnect_backoff, rejected_backoff
+from valshi_x.kalshi.stream import (
+    Backoff,
+    ObservedConnection,
+    SeqGap,
+    TradeStream,
+    reconnect_backoff,
+    rejected_backoff,
+)
 from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, trade_from_fields
 
 UNIT = 0.05  # seconds; every timing below is a small multiple of it
@@ -856,3 +866,48 @@ async def test_a_frame_over_the_size_limit_ends_the_connection_and_nothing_of_it
     assert len(client.delivered) == 1
     assert client.bad == []
     assert kalshi.sessions[0].ws.close_code == 1009  # message too big, as websockets always answered
+
+
+async def test_text_frames_split_anywhere_across_reads_are_cut_whole() -> None:
+    """The frame cutter keeps a frame's start until its end arrives, whatever the length form (7, 16, 64 bits)."""
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1/trade-api/ws/v2"))
+    protocol.state = State.OPEN
+    connection = ObservedConnection(protocol)
+    connection.connection_made(NullTransport())
+    texts: list[str] = []
+    reads: list[int] = []
+    assert connection.take_text_frames(texts.append, lambda: reads.append(len(texts)))
+    sent = ["{}", "é" * 200, "x" * 70_000, '{"type":"trade"}']
+    wire = b"".join(frame_bytes(text) for text in sent)
+    for at in range(0, len(wire), 7):  # seven bytes a read
+        connection.data_received(wire[at : at + 7])
+    assert texts == sent
+    assert reads[-1] == len(sent) and len(reads) == len(sent)  # `read_done` after each read that completed a frame
+    connection.data_received(wire)  # all in one read: one call of `read_done`
+    assert texts == sent * 2 and reads[-1] == 2 * len(sent) and len(reads) == len(sent) + 1
+
+
+class NullTransport(asyncio.Transport):
+    """A socket that is never written to here (the test only feeds what was read)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+def frame_bytes(text: str) -> bytes:
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
