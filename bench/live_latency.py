@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import math
@@ -54,6 +55,7 @@ sys.path[:0] = [str(BENCH)]
 import gen_capture  # noqa: E402
 from websockets.asyncio.server import ServerConnection, serve  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.protocol import State  # noqa: E402
 
 WS_PATH = "/trade-api/ws/v2"
 LATENCY_SLACK_MS = 250
@@ -344,10 +346,22 @@ class Sent:
     lost_connection: bool = False
 
 
+def ws_text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
 async def send_part(kalshi: FakeKalshi, part: Part, watch: set[str]) -> Sent:
     """Send each frame at its time (all that are due go back to back), noting when watched fills left."""
     ws = kalshi.connection
     assert ws is not None
+    if kalshi.compression is None:
+        return await send_part_raw(ws, part, watch)
     sent_at: dict[str, float] = {}
     max_lag = 0.0
     started = time.monotonic()
@@ -369,6 +383,47 @@ async def send_part(kalshi: FakeKalshi, part: Part, watch: set[str]) -> Sent:
                 index += 1
     except ConnectionClosed:
         return Sent(time.monotonic() - started, index, max_lag, sent_at, lost_connection=True)
+    return Sent(time.monotonic() - started, index, max_lag, sent_at)
+
+
+# Bytes the sender lets wait in its socket buffer before it waits for the daemon to read (back-pressure).
+_WRITE_BUFFER_HIGH = 1 << 20
+
+
+async def send_part_raw(ws: ServerConnection, part: Part, watch: set[str]) -> Sent:
+    """The same schedule without compression, but the frames are encoded ahead and all that are due go to the
+    socket in one write: the sender costs a fraction of what the daemon does, so the ramp finds the daemon's
+    limit rather than the sender's. (websockets' `send` costs several µs a frame, near the daemon's own cost.)"""
+    transport = ws.transport
+    encoded = [ws_text_frame(line.encode()) for line in part.lines]
+    watched = [(i, t) for i, t in enumerate(part.trade_ids) if t in watch]
+    sent_at: dict[str, float] = {}
+    max_lag = 0.0
+    offsets = part.offsets_s
+    total = len(encoded)
+    started = time.monotonic()
+    index = 0
+    next_watch = 0
+    while index < total:
+        if ws.state is not State.OPEN or transport.is_closing():
+            return Sent(time.monotonic() - started, index, max_lag, sent_at, lost_connection=True)
+        now = time.monotonic() - started
+        due = offsets[index]
+        if due > now + 0.0005:
+            await asyncio.sleep(due - now)
+            continue
+        if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
+            await asyncio.sleep(0.0005)  # the daemon is not reading: this shows as lag
+            continue
+        max_lag = max(max_lag, now - due)
+        end = bisect.bisect_right(offsets, now, index)
+        transport.write(b"".join(encoded[index:end]))
+        wrote_at = time.time()
+        while next_watch < len(watched) and watched[next_watch][0] < end:
+            sent_at[watched[next_watch][1]] = wrote_at
+            next_watch += 1
+        index = end
+        await asyncio.sleep(0)
     return Sent(time.monotonic() - started, index, max_lag, sent_at)
 
 
@@ -541,6 +596,11 @@ async def phases(
         f"their title ({args.titles} title look-ups)"
     )
 
+    if args.rss_seconds > 0:
+        result["rss"] = await rss_phase(args, kalshi, log, daemon, first_seq=seq)
+        seq += result["rss"]["frames"]
+        frames_sent += result["rss"]["frames"]
+
     # 2. ramp
     steps: list[dict[str, Any]] = []
     sustained = latency_rate = previous_rate = 0
@@ -565,7 +625,10 @@ async def phases(
             steps.append({"rate": rate, "kept_up": False, "why": "daemon not connected"})
             break
         daemon_cpu_before, bench_cpu_before = cpu_seconds(daemon.pid), time.process_time()
+        profiler = await start_profile(args, daemon.pid, rate) if args.profile else None
         sent = await send_part(kalshi, part, watch)
+        if profiler is not None:
+            await profiler.wait()
         seq += sent.frames
         frames_sent += sent.frames
         ended = time.time()
@@ -644,6 +707,106 @@ async def phases(
     return result
 
 
+async def start_profile(args: argparse.Namespace, pid: int, rate: int) -> asyncio.subprocess.Process:
+    """py-spy (pip install py-spy) sampling the daemon for the length of a ramp step; collapsed stacks to a file,
+    summarised by `profile_summary` below."""
+    out = OUT / f"live-profile-{rate}.txt"
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "py-spy"),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(args.step_seconds) - 1)),
+        "--format",
+        "raw",
+        "--nonblocking",
+        "-o",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+def profile_summary(path: Path, top: int = 25) -> None:
+    """Share of samples per function, inclusive and self, from py-spy's collapsed stacks."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        total += count
+        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    print(f"{path.name}: {total} samples")
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        print(f"  {title}:")
+        for name, count in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            print(f"    {100 * count / total:5.1f} %  {name}")
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """Resident set size now and its peak so far (VmRSS, VmHWM from Linux /proc), in kB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Vm")
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+async def rss_phase(
+    args: argparse.Namespace, kalshi: FakeKalshi, log: DaemonLog, daemon: asyncio.subprocess.Process, first_seq: int
+) -> dict[str, Any]:
+    """Frames at `--rate` for `--rss-seconds` of wall time (trade time runs with it), in parts of
+    `--rss-sample-s`; the daemon's RSS and peak RSS are sampled after each part."""
+    samples: list[dict[str, Any]] = []
+    seq = first_seq
+    frames = 0
+    started = time.monotonic()
+    print(f"rss phase: {args.rate:,} frames/s for {args.rss_seconds:.0f} s, RSS every {args.rss_sample_s:.0f} s ...")
+    number = 0
+    while time.monotonic() - started < args.rss_seconds:
+        # Trade time starts at the wall clock (no `after`): a live feed's trade time never runs ahead of it.
+        part = make_part(
+            args.rate,
+            seconds=args.rss_sample_s,
+            whales_per_s=0.2,
+            seed=args.seed + 1000 + number,
+            first_seq=seq,
+            window_ms=args.window_ms,
+        )
+        number += 1
+        sent = await send_part(kalshi, part, set())
+        seq += sent.frames
+        frames += sent.frames
+        if sent.lost_connection:
+            break
+        rss_kb, peak_kb = memory_kb(daemon.pid)
+        stats = log.last_stats()
+        sample = {
+            "at_s": round(time.monotonic() - started, 1),
+            "rss_mb": round(rss_kb / 1024, 1),
+            "peak_rss_mb": round(peak_kb / 1024, 1),
+            "frames": stats.get("frames"),
+            "open_groups": stats.get("open_groups"),
+            "malformed": stats.get("malformed"),
+            "frames_dropped": stats.get("frames_dropped"),
+        }
+        samples.append(sample)
+        print(f"  {sample}")
+    rss = [s["rss_mb"] for s in samples]
+    return {
+        "rate": args.rate,
+        "seconds": round(time.monotonic() - started, 1),
+        "frames": frames,
+        "samples": samples,
+        "peak_rss_mb": max((s["peak_rss_mb"] for s in samples), default=None),
+        "rss_first_last_mb": (rss[0], rss[-1]) if rss else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=2000, help="frames/s of the latency phase")
@@ -666,8 +829,19 @@ def main(argv: list[str] | None = None) -> int:
         help="how the REST stub answers title look-ups (latency, 503s, stalls past the budget)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rss-seconds", type=float, default=0.0, help="after the latency phase: this long at --rate, RSS sampled"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the daemon with py-spy during each ramp step (bench/out)"
+    )
+    parser.add_argument("--summarise", type=Path, help="only print the summary of a py-spy collapsed-stack file")
+    parser.add_argument("--rss-sample-s", type=float, default=10.0, help="RSS sample interval of the rss phase")
     parser.add_argument("--max-seconds", type=float, default=180.0, help="time budget for the ramp")
     args = parser.parse_args(argv)
+    if args.summarise:
+        profile_summary(args.summarise)
+        return 0
     report = asyncio.run(run(args))
     (OUT / "live_latency.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     latency_ok = report.get("latency", {}).get("met", False)

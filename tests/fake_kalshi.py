@@ -344,6 +344,7 @@ class FakeKalshi:
         max_skew_ms: int = 5_000,
         path: str = WS_PATH,
         close_timeout_s: float = 0.5,
+        compression: str | None = "deflate",  # None: refuse permessage-deflate, as a server may
     ) -> None:
         self.public_key = public_key
         self.key_id = key_id
@@ -353,6 +354,7 @@ class FakeKalshi:
         self.ping_interval_s = ping_interval_s
         self.max_skew_ms = max_skew_ms
         self.path = path
+        self.compression = compression
         self.close_timeout_s = close_timeout_s
         self.errors: list[BaseException] = []  # exceptions raised by scripts or command handling
         self.handshakes: list[Handshake] = []
@@ -376,6 +378,7 @@ class FakeKalshi:
             process_request=self._process_request,
             ping_interval=None,  # heartbeats are sent by each session so a script can stop them
             close_timeout=self.close_timeout_s,
+            compression=self.compression,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self

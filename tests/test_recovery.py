@@ -222,26 +222,21 @@ def test_a_reconnect_holds_for_hold_max_only_even_while_disconnected() -> None:
     assert planner.may_close(T + 60_500, T + 61_500)
 
 
-def frame(ts: int) -> dict[str, Any]:
-    return {"type": "trade", "sid": 1, "seq": 1, "msg": {"ts_ms": T + ts}}
-
-
 def test_gap_watch_reads_the_trade_times_around_gaps_and_drops() -> None:
-    """The stream's callbacks become planner events with the times of the frames around them."""
+    """The stream's callbacks become planner events with the times of the frames (batches) around them."""
     planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)
     clock = {"ms": N}
     wakes: list[int] = []
     watch = GapWatch(planner, now_ms=lambda: clock["ms"], started_ms=T - 60_000, wake=lambda: wakes.append(1))
-    for ts in (1_000, 1_010):
-        watch.before_queue(frame(ts))
-        watch.queued(frame(ts))
-    watch.on_gap()  # the stream saw seq jump on the frame about to come
-    watch.before_queue(frame(1_500))
-    watch.queued(frame(1_500))
+    watch.before_queue(T + 1_000)  # a batch of two
+    watch.queued(T + 1_000, T + 1_010)
+    watch.on_gap()  # the stream saw seq jump on the frame about to come: it starts the next batch
+    watch.before_queue(T + 1_500)
+    watch.queued(T + 1_500, T + 1_500)
     watch.dropped()  # a full queue: from the newest trade queued...
-    watch.before_queue(frame(1_600))  # (dropped too)
-    watch.before_queue(frame(1_700))
-    watch.queued(frame(1_700))  # ...to the first one queued after
+    watch.before_queue(T + 1_600)  # (a batch dropped too)
+    watch.before_queue(T + 1_700)
+    watch.queued(T + 1_700, T + 1_800)  # ...to the first one queued after
     clock["ms"] = N + 1_000
     assert [(w.from_ms - T, w.to_ms - T, w.reasons) for w in planner.due(N + 1_000)] == [
         (10, 2_500, ("seq_gap",)),  # between the frames around the gap, 1 s either side
@@ -261,19 +256,20 @@ def test_no_stamp_aims_a_window_past_what_kalshi_can_have() -> None:
     assert [(w.from_ms - T, w.to_ms - T) for w in planner.due(N + 8_600)] == [(4_000, 50 + 8_100 + 2_000)]
 
 
-def test_gap_watch_keeps_to_the_trade_time_rule_and_waits_for_a_readable_time() -> None:
+def test_gap_watch_keeps_to_the_trade_time_rule() -> None:
+    # A stamp the pipeline refuses as future_time must not aim a window either (an hour ahead as the last frame
+    # before a drop once sent the reconnect backfill an hour into the future, and lost a whale silently).
     planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)
     clock = {"ms": N + 1_000}
     watch = GapWatch(planner, now_ms=lambda: clock["ms"], started_ms=T - 60_000, wake=lambda: None)
-    watch.before_queue(frame(1_000))
-    watch.queued(frame(1_000))
-    watch.before_queue(frame(3_601_000))  # an hour ahead: the pipeline refuses it, and so does the planner
-    watch.queued(frame(3_601_000))
+    watch.before_queue(T + 1_000)
+    watch.queued(T + 1_000, T + 3_601_000)  # the batch's last trade is dated an hour ahead: not believed
     watch.on_gap()
-    watch.before_queue({"type": "trade", "sid": 1, "seq": 9, "msg": {"ts_ms": "soon"}})  # unreadable: wait
-    watch.before_queue(frame(1_200))  # the first readable time after the gap
-    watch.queued(frame(1_200))
-    watch.on_disconnect()
+    watch.before_queue(T + 3_700_000)  # the frame after the gap, an hour ahead too: the gap waits
+    watch.before_queue(T + 1_200)  # the first believable time after the gap
+    watch.queued(T + 1_200, T + 1_300)
     (gap_window,) = planner.due(N + 1_600)
     assert (gap_window.from_ms - T, gap_window.to_ms - T) == (0, 2_200)  # around 1,000 and 1,200, not an hour on
-    assert planner.low_water_ms() == T  # the reconnect window starts at the last readable trade, 1,200 - 1 s
+    planner.on_done(gap_window.window_id, N + 1_700)
+    watch.on_disconnect()
+    assert planner.low_water_ms() == T + 300  # the reconnect window starts at the last believable trade - 1 s

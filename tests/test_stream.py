@@ -10,9 +10,13 @@ from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from tests.fake_kalshi import (
     Attempt,
@@ -27,12 +31,20 @@ from tests.fake_kalshi import (
     send_then_close,
     send_then_drop,
     send_then_stall,
+    trade_frame,
     trade_msg,
 )
 from valshi_x.backoff import OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
-from valshi_x.kalshi.stream import Backoff, SeqGap, TradeStream, reconnect_backoff, rejected_backoff
-from valshi_x.trades import MalformedTrade
+from valshi_x.kalshi.stream import (
+    Backoff,
+    ObservedConnection,
+    SeqGap,
+    TradeStream,
+    reconnect_backoff,
+    rejected_backoff,
+)
+from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, trade_from_fields
 
 UNIT = 0.05  # seconds; every timing below is a small multiple of it
 
@@ -55,6 +67,7 @@ class Client:
         slow_backoff: RetryDelays | None = None,
     ) -> None:
         self.delivered: list[dict[str, Any]] = []
+        self.batches: list[int] = []  # the size of each batch delivered
         self.bad: list[tuple[str | bytes, MalformedTrade]] = []
         self.recorded: list[str] = []
         self.sids: list[int] = []
@@ -85,8 +98,10 @@ class Client:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _deliver(self, frame: dict[str, Any]) -> None:
-        self.delivered.append(frame)
+    def _deliver(self, batch: list[TradeFrame]) -> None:
+        # Back in the wire's shape (prices as their strings), so a test compares them with what the server sent.
+        self.delivered.extend(msgspec.to_builtins(frame) for frame in batch)
+        self.batches.append(len(batch))
         self._notify()
 
     def _on_bad(self, raw: str | bytes, exc: MalformedTrade) -> None:
@@ -125,6 +140,11 @@ class Client:
             await self.task
 
 
+def typed(sent: list[dict[str, Any]]) -> list[Any]:
+    """The trades the stream should deliver for these `msg`s, in the shape `Client.delivered` holds them."""
+    return [msgspec.to_builtins(trade_from_fields(msg)) for msg in sent]
+
+
 @contextmanager
 def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with structlog.testing.capture_logs() as captured:
@@ -139,7 +159,20 @@ def signer_for(keys: KeyPair) -> KalshiSigner:
     return KalshiSigner(keys.key_id, keys.private_key)
 
 
+# Every test here runs twice: with permessage-deflate (websockets reads each frame) and without it (the stream cuts
+# plain text frames out of the socket's bytes itself, `ObservedConnection.take_text_frames`).
+_compression: list[str | None] = ["deflate"]
+
+
+@pytest.fixture(autouse=True, params=["deflate", None], ids=["deflate", "plain"])
+def _both_framings(request: pytest.FixtureRequest) -> Iterator[None]:
+    _compression[0] = request.param
+    yield
+    _compression[0] = "deflate"
+
+
 def server_for(keys: KeyPair, **kwargs: Any) -> FakeKalshi:
+    kwargs.setdefault("compression", _compression[0])
     return FakeKalshi(public_key=keys.public_key, key_id=keys.key_id, require_auth=True, **kwargs)
 
 
@@ -230,8 +263,8 @@ async def test_first_connect_subscribes_signed_and_delivers_trades(kalshi_keys: 
     (session,) = kalshi.sessions
     assert session.commands == [{"id": 1, "cmd": "subscribe", "params": {"channels": ["trade"]}}]
     assert session.ws.close_code == 1000  # cancelled: a clean close
-    assert [frame["msg"] for frame in client.delivered] == sent
-    assert client.delivered == kalshi.tape
+    assert [frame["msg"] for frame in client.delivered] == typed(sent)
+    assert client.delivered == [msgspec.to_builtins(careful_trade_frame(frame)) for frame in kalshi.tape]
     assert client.sids == [1]
     assert client.recorded[0] == dumps({"id": 1, "type": "subscribed", "msg": {"channel": "trade", "sid": 1}})
     assert client.recorded[1:] == [dumps(frame) for frame in kalshi.tape]
@@ -284,7 +317,7 @@ async def test_abrupt_drop_and_close_1011_reconnect_and_resubscribe_with_new_sid
             await client.wait_for(lambda: len(client.delivered) == 5)
             await client.stop()
 
-    assert [frame["msg"] for frame in client.delivered] == first + second + third
+    assert [frame["msg"] for frame in client.delivered] == typed(first + second + third)
     assert client.sids == [1, 2, 3]
     # Command ids are per connection; every connection subscribed again.
     assert [s.commands for s in kalshi.sessions] == [
@@ -639,7 +672,7 @@ async def test_error_6_already_subscribed_is_ignored(kalshi_keys: KeyPair) -> No
             await client.wait_for(lambda: len(client.delivered) == 1)
             await client.stop()
 
-    assert [frame["msg"] for frame in client.delivered] == after
+    assert [frame["msg"] for frame in client.delivered] == typed(after)
     assert client.stream.error_frames == 1
     assert len(kalshi.handshakes) == 1
     assert not [e for e in captured if e["log_level"] in ("warning", "error")]
@@ -709,7 +742,7 @@ async def test_malformed_and_unknown_frames_are_reported_not_fatal(kalshi_keys: 
             await client.stop()
 
     assert [(raw, exc.reason) for raw, exc in client.bad] == [("{not json", "not_json"), ("[1, 2]", "not_an_object")]
-    assert [frame["msg"] for frame in client.delivered] == good
+    assert [frame["msg"] for frame in client.delivered] == typed(good)
     (unknown,) = events(captured, "ws_unknown_frame_type")
     assert unknown["type"] == "ticker_v3"
     assert len(client.recorded) == 7  # every frame is recorded as received, even the bad ones
@@ -798,3 +831,105 @@ async def test_resubscribe_and_requested_reconnect(kalshi_keys: KeyPair) -> None
     assert (disconnected["cause"], disconnected["code"], disconnected["log_level"]) == ("requested", 1000, "info")
     assert kalshi.sessions[0].ws.close_code == 1000
     assert len(kalshi.sessions) == 2
+
+
+# ------------------------------------------------------------------------------------------------ framing
+
+
+async def test_frames_keep_their_order_whatever_their_framing(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    """Text, binary and fragmented trade frames and pings, mixed: delivered in the order sent, no gap seen.
+
+    Without deflate the stream cuts plain text frames out of the socket's bytes itself and leaves the rest to
+    websockets; a frame websockets still holds must not be overtaken by the text frames after it."""
+    sent: list[dict[str, Any]] = []
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        for round_ in range(20):
+            frames = [trade_frame(trade_msg(), sid=session.sid, seq=session._take_seq()) for _ in range(4)]
+            sent.extend(frame["msg"] for frame in frames)
+            await session.ws.send(dumps(frames[0]))
+            await session.ws.send(dumps(frames[1]).encode())  # binary
+            text = dumps(frames[2])
+            await session.ws.send([text[:50], text[50:120], text[120:]])  # fragmented
+            await session.ws.ping()
+            await session.ws.send(dumps(frames[3]))
+            if round_ % 5 == 0:
+                await asyncio.sleep(0)
+
+    async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys))
+        client.start()
+        await client.wait_for(lambda: len(client.delivered) == 80)
+        ws = client.stream._ws
+        assert ws is not None
+        cut_here = ws._text_sink is not None
+        await client.stop()
+    assert [frame["msg"] for frame in client.delivered] == typed(sent)
+    assert (client.stream.gaps, client.stream.seq_unreadable, client.bad) == (0, 0, [])
+    # Without deflate the plain text frames were cut out here, with it websockets read them all.
+    assert cut_here == (_compression[0] is None)
+
+
+async def test_a_frame_over_the_size_limit_ends_the_connection_and_nothing_of_it_is_delivered(
+    kalshi_keys: KeyPair,  # noqa: F811
+) -> None:
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trade()
+        await session.ws.send('{"type":"trade","msg":"' + "x" * 2**20 + '"}')  # over websockets' 1 MiB
+        await session.send_trade()
+
+    async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+        client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+        client.start()
+        await client.wait_for(lambda: client.disconnects >= 1)
+        await client.stop()
+    assert len(client.delivered) == 1
+    assert client.bad == []
+    assert kalshi.sessions[0].ws.close_code == 1009  # message too big, as websockets always answered
+
+
+async def test_text_frames_split_anywhere_across_reads_are_cut_whole() -> None:
+    """The frame cutter keeps a frame's start until its end arrives, whatever the length form (7, 16, 64 bits)."""
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1/trade-api/ws/v2"))
+    protocol.state = State.OPEN
+    connection = ObservedConnection(protocol)
+    connection.connection_made(NullTransport())
+    texts: list[str] = []
+    reads: list[int] = []
+    assert connection.take_text_frames(texts.append, lambda: reads.append(len(texts)))
+    sent = ["{}", "é" * 200, "x" * 70_000, '{"type":"trade"}']
+    wire = b"".join(frame_bytes(text) for text in sent)
+    for at in range(0, len(wire), 7):  # seven bytes a read
+        connection.data_received(wire[at : at + 7])
+    assert texts == sent
+    assert reads[-1] == len(sent) and len(reads) == len(sent)  # `read_done` after each read that completed a frame
+    connection.data_received(wire)  # all in one read: one call of `read_done`
+    assert texts == sent * 2 and reads[-1] == 2 * len(sent) and len(reads) == len(sent) + 1
+
+
+class NullTransport(asyncio.Transport):
+    """A socket that is never written to here (the test only feeds what was read)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+def frame_bytes(text: str) -> bytes:
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload

@@ -39,7 +39,7 @@ from valshi_x.runmode import ModeProfile, Tuning
 from valshi_x.store import Store, db_path, wall_ms
 from valshi_x.supervisor import Stages, Supervisor
 from valshi_x.systemd import HealthWatchdog, Notifier
-from valshi_x.trades import MalformedTrade, utc_from_ms
+from valshi_x.trades import MalformedTrade, TradeFrame, utc_from_ms
 from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
 from valshi_x.x.poster import Poster, open_transport
 
@@ -133,7 +133,10 @@ class Daemon:
         self.pipeline = Pipeline(
             detector, monotonic=monotonic, replay=not options.live, now_ms=now_ms if options.live else None
         )
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=settings.frame_queue_size)
+        # Batches of typed trade frames, as the socket had them ready; bounded in frames (`_enqueue`), not batches.
+        self.queue: asyncio.Queue[list[TradeFrame] | None] = asyncio.Queue()
+        self.queue_max_frames = settings.frame_queue_size
+        self.frames_queued = 0
         self.frames_dropped = 0
         self._last_overflow_log = -_OVERFLOW_LOG_EVERY_S
         self.recorder = Recorder(options.record_path) if options.record_path else None
@@ -294,24 +297,32 @@ class Daemon:
         )
         await self.stream.run()
 
-    def _enqueue(self, frame: dict[str, Any]) -> None:
-        # Called by the reader for every trade frame: it must never wait on the pipeline.
+    def _enqueue(self, batch: list[TradeFrame]) -> None:
+        """Called by the reader with each batch of trade frames: it must never wait on the pipeline.
+
+        The bound is in frames, as it was when frames were queued one by one: what fits is queued, the rest of
+        the batch is dropped and told to the planner once, as the first dropped frame was.
+        """
         watch = self.gap_watch
         if watch is not None:
-            watch.before_queue(frame)
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.frames_dropped += 1
+            watch.before_queue(batch[0].msg.ts_ms)  # only a batch's first frame can follow a seq gap
+        room = self.queue_max_frames - self.frames_queued
+        dropped = len(batch) - room
+        if dropped > 0:
+            batch = batch[:room] if room > 0 else []
+        if batch:
+            self.queue.put_nowait(batch)
+            self.frames_queued += len(batch)
+            if watch is not None:
+                watch.queued(batch[0].msg.ts_ms, batch[-1].msg.ts_ms)
+        if dropped > 0:
+            self.frames_dropped += dropped
             if watch is not None:
                 watch.dropped()  # the dropped trades are still on Kalshi
             now = self._monotonic()
             if now - self._last_overflow_log >= _OVERFLOW_LOG_EVERY_S:
                 self._last_overflow_log = now
-                log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue.maxsize)
-            return
-        if watch is not None:
-            watch.queued(frame)
+                log.warning("frame_queue_full", frames_dropped=self.frames_dropped, queue_size=self.queue_max_frames)
 
     def _wake_backfill(self) -> None:
         if self.backfiller is not None:
@@ -324,18 +335,21 @@ class Daemon:
     async def _process_queue(self) -> None:
         queue, pipeline = self.queue, self.pipeline
         while True:
-            frame = await queue.get()
+            batch = await queue.get()
             alerts: list[Alert] = []
-            # Take what is already waiting in one go; the outbox is written once per batch.
-            while frame is not None:
-                alerts.extend(pipeline.on_frame(frame))
+            # Take every batch already waiting in one go; the outbox is written once for all of them.
+            while batch is not None:
+                self.frames_queued -= len(batch)
+                found = pipeline.on_trades(batch)
+                if found:
+                    alerts.extend(found)
                 if queue.empty():
                     break
-                frame = queue.get_nowait()
+                batch = queue.get_nowait()
             self._last_trade_seen_at = self._monotonic()
             if alerts:
                 await self._submit(alerts)
-            if frame is None:
+            if batch is None:
                 return
 
     async def _replay(self, path: Path) -> None:
@@ -557,7 +571,7 @@ class Daemon:
             trades=self.pipeline.counts.trades,
             whales=self.pipeline.detector.alerts,
             posts=poster.stats.posted if poster else 0,
-            queue_depth=self.queue.qsize(),
+            queue_depth=self.frames_queued,
             last_posted_ms=poster.stats.last_posted_ms if poster else None,
             dry_run=self.options.dry_run,
         )
@@ -620,7 +634,7 @@ class Daemon:
             late_fills_after_alert=detector.late_fills_after_alert,
             stall_resubscribes=self.stall_resubscribes,
             frames_missing=stream.frames_missing if stream else 0,
-            queue_depth=self.queue.qsize(),
+            queue_depth=self.frames_queued,
             frames_dropped=self.frames_dropped,
             last_frame_age_s=last_frame_age_s,
             uptime_s=round(self._monotonic() - self.started_at, 1),

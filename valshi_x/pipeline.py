@@ -30,6 +30,7 @@ from valshi_x.trades import (
     FUTURE_TOLERANCE_MS,
     MalformedTrade,
     Trade,
+    TradeFrame,
     check_trade_time,
     fast_trade_from_raw,
     parse_frame,
@@ -135,6 +136,41 @@ class Pipeline:
             self.on_bad_frame(raw, exc)
             return []
         return self.on_frame(frame)
+
+    def on_trades(self, frames: list[TradeFrame]) -> list[Alert]:
+        """A batch of trade frames the stream already decoded and typed (live): nothing is dispatched again.
+
+        The clocks are read once per batch, not per trade: the wall clock for the trade-time rule and, when the
+        trade time advanced, the monotonic one for the stream clock's base (a batch spans microseconds).
+        """
+        now_ms = self._now_ms
+        if now_ms is None:  # replay and tests: the per-trade path with its own clock rules
+            alerts: list[Alert] = []
+            for frame in frames:
+                self.counts.frames += 1
+                alerts.extend(self._take(frame.msg))
+            return alerts
+        latest_ms = now_ms() + FUTURE_TOLERANCE_MS
+        detector = self.detector
+        add = detector.add
+        watermark_ms = detector.watermark_ms
+        alerts = []
+        taken = 0
+        for frame in frames:
+            trade = frame.msg
+            if trade.ts_ms > latest_ms:
+                self._refuse_future(trade, latest_ms - FUTURE_TOLERANCE_MS)
+                continue
+            taken += 1
+            found = add(trade)
+            if found:
+                alerts.extend(found)
+        counts = self.counts
+        counts.frames += len(frames)
+        counts.trades += taken
+        if detector.watermark_ms > watermark_ms:
+            self.watermark_seen_at = self._monotonic()
+        return alerts
 
     def on_frame(self, frame: dict[str, Any]) -> list[Alert]:
         """One decoded frame; control frames are counted, unknown ones noted once per type."""

@@ -1,11 +1,13 @@
 """The Kalshi `trade` channel consumer: one WebSocket session after another, for as long as the daemon runs.
 
-Each session: sign the handshake afresh, connect, subscribe to `trade`, then read frames and hand each trade
-frame to `deliver` (synchronous, never blocking: the daemon puts it on a bounded queue). The loop owns its
-retries: every way a session ends is classified in `_end_of_session` / `_connect_failure_delay`, and the next
-delay comes from a jittered, capped backoff that is reset only once a connection has subscribed and delivered a
-trade, so a server that accepts and drops at once cannot cause a hot reconnect loop, while after an outage the
-next try comes soon (`reconnect_backoff`).
+Each session: sign the handshake afresh, connect, subscribe to `trade`, then read frames. Each frame is decoded
+once, straight into a typed `TradeFrame` (`valshi_x.trades.fast_trade_frame`; the careful dict decode for any other
+shape, which also names what is wrong with a malformed frame), and the trade frames the socket has ready are handed
+to `deliver` as one batch (synchronous, never blocking: the daemon puts it on a bounded queue). The loop owns its
+retries: every way a session ends is classified in `_end_of_session` / `_connect_failure_delay`, and the next delay
+comes from a jittered, capped backoff that is reset only once a connection has subscribed and delivered a trade, so
+a server that accepts and drops at once cannot cause a hot reconnect loop, while after an outage the next try comes
+soon (`reconnect_backoff`).
 
 Liveness: Kalshi pings every 10 s. A connection that delivers neither a frame nor a server ping for
 `idle_timeout_s` is treated as stalled and replaced. Our own keepalive pings (`ping_interval_s`) notice a dead
@@ -34,12 +36,12 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 
 from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.pipeline import WarningBudget
-from valshi_x.trades import MalformedTrade, parse_frame
+from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, fast_trade_frame, parse_frame
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +53,11 @@ ERR_BUFFER_OVERFLOW: Final = 25
 # Frames that prove the server is alive: data, and the server's own pings. Pongs only answer our pings.
 _ALIVE_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING})
 _MAX_LOGGED_TYPES: Final = 64
+# Frames handed over in one batch at most, even if the socket keeps having more ready.
+MAX_BATCH_FRAMES: Final = 1024
+# Complete frames the connection may buffer before it stops reading the socket (websockets' default is 16): a
+# busy moment then arrives as one batch rather than as many small ones.
+_RECV_QUEUE_FRAMES: Final = 1024
 
 _UNSIGNED_HINT = "set KALSHI_API_KEY_ID and KALSHI_PRIVATE_KEY_PATH: Kalshi may require a signed handshake"
 _REJECTED_HINT = (
@@ -97,10 +104,22 @@ class SeqGap:
 
 
 class ObservedConnection(ClientConnection):
-    """A client connection that notes (loop time) when the server last sent a data frame or a ping."""
+    """A client connection that notes (loop time) when the server last sent a data frame or a ping, and that can
+    hand complete text frames straight from the socket's bytes to a callback (`take_text_frames`).
+
+    Why the second part: websockets parses each frame with a generator and queues it for `recv()`, a few µs per
+    frame, as much as everything else the daemon does with a trade. A Kalshi trade frame is always one unmasked,
+    unfragmented, uncompressed text frame, and those are cheap to cut out of the byte stream. Every other frame
+    (pings, pongs, close, binary, fragments, compressed or masked frames, one too big, invalid UTF-8) is handed to
+    websockets whole and in order, which answers, queues or fails it exactly as before; while websockets still
+    holds a data frame for `recv()`, text frames queue behind it, so frames are never reordered.
+    """
 
     last_heard: float = 0.0
     pings_received: int = 0
+    _text_sink: Callable[[str], None] | None = None
+    _read_done: Callable[[], None] | None = None
+    _partial: bytes = b""  # the start of a frame whose end has not arrived yet
 
     def process_event(self, event: Event) -> None:
         super().process_event(event)
@@ -109,6 +128,76 @@ class ObservedConnection(ClientConnection):
             self.last_heard = self.loop.time()
             if event.opcode is Opcode.PING:
                 self.pings_received += 1
+
+    def frames_ready(self) -> int:
+        """Frames received and not yet read by `recv()`: zero means the next `recv()` would wait."""
+        return len(self.recv_messages.frames)
+
+    def take_text_frames(self, sink: Callable[[str], None], read_done: Callable[[], None]) -> bool:
+        """From now on, hand each complete plain text frame to `sink` as it arrives, and call `read_done` after
+        the frames of each read from the socket; False (and nothing changes) unless the connection is open and
+        websockets holds no unparsed bytes, so the byte stream is cut at a frame boundary."""
+        if self.protocol.state is not State.OPEN or self.protocol.reader.buffer or self.protocol.extensions:
+            return False
+        self._text_sink, self._read_done = sink, read_done
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        sink = self._text_sink
+        if sink is None:
+            super().data_received(data)
+            return
+        buffer = self._partial + data if self._partial else data
+        size = len(buffer)
+        max_size = self.protocol.max_message_size
+        frames = self.recv_messages.frames
+        at = 0
+        took = False
+        while size - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length = second & 0x7F
+            head = 2
+            if length == 126:  # a trade frame's case: 126 to 65,535 bytes
+                if size - at < 4:
+                    break
+                length = (buffer[at + 2] << 8) | buffer[at + 3]
+                head = 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                length = int.from_bytes(buffer[at + 2 : at + 10])
+                head = 10
+            if second >= 0x80:
+                head += 4  # masked: a protocol error from a server, websockets fails it
+            end = at + head + length
+            if max_size is not None and length > max_size:
+                end = size  # websockets fails the connection at this header; nothing after it matters
+            elif end > size:
+                break
+            elif first == 0x81 and second < 0x80 and not frames:
+                try:
+                    text = buffer[at + head : end].decode()  # a slice and a decode: cheaper than a memoryview
+                except UnicodeDecodeError:
+                    text = None  # websockets fails the connection, as it always did
+                if text is not None:
+                    sink(text)
+                    took = True
+                    at = end
+                    continue
+            super().data_received(bytes(buffer[at:end]))  # whole frames only: websockets stays at a boundary
+            at = end
+            if self.protocol.state is not State.OPEN:  # closing: websockets takes everything from here on
+                self._text_sink = None
+                if at < size:
+                    super().data_received(bytes(buffer[at:]))
+                at = size
+                break
+        self._partial = bytes(buffer[at:]) if at < size else b""
+        if took:
+            self.last_heard = self.loop.time()
+            read_done = self._read_done
+            if read_done is not None:
+                read_done()
 
 
 def public_url(url: str) -> str:
@@ -125,7 +214,7 @@ class TradeStream:
         *,
         url: str,
         signer: KalshiSigner | None,
-        deliver: Callable[[dict[str, Any]], None],
+        deliver: Callable[[list[TradeFrame]], None],
         on_bad_frame: Callable[[str | bytes, MalformedTrade], None],
         record: Callable[[str], None] | None = None,
         idle_timeout_s: float = 30.0,
@@ -189,6 +278,8 @@ class TradeStream:
 
         self._unknown_types: set[str] = set()
         self._warned_unsigned = False
+        self._batch: list[TradeFrame] = []  # trade frames read and not yet delivered
+        self._closing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -244,6 +335,7 @@ class TradeStream:
             ping_interval=self._ping_interval_s,
             ping_timeout=self._ping_timeout_s,
             close_timeout=self._close_timeout_s,
+            max_queue=_RECV_QUEUE_FRAMES,
         )
         assert isinstance(ws, ObservedConnection)  # create_connection above
         return ws
@@ -261,6 +353,7 @@ class TradeStream:
         self._seq_missing_noted = set()
         self._next_id = 1
         self._pending_subscribes = set()
+        self._closing = None
         self._deliver = self._first_trade
         log.info("ws_connected", url=self._public_url, attempt=self.attempts, signed=self._signer is not None)
 
@@ -268,8 +361,17 @@ class TradeStream:
         """Subscribe, then read until the connection ends or asks to be replaced; returns why it ended."""
         loop = asyncio.get_running_loop()
         opened = loop.time()
+        # Text frames are handled as they arrive, a read's worth at a time (the recv loop below then sees only
+        # what websockets keeps: binary or fragmented frames). Before subscribing, so no trade comes in between.
+        ws.take_text_frames(self._handle, self._read_done)
         await self._subscribe(ws)
-        handle = self._handle
+        try:
+            return await self._read_frames(ws, loop, opened)
+        finally:
+            self._flush()  # what was read before the end is delivered before `on_disconnect`
+
+    async def _read_frames(self, ws: ObservedConnection, loop: asyncio.AbstractEventLoop, opened: float) -> Cause:
+        handle, flush, recv, ready = self._handle, self._flush, ws.recv, ws.frames_ready
         while True:
             deadline = max(ws.last_heard, opened) + self.idle_timeout_s
             if loop.time() >= deadline:
@@ -285,7 +387,9 @@ class TradeStream:
             try:
                 async with asyncio.timeout_at(deadline):
                     while True:
-                        handle(await ws.recv())
+                        handle(await recv())
+                        if not ready() or len(self._batch) >= MAX_BATCH_FRAMES:
+                            flush()  # all the socket had ready: one batch
                         end = self._end
                         if end is not None:
                             return end
@@ -306,9 +410,8 @@ class TradeStream:
     # ------------------------------------------------------------------ frames
 
     def _handle(self, raw: str | bytes) -> None:
-        """One received frame: record it, parse it, dispatch on its type. Never blocks, never awaits."""
+        """One received frame: record it, decode it once, batch a trade, act on the rest. Never blocks or awaits."""
         self.frames += 1
-        self.last_frame_monotonic = self._clock()
         if isinstance(raw, bytes):
             try:
                 text = raw.decode()
@@ -319,29 +422,67 @@ class TradeStream:
             text = raw
         if self._record is not None:
             self._record(text)
+        typed = fast_trade_frame(text)
+        if typed is None:
+            self._handle_careful(raw, text)
+            return
+        sid, seq = typed.sid, typed.seq
+        if sid is not None:
+            last_seq = self.last_seq
+            if seq is not None and last_seq.get(sid) == seq - 1:
+                last_seq[sid] = seq  # the common case, inline
+            else:
+                self._track_seq(sid, seq)
+        self._batch.append(typed)
+
+    def _handle_careful(self, raw: str | bytes, text: str) -> None:
+        """Any frame the typed decode refused: decoded as a dict, dispatched on its type, malformed ones named."""
+        self.last_frame_monotonic = self._clock()
         try:
             frame = parse_frame(text)
         except MalformedTrade as exc:
             self._on_bad_frame(raw, exc)
             return
-
         kind = frame.get("type")
         if kind == "trade":
-            self._track_seq(frame)
-            self._deliver(frame)
-        elif kind == "subscribed":
+            self._track_frame_seq(frame)  # a malformed trade still uses up its seq
+            try:
+                typed = careful_trade_frame(frame)
+            except MalformedTrade as exc:
+                self._on_bad_frame(raw, exc)
+                return
+            self._batch.append(typed)
+            return
+        self._flush()  # what came before a control frame is delivered before its callbacks run
+        if kind == "subscribed":
             self._handle_subscribed(frame)
         elif kind == "error":
             self._handle_error(frame)
         elif kind in ("ok", "unsubscribed"):
             if "seq" in frame:
-                self._track_seq(frame)
+                self._track_frame_seq(frame)
             log.debug("ws_control_frame", type=kind, id=frame.get("id"), sid=frame.get("sid"))
         else:
             name = kind if isinstance(kind, str) else repr(kind)[:40]
             if name not in self._unknown_types and len(self._unknown_types) < _MAX_LOGGED_TYPES:
                 self._unknown_types.add(name)
                 log.warning("ws_unknown_frame_type", type=name)
+
+    def _read_done(self) -> None:
+        """After the frames of one read from the socket: deliver them, and end the session if one asked to."""
+        self._flush()
+        ws = self._ws
+        if self._end is not None and ws is not None and self._closing is None:
+            # The read loop waits in `recv()`: closing ends it (ConnectionClosed; `run` reads `_end`).
+            self._closing = asyncio.get_running_loop().create_task(ws.close())
+
+    def _flush(self) -> None:
+        """Hand the batch read so far to `deliver` (the clock is read once per batch)."""
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self.last_frame_monotonic = self._clock()
+            self._deliver(batch)
 
     def _handle_subscribed(self, frame: dict[str, Any]) -> None:
         msg = frame.get("msg")
@@ -365,7 +506,7 @@ class TradeStream:
     def _handle_error(self, frame: dict[str, Any]) -> None:
         self.error_frames += 1
         if "seq" in frame:
-            self._track_seq(frame)  # error frames on a sid use up sequence numbers too
+            self._track_frame_seq(frame)  # error frames on a sid use up sequence numbers too
         msg = frame.get("msg")
         code = msg.get("code") if isinstance(msg, dict) else None
         text = msg.get("msg") if isinstance(msg, dict) else None
@@ -390,11 +531,12 @@ class TradeStream:
         elif self._warnings.allow("ws_error_frame"):
             log.warning("ws_error_frame", code=code, msg=text, id=command_id)
 
-    def _track_seq(self, frame: dict[str, Any]) -> None:
+    def _track_frame_seq(self, frame: dict[str, Any]) -> None:
         sid = frame.get("sid")
-        seq = frame.get("seq")
-        if type(sid) is not int:
-            return
+        if type(sid) is int:
+            self._track_seq(sid, frame.get("seq"))
+
+    def _track_seq(self, sid: int, seq: object) -> None:
         if type(seq) is not int or seq < 1:
             # Not a seq: this frame cannot be placed, the next ones can (the doc: "cannot detect gaps" for it).
             self.seq_unreadable += 1
@@ -414,6 +556,8 @@ class TradeStream:
             if self._warnings.allow("ws_seq_gap"):
                 log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
             if self._on_gap is not None:
+                # The frames before the gap are delivered first, so the frame after it starts the next batch.
+                self._flush()
                 self._on_gap(gap)
         elif self._warnings.allow("ws_seq_out_of_order"):
             log.warning("ws_seq_out_of_order", sid=sid, expected=expected, got=seq)
@@ -493,8 +637,8 @@ class TradeStream:
         )
         return delay_s
 
-    def _first_trade(self, frame: dict[str, Any]) -> None:
-        """Deliver the connection's first trade; once subscribed, that proves it works: the backoffs start over.
+    def _first_trade(self, batch: list[TradeFrame]) -> None:
+        """Deliver the connection's first trades; once subscribed, that proves it works: the backoffs start over.
 
         Not uptime: a connection that stays open but never delivers (accepted, then dropped or refused) must
         keep backing off. Later trades go to `deliver` directly, with no check per frame.
@@ -503,4 +647,4 @@ class TradeStream:
             self._backoff.reset()
             self._slow_backoff.reset()
             self._deliver = self._deliver_trade
-        self._deliver_trade(frame)
+        self._deliver_trade(batch)

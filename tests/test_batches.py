@@ -1,0 +1,115 @@
+"""The queue between the socket reader and the pipeline carries batches, bounded in frames.
+
+What fits is queued, the rest of the batch is dropped and counted frame by frame, and the recovery planner hears
+of the drop as it did when frames were queued one at a time: an overflow from the newest trade queued, ended by
+the first trade queued after it. The pipeline takes a batch with one read of each clock.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from valshi_x.config import load_settings
+from valshi_x.daemon import Daemon, RunOptions
+from valshi_x.gapwatch import GapWatch
+from valshi_x.pipeline import Pipeline
+from valshi_x.trades import FUTURE_TOLERANCE_MS, TradeFrame, trade_from_fields
+from valshi_x.whales import WhaleDetector
+
+T = 1_796_126_073_000
+NOW_MS = T + 10_000
+
+
+def frame(ts_ms: int, seq: int, *, count: str = "10.00", ticker: str = "KXTEST-1") -> TradeFrame:
+    fields = {
+        "trade_id": f"id-{seq}",
+        "market_ticker": ticker,
+        "yes_price_dollars": "0.5000",
+        "no_price_dollars": "0.5000",
+        "count_fp": count,
+        "taker_outcome_side": "yes",
+        "is_block_trade": False,
+        "ts_ms": ts_ms,
+    }
+    return TradeFrame("trade", trade_from_fields(fields), 1, seq)
+
+
+class SpyPlanner:
+    """The planner calls the gap watch makes, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.wants_first_trade = False
+
+    def on_gap(self, before_ms: int, after_ms: int, now_ms: int, reason: str = "seq_gap") -> None:
+        self.calls.append(("gap", (before_ms - T, after_ms - T)))
+
+    def on_overflow(self, last_queued_ts_ms: int, now_ms: int) -> None:
+        self.calls.append(("overflow", last_queued_ts_ms - T))
+        self.wants_first_trade = True
+
+    def on_first_trade(self, ts_ms: int, now_ms: int) -> None:
+        self.calls.append(("first_trade", ts_ms - T))
+        self.wants_first_trade = False
+
+
+def live_daemon(tmp_path: Path, queue_frames: int) -> tuple[Daemon, SpyPlanner]:
+    settings = load_settings(
+        {"STATE_DIR": str(tmp_path / "state"), "FRAME_QUEUE_SIZE": str(queue_frames)}, need_x=False
+    )
+    daemon = Daemon(settings, RunOptions(dry_run=True), now_ms=lambda: NOW_MS)
+    spy = SpyPlanner()
+    daemon.gap_watch = GapWatch(spy, now_ms=lambda: NOW_MS, started_ms=T, wake=lambda: None)  # type: ignore[arg-type]
+    return daemon, spy
+
+
+async def test_a_batch_that_does_not_fit_is_cut_and_the_planner_hears_one_overflow(tmp_path: Path) -> None:
+    daemon, spy = live_daemon(tmp_path, queue_frames=5)
+    daemon._enqueue([frame(T + 1_000 + i, seq=1 + i) for i in range(3)])
+    daemon._enqueue([frame(T + 1_010 + i, seq=4 + i) for i in range(4)])  # two fit, two are dropped
+    assert (daemon.frames_queued, daemon.frames_dropped) == (5, 2)
+    assert [[f.seq for f in daemon.queue.get_nowait()] for _ in range(2)] == [[1, 2, 3], [4, 5]]
+    daemon.frames_queued = 0  # (the pipeline's share of the work, done by hand here)
+    daemon._enqueue([frame(T + 1_020, seq=8)])  # room again: queued, and its time ends the overflow
+    assert spy.calls == [("overflow", 1_011), ("first_trade", 1_020)]  # as when frames were queued one by one
+
+
+async def test_a_batch_with_no_room_at_all_is_dropped_whole(tmp_path: Path) -> None:
+    daemon, spy = live_daemon(tmp_path, queue_frames=2)
+    daemon._enqueue([frame(T + 1_000, seq=1), frame(T + 1_001, seq=2)])
+    daemon._enqueue([frame(T + 1_002, seq=3)])
+    daemon._enqueue([frame(T + 1_003, seq=4)])
+    assert (daemon.frames_queued, daemon.frames_dropped, daemon.queue.qsize()) == (2, 2, 1)
+    assert spy.calls == [("overflow", 1_001), ("overflow", 1_001)]  # the planner keeps one window open
+
+
+async def test_after_a_seq_gap_the_next_batch_bounds_the_gap(tmp_path: Path) -> None:
+    daemon, spy = live_daemon(tmp_path, queue_frames=100)
+    daemon._enqueue([frame(T + 1_000, seq=1), frame(T + 1_005, seq=2)])
+    assert daemon.gap_watch is not None
+    daemon.gap_watch.on_gap()  # the stream cuts its batch at the gap and calls this before the next one
+    daemon._enqueue([frame(T + 1_500, seq=9), frame(T + 1_600, seq=10)])
+    assert spy.calls == [("gap", (1_005, 1_500))]
+
+
+def test_the_pipeline_takes_a_batch_refusing_only_trades_from_the_future() -> None:
+    clock_reads: list[int] = []
+
+    def now_ms() -> int:
+        clock_reads.append(1)
+        return NOW_MS
+
+    detector = WhaleDetector(Decimal(100_000), 1_000, dedup_horizon_ms=60_000, late_fill_horizon_ms=0)
+    pipeline = Pipeline(detector, now_ms=now_ms)
+    batch = [
+        frame(NOW_MS - 500, seq=1, count="120000.00", ticker="KXWHALE-1"),  # $60,000
+        frame(NOW_MS + FUTURE_TOLERANCE_MS + 1, seq=2, count="1.00"),  # more than the tolerance ahead
+        frame(NOW_MS - 400, seq=3, count="100000.00", ticker="KXWHALE-1"),  # + $50,000: a whale
+    ]
+    assert pipeline.on_trades(batch) == []
+    assert len(clock_reads) == 1  # once per batch
+    assert (pipeline.counts.frames, pipeline.counts.trades, pipeline.counts.malformed) == (3, 2, 1)
+    (alert,) = pipeline.flush()
+    assert alert.value_usd == Decimal("110000.0000")
