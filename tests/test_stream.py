@@ -717,7 +717,7 @@ async def test_an_error_frame_whose_id_is_no_number_is_logged_not_fatal(kalshi_k
             await client.wait_for(lambda: len(client.delivered) == 1)
             await client.stop()
 
-    assert [frame["msg"] for frame in client.delivered] == good
+    assert [frame["msg"] for frame in client.delivered] == typed(good)
     assert len(kalshi.handshakes) == 1  # the connection was kept
     assert len(events(captured, "ws_error_frame")) == 4
 
