@@ -121,7 +121,6 @@ class Backfiller:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._wake = asyncio.Event()
         self.counts = BackfillCounts()
-        self.fetching = 0
 
     @property
     def pending(self) -> int:
@@ -149,11 +148,7 @@ class Backfiller:
 
     async def _fetch_in_slot(self, window: Window) -> None:
         async with self._slots:
-            self.fetching += 1
-            try:
-                done = await self.fetch(window)
-            finally:
-                self.fetching -= 1
+            done = await self.fetch(window)
         if done:
             self.planner.on_done(window.window_id, self._clock_ms())
         else:

@@ -235,10 +235,6 @@ class RecoveryPlanner:
     def pending(self) -> int:
         return len(self._windows)
 
-    @property
-    def holding(self) -> bool:
-        return any(not p.expired for p in self._windows.values())
-
     # --- inside ---------------------------------------------------------------------------------------------
 
     def _new_id(self) -> int:
