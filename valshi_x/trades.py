@@ -434,8 +434,9 @@ def fast_trade_frame(raw: str | bytes) -> TradeFrame | None:
 
     Bounds: the size is checked first; nesting is bounded by the schema (unknown fields are skipped, and a
     skipped value nested past msgspec's depth limit raises RecursionError, caught here); the trade's ranges and
-    precision are those of `_exact_money`, the time range that of `trade_time_ms`. None is no verdict: the caller
-    takes the careful path, which names what is wrong (a property test keeps the two equal).
+    precision are those of `_exact_money`, proven on the text (`_money_text_ok`, no Decimal built), the time range
+    that of `trade_time_ms`. None is no verdict: the caller takes the careful path, which names what is wrong (a
+    property test keeps the two equal).
     """
     if len(raw) > MAX_FRAME_BYTES:
         return None
@@ -448,10 +449,17 @@ def fast_trade_frame(raw: str | bytes) -> TradeFrame | None:
             and _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
             and 0 < len(trade.trade_id) <= MAX_TEXT_LEN
             and 0 < len(trade.ticker) <= MAX_TEXT_LEN
-            and _exact_money(trade.yes_price_dollars, trade.no_price_dollars, trade.count_fp)
+            and (
+                (
+                    trade.yes_price_text in _known_prices
+                    and trade.no_price_text in _known_prices
+                    and trade.count_text in _known_counts
+                )
+                or _money_text_ok(trade)
+            )
         ):
             return frame
-    except (msgspec.DecodeError, InvalidOperation, RecursionError):
+    except (msgspec.DecodeError, RecursionError):
         pass
     return None
 
