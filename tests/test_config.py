@@ -244,8 +244,8 @@ def test_a_key_in_the_credentials_directory_is_systemds_copy_and_not_judged_by_i
 
 
 def test_no_warning_at_start_for_the_key_systemd_hands_over(tmp_path: Path) -> None:
-    # systemd 252 gives the copy mode 0400 on ramfs; on a tmpfs with ACLs it adds a read entry for the service's
-    # user instead, and the ACL's mask shows as group read (0440): the daemon must not cry wolf on every start.
+    # systemd 257 (Debian 13) hands the key over as root:root 0440, the group bits being the mask of an ACL that
+    # grants only the service's user (booted and seen; 252 makes it 0400): no warning on every start for that.
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     key = credentials / "kalshi.pem"

@@ -285,10 +285,11 @@ def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
 def secret_files(key_path: Path | None, env_file: Path, env: Mapping[str, str]) -> tuple[Path, ...]:
     """The key and env files whose permission bits are ours to judge (see `readable_by_others`).
 
-    A key under $CREDENTIALS_DIRECTORY is systemd's private copy (`LoadCredential=`), not the operator's file:
-    systemd grants the service user read access, by ownership (mode 0400 on ramfs, systemd 252) or by an ACL
-    entry (on a tmpfs that has ACLs), and an ACL's mask shows in the group bits. Judging that copy by its mode
-    would warn on every start about a file nobody else can read.
+    A key under $CREDENTIALS_DIRECTORY is systemd's private copy (`LoadCredential=`), not the operator's file,
+    and systemd alone decides who reads it. Seen under the unit: systemd 252 (Debian 12, ramfs) makes it 0400,
+    owned by the service's user; systemd 257 (Debian 13, tmpfs) makes it root:root 0440, where the group bits are
+    the mask of an ACL whose only grant is `user:<service uid>:r` (group::---). Judged by its mode, that copy
+    drew a warning on every start.
     """
     credentials = env.get("CREDENTIALS_DIRECTORY", "")
     found = []
