@@ -33,7 +33,7 @@ from tests.fake_kalshi import (
 from tests.fake_kalshi_rest import FakeKalshiRest
 from tests.service_helpers import REPO, child_env
 from valshi_x.check import run_checks
-from valshi_x.config import load_settings
+from valshi_x.config import UNQUOTED_BACKSLASH, load_settings
 from valshi_x.kalshi.auth import KalshiSigner, load_private_key
 
 UNIT_S = 0.05
@@ -207,6 +207,7 @@ def test_the_cli_prints_only_verdicts_and_reads_the_key_file_named_on_the_comman
         f"KALSHI_API_KEY_ID={ed25519_keys.key_id}\n"
         f"KALSHI_WS_URL=ws://127.0.0.1:{port}{WS_PATH}\nKALSHI_API_URL=http://kalshi.invalid{REST_PATH}\n"
         "WHALE_TRESHOLD_DOLLARS=5000\n"  # misspelled: check says so instead of letting the default stand silently
+        "POST_TEMPLATE={value}\\n{time}\n"  # systemd would read "{value}n{time}": check says so
     )
     done = subprocess.run(
         [
@@ -231,6 +232,7 @@ def test_the_cli_prints_only_verdicts_and_reads_the_key_file_named_on_the_comman
     assert found["kalshi key"] == ("PASS", f"Ed25519 key loaded for key id {ed25519_keys.key_id}")
     assert found["kalshi websocket"][1].startswith("connection refused")
     assert found["kalshi rest"][1].startswith("DNS: cannot resolve kalshi.invalid")
+    assert found["env file"] == ("WARN", f"{env_file} line 5, POST_TEMPLATE: {UNQUOTED_BACKSLASH}")
     assert found["unknown setting"] == (
         "WARN",
         "WHALE_TRESHOLD_DOLLARS is not a setting and is ignored (did you mean WHALE_THRESHOLD_DOLLARS?)",

@@ -10,9 +10,21 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
-from valshi_x.config import KALSHI_WS_URL, SETTINGS, Settings, load_settings
+from tests.test_text import SWEEP
+from valshi_x.config import (
+    EXPORT,
+    KALSHI_WS_URL,
+    SETTINGS,
+    UNQUOTED_BACKSLASH,
+    Settings,
+    env_file_differences,
+    load_settings,
+    secret_files,
+)
 from valshi_x.errors import ConfigError
+from valshi_x.x.text import render_post
 
 ROOT = Path(__file__).resolve().parent.parent
 X_KEYS = {
@@ -125,3 +137,127 @@ def test_missing_key_file_exits_78(tmp_path: Path) -> None:
     done = run_cli("--dry-run", env=env, cwd=tmp_path)
     assert done.returncode == 78
     assert done.stderr.startswith("valshi-x: configuration error: KALSHI_PRIVATE_KEY_PATH: ")
+
+
+# ---------------------------------------------------------------------------------------------- the env file
+# systemd reads /etc/valshi-x/valshi-x.env (EnvironmentFile=), python-dotenv reads the same file by hand and in
+# `check --env-file`. Each case: lines of an env file, and the value systemd 252 (Debian 12) handed a service for
+# its key; recorded by booting systemd in a container (see the README's walk), since CI has no booted systemd.
+# None: systemd dropped the line.
+SYSTEMD_252_READS: tuple[tuple[str, str, str | None], ...] = (
+    ("UNQ=a\\nb", "UNQ", "anb"),
+    ('DQ="a\\nb"', "DQ", "a\\nb"),
+    ("SQ='a\\nb'", "SQ", "a\\nb"),
+    ("UNQ_BS=a\\\\nb", "UNQ_BS", "a\\nb"),
+    ('DQ_BS="a\\\\nb"', "DQ_BS", "a\\nb"),
+    ('DQ_TAB="a\\tb"', "DQ_TAB", "a\\tb"),
+    ('DQ_DOLLAR="x ${HOME} \\$y"', "DQ_DOLLAR", "x ${HOME} $y"),
+    ("UNQ_DOLLAR=x ${HOME} $y", "UNQ_DOLLAR", "x ${HOME} $y"),
+    ("SQ_DOLLAR='x ${HOME}'", "SQ_DOLLAR", "x ${HOME}"),
+    ('DQ_APOS="it\'s \\"q\\""', "DQ_APOS", 'it\'s "q"'),
+    ("UNQ_HASH=a #b", "UNQ_HASH", "a #b"),
+    ('DQ_REALNL="a\nb"', "DQ_REALNL", "a\nb"),
+    ("UNQ_SP=  a b  ", "UNQ_SP", "a b"),
+    ("TPL={value} on {side}\\n{title} · {time}", "TPL", "{value} on {side}n{title} · {time}"),
+    ('TPLDQ="{value} on {side}\\n{title} · {time}"', "TPLDQ", "{value} on {side}\\n{title} · {time}"),
+    ("TPLSQ='{value} on {side}\\n{title} · {time}'", "TPLSQ", "{value} on {side}\\n{title} · {time}"),
+    ("export UNQ_EXP=1", "UNQ_EXP", None),
+    ("UNQ_SPEQ = 2", "UNQ_SPEQ", "2"),
+    ("SQ_BS='a\\\\b'", "SQ_BS", "a\\\\b"),
+    ('DQ_SQESC="a\\\'b"', "DQ_SQESC", "a\\'b"),
+    ('DQ_BSDOLLAR="a\\$b \\`c"', "DQ_BSDOLLAR", "a$b `c"),
+    ('DQ_AFTER="abc" # note', "DQ_AFTER", "abc# note"),
+    ("UNQ_TRAIL=abc   ", "UNQ_TRAIL", "abc"),
+    ("UNQ_PLAIN=100000", "UNQ_PLAIN", "100000"),
+    (f"UNQ_URL={KALSHI_WS_URL}", "UNQ_URL", KALSHI_WS_URL),
+    ("UNQ_EMPTY=", "UNQ_EMPTY", ""),
+    (
+        'DQ_PEM="-----BEGIN PRIVATE KEY-----\\nMC4C\\n-----END PRIVATE KEY-----"',
+        "DQ_PEM",
+        "-----BEGIN PRIVATE KEY-----\\nMC4C\\n-----END PRIVATE KEY-----",
+    ),
+    ("UNQ_CASHTAG=$KX {value} {time}", "UNQ_CASHTAG", "$KX {value} {time}"),
+    ('DQ_CASHTAG="{value} $ {time}"', "DQ_CASHTAG", "{value} $ {time}"),
+    ("UNQ_CONT=a\\\nb", "UNQ_CONT", "ab"),
+)
+
+
+def as_read(value: str | None) -> str | None:
+    """A value as the settings that may hold a line break use it: a literal \\n is one (see x/text.py, auth.py)."""
+    return None if value is None else value.replace("\\n", "\n")
+
+
+def test_the_env_file_forms_systemd_and_dotenv_read_differently_are_exactly_those_named(tmp_path: Path) -> None:
+    env_file = tmp_path / "valshi-x.env"
+    env_file.write_text("".join(lines + "\n" for lines, _, _ in SYSTEMD_252_READS))
+    dotenv = dotenv_values(env_file)  # the real parser, as `python -m valshi_x` and `check` use it
+    named: dict[str, list[str]] = {}
+    lines = env_file.read_text().splitlines()
+    for line_no, key, why in env_file_differences(env_file.read_text()):
+        assert key in lines[line_no - 1]
+        named.setdefault(key, []).append(why)
+    differ = {key for _, key, systemd in SYSTEMD_252_READS if as_read(systemd) != as_read(dotenv.get(key))}
+    assert set(named) == differ
+    assert named["TPL"] == [UNQUOTED_BACKSLASH]  # the README's old advice: \n in an unquoted POST_TEMPLATE
+    assert named["UNQ_EXP"] == [EXPORT]
+
+
+def test_a_post_template_in_double_quotes_posts_the_same_under_systemd_and_by_hand(tmp_path: Path) -> None:
+    cases = {key: systemd for _, key, systemd in SYSTEMD_252_READS if key.startswith("TPL")}
+    env_file = tmp_path / "valshi-x.env"
+    env_file.write_text("".join(lines + "\n" for lines, key, _ in SYSTEMD_252_READS if key in cases))
+    dotenv = dotenv_values(env_file)
+
+    def post(template: str | None) -> str:
+        assert template is not None
+        settings = load_settings({"POST_TEMPLATE": template}, need_x=False)
+        return render_post(SWEEP, title="T", template=settings.post_template)
+
+    for key in ("TPLDQ", "TPLSQ"):
+        assert post(cases[key]) == post(dotenv[key])
+        assert post(cases[key]).splitlines()[1] == "T · 14:03:27 UTC"
+    assert post(cases["TPL"]) != post(dotenv["TPL"])  # unquoted: systemd ate the backslash, one line "…YESnT…"
+
+
+def test_the_documented_env_files_read_the_same_under_systemd_and_dotenv() -> None:
+    assert env_file_differences((ROOT / ".env.example").read_text()) == []
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r"^POST_TEMPLATE=.*$", readme, flags=re.MULTILINE)
+    assert examples and any("\\n" in line for line in examples)
+    assert env_file_differences("\n".join(examples)) == []
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+def test_a_key_in_the_credentials_directory_is_systemds_copy_and_not_judged_by_its_mode(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials" / "valshi-x.service"
+    credentials.mkdir(parents=True)
+    handed_over = credentials / "kalshi.pem"
+    own = tmp_path / "kalshi.pem"
+    env_file = tmp_path / ".env"
+    env = {"CREDENTIALS_DIRECTORY": str(credentials)}
+    assert secret_files(handed_over, env_file, env) == (env_file,)
+    assert secret_files(own, env_file, env) == (own, env_file)
+    assert secret_files(handed_over, env_file, {}) == (handed_over, env_file)
+    assert secret_files(None, env_file, env) == (env_file,)
+
+
+def test_no_warning_at_start_for_the_key_systemd_hands_over(tmp_path: Path) -> None:
+    # systemd 257 (Debian 13) hands the key over as root:root 0440, the group bits being the mask of an ACL that
+    # grants only the service's user (booted and seen; 252 makes it 0400): no warning on every start for that.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    key = credentials / "kalshi.pem"
+    key.write_text("not read by a replay\n")
+    key.chmod(0o440)
+    capture = tmp_path / "empty.jsonl"
+    capture.write_text("")
+    base = clean_env(KALSHI_API_KEY_ID="id", KALSHI_PRIVATE_KEY_PATH=str(key), PYTHONPATH=str(ROOT))
+    args = ("--replay", str(capture), "--log-format", "json")
+
+    under_systemd = run_cli(*args, env=base | {"CREDENTIALS_DIRECTORY": str(credentials)}, cwd=tmp_path)
+    by_hand = run_cli(*args, env=base, cwd=tmp_path)
+    assert (under_systemd.returncode, by_hand.returncode) == (0, 0)
+    assert "secret_file_readable" not in under_systemd.stdout + under_systemd.stderr
+    assert "secret_file_readable" in by_hand.stdout + by_hand.stderr  # the same file as an operator's own key

@@ -20,7 +20,7 @@ import structlog
 from dotenv import dotenv_values
 
 from valshi_x.capture import capture_problem
-from valshi_x.config import Settings, load_settings, readable_by_others, unknown_settings
+from valshi_x.config import Settings, load_settings, readable_by_others, secret_files, unknown_settings
 from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.logs import configure_logging, default_format
@@ -129,12 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from valshi_x.check import show_status  # noqa: PLC0415  (lazy: see the imports)
 
         return show_status(args.state_dir or settings.state_dir)
-    secret_files = (settings.kalshi_private_key_path, args.env_file or Path(".env"))
+    env_file = args.env_file or Path(".env")
+    files = secret_files(settings.kalshi_private_key_path, env_file, os.environ)
     if args.command == "check":
         from valshi_x.check import run_checks  # noqa: PLC0415
 
-        return asyncio.run(run_checks(settings, signer, secret_files=secret_files, unknown_keys=unknown_keys))
-    for path, mode in readable_by_others(secret_files):
+        return asyncio.run(
+            run_checks(settings, signer, secret_files=files, unknown_keys=unknown_keys, env_file=env_file)
+        )
+    for path, mode in readable_by_others(files):
         log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
     options = RunOptions(
         dry_run=args.dry_run,

@@ -8,6 +8,7 @@ one line per bad key and raises `ConfigError` with all of them.
 from __future__ import annotations
 
 import difflib
+import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -158,7 +159,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "POST_LINKS", "false", "Add a kalshi.com link to each post (X charges 13x for posts with links).", _bool
     ),
-    SettingSpec("POST_TEMPLATE", "", "The post's text template; empty means the built-in one (see README).", _template),
+    SettingSpec(
+        "POST_TEMPLATE",
+        "",
+        "The post's text template, in double quotes (see README); empty means the built-in one.",
+        _template,
+    ),
     SettingSpec("X_TIMEOUT_S", "20", "Timeout of one request to X.", _seconds),
     SettingSpec(
         "BACKFILL_MAX_S", "1800", "At start-up, fetch missed trades from REST back at most this far.", _seconds
@@ -276,6 +282,26 @@ def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
     return Settings(**values)
 
 
+def secret_files(key_path: Path | None, env_file: Path, env: Mapping[str, str]) -> tuple[Path, ...]:
+    """The key and env files whose permission bits are ours to judge (see `readable_by_others`).
+
+    A key under $CREDENTIALS_DIRECTORY is systemd's private copy (`LoadCredential=`), not the operator's file,
+    and systemd alone decides who reads it. Seen under the unit: systemd 252 (Debian 12, ramfs) makes it 0400,
+    owned by the service's user; systemd 257 (Debian 13, tmpfs) makes it root:root 0440, where the group bits are
+    the mask of an ACL whose only grant is `user:<service uid>:r` (group::---). Judged by its mode, that copy
+    drew a warning on every start.
+    """
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    found = []
+    for path in (key_path, env_file):
+        if path is None:
+            continue
+        if credentials and Path(credentials) in path.absolute().parents:
+            continue
+        found.append(path)
+    return tuple(found)
+
+
 def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
     """The files among `paths` (a key, an env file) that group or others may read, with their permission bits.
 
@@ -292,3 +318,89 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
         if mode & 0o044:
             found.append((path, mode))
     return found
+
+
+# The env file is read by two parsers: systemd's EnvironmentFile= under the service, python-dotenv when run by hand
+# (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
+# different values; `check` names the key and the line (never the value), since the daemon cannot tell.
+_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
+_INTERPOLATED = re.compile(r"\$\{[^}]*\}")
+_BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
+# Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
+# line break under python-dotenv, and the two settings that may hold one (POST_TEMPLATE, KALSHI_PRIVATE_KEY) treat
+# both alike.
+_SAME_IN_DOUBLE_QUOTES = frozenset({"n", '"', "\\"})
+
+EXPORT = "systemd ignores a line that starts with 'export': drop the word"
+UNQUOTED_BACKSLASH = (
+    "a backslash outside quotes: systemd drops it (\\n arrives as n), python-dotenv keeps it; use double quotes"
+)
+UNQUOTED_COMMENT = "' #' in a value without quotes: python-dotenv cuts the rest off as a comment, systemd keeps it"
+DOUBLE_QUOTED_ESCAPE = 'inside double quotes only \\n, \\" and \\\\ mean the same to systemd and python-dotenv'
+SINGLE_QUOTED_BACKSLASH = (
+    "inside single quotes python-dotenv reads \\\\ and \\' as escapes, systemd does not; use double quotes"
+)
+AFTER_QUOTE = "text after the closing quote: systemd adds it to the value, python-dotenv drops it"
+UNCLOSED_QUOTE = "no closing quote: systemd reads to the end of the file, python-dotenv skips the line"
+INTERPOLATION = "${...}: python-dotenv puts another variable's value there, systemd keeps the text as written"
+
+
+def env_file_differences(text: str) -> list[tuple[int, str, str]]:
+    """(line number, key, why) for each assignment in an env file that systemd and python-dotenv read differently."""
+    found: list[tuple[int, str, str]] = []
+    pos, line_no = 0, 1
+    while pos < len(text):
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        match = _ASSIGNMENT.match(text, pos, end)
+        if match is None or text[pos:end].lstrip(" \t")[:1] in ("#", ";"):
+            pos, line_no = end + 1, line_no + 1
+            continue
+        key, start, reasons = match.group(2), match.end(), []
+        if match.group(1):
+            reasons.append(EXPORT)
+        quote = text[start : start + 1]
+        if quote in ('"', "'"):
+            value, close = _quoted(text, start)
+            if close < 0:
+                reasons.append(UNCLOSED_QUOTE)
+                end = len(text)
+            else:
+                end = text.find("\n", close)
+                end = len(text) if end < 0 else end
+                if text[close + 1 : end].strip():
+                    reasons.append(AFTER_QUOTE)
+            escaped = set(_BACKSLASH_PAIR.findall(value))
+            if quote == '"' and escaped - _SAME_IN_DOUBLE_QUOTES:
+                reasons.append(DOUBLE_QUOTED_ESCAPE)
+            if quote == "'" and ("\\\\" in value or value.endswith("\\")):
+                reasons.append(SINGLE_QUOTED_BACKSLASH)
+        else:
+            value = text[start:end]
+            if "\\" in value:
+                reasons.append(UNQUOTED_BACKSLASH)
+            if re.search(r"\s#", value):
+                reasons.append(UNQUOTED_COMMENT)
+        if _INTERPOLATED.search(value):
+            reasons.append(INTERPOLATION)
+        found.extend((line_no, key, reason) for reason in reasons)
+        line_no += text.count("\n", pos, end) + 1
+        pos = end + 1
+    return found
+
+
+def _quoted(text: str, start: int) -> tuple[str, int]:
+    """The text between the quote at `start` and the one that closes it as systemd reads it, and that one's index.
+
+    A double quote closes at the first one not escaped by a backslash; a single quote at the next single quote.
+    -1 when none closes it.
+    """
+    quote, i = text[start], start + 1
+    while i < len(text):
+        if quote == '"' and text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == quote:
+            return text[start + 1 : i], i
+        i += 1
+    return text[start + 1 :], -1
