@@ -73,7 +73,7 @@ class BackfillCounts:
     retries: int = 0  # slices tried again
     seconds: float = 0.0  # time spent fetching and feeding
     uncovered_s: float = 0.0  # trade time left uncovered by failed or clipped windows
-    pages: int = 0
+    pages: int = 0  # REST pages fetched (one request each)
 
 
 class Backfiller:

@@ -604,16 +604,21 @@ class Daemon:
             last_frame_age_s = round(self._monotonic() - stream.last_frame_monotonic, 1)
         backfill: dict[str, Any] = {}
         if self.backfiller is not None:
-            b = self.backfiller.counts
+            b, planner = self.backfiller.counts, self.backfiller.planner
             backfill = {
                 "backfill_windows": b.windows,
+                "backfill_pending": planner.pending,
+                "backfill_merged": planner.counts.merged,
+                "backfill_pages": b.pages,
                 "trades_backfilled": b.trades,
                 "backfill_s": round(b.seconds, 1),
                 "whales_from_backfill": self.whales_from_backfill,
                 "backfill_failures": b.failures,
                 "backfill_retries": b.retries,
+                "backfill_uncovered_s": round(b.uncovered_s, 1),
                 "trades_already_seen": self.trades_already_seen,
                 "held_groups": detector.held_groups,
+                "holds_expired": planner.counts.expired,
                 "alerts_unconfirmed": self.alerts_unconfirmed,
             }
         poster = self.poster.stats if self.poster is not None else None
@@ -627,11 +632,12 @@ class Daemon:
             open_groups=detector.open_groups,
             alerts=detector.alerts,
             alerts_refused=self.alerts_refused,
-            **(poster.posted_field() if poster else {"posted": 0}),
+            **(poster.posted_field() | poster.lost_fields() if poster else {"posted": 0}),
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,
             late_fills_after_alert=detector.late_fills_after_alert,
+            sweeps_forgotten_early=detector.kept_forgotten_early,
             stall_resubscribes=self.stall_resubscribes,
             frames_missing=stream.frames_missing if stream else 0,
             queue_depth=self.frames_queued,

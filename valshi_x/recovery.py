@@ -73,7 +73,7 @@ class _Pending:
 @dataclass(slots=True)
 class RecoveryCounts:
     windows: int = 0  # windows created (after merging)
-    merged: int = 0  # requests absorbed by a waiting window
+    merged: int = 0  # gaps (and stalls) absorbed by a window already waiting
     expired: int = 0  # windows whose holds ran out before they were fetched
     given_up: int = 0
 

@@ -404,6 +404,11 @@ class PosterStats:
         """`posted` for the stats and stop lines; `would_have_posted` in a dry run, which must not read as posts."""
         return {"would_have_posted" if self.dry_run else "posted": self.posted}
 
+    def lost_fields(self) -> dict[str, int]:
+        """Whales that will not go out, for the stats and stop lines: too old when their turn came (`alerts_stale`),
+        refused by X or given up after retries (`alerts_failed`); each also has its own log line with the reason."""
+        return {"alerts_stale": self.skipped, "alerts_failed": self.rejected + self.failed}
+
 
 def _seconds(ms: int) -> float:
     return max(ms, 0) / 1000
