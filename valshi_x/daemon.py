@@ -184,7 +184,7 @@ class Daemon:
         )
         async with AsyncExitStack() as resources:
             resources.callback(self.notifier.close)  # its socket, opened at the first message
-            self.store = await Store.open(options.store_path(settings))
+            self.store = await Store.open(options.store_path(settings), dry_run=options.dry_run)
             resources.push_async_callback(self.store.close)
             await self._check_store_mode()
             lookup_titles = mode.lookup_titles
