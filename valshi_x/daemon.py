@@ -41,7 +41,7 @@ from valshi_x.supervisor import Stages, Supervisor
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, TradeFrame, utc_from_ms
 from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
-from valshi_x.x.poster import Poster, open_transport
+from valshi_x.x.poster import Poster, PosterStats, open_transport
 
 if TYPE_CHECKING:  # the live side's libraries load only when a live run starts: a replay needs none (issue 11)
     from aiohttp.client_middlewares import ClientMiddlewareType
@@ -621,7 +621,8 @@ class Daemon:
                 "holds_expired": planner.counts.expired,
                 "alerts_unconfirmed": self.alerts_unconfirmed,
             }
-        poster = self.poster.stats if self.poster is not None else None
+        # No poster yet (a stop during start-up): zeros, named for the run's mode all the same.
+        poster = self.poster.stats if self.poster is not None else PosterStats(dry_run=self.options.dry_run)
         log.info(
             event,
             frames=counts.frames,
@@ -632,7 +633,8 @@ class Daemon:
             open_groups=detector.open_groups,
             alerts=detector.alerts,
             alerts_refused=self.alerts_refused,
-            **(poster.posted_field() | poster.lost_fields() if poster else {"posted": 0}),
+            **poster.posted_field(),
+            **poster.lost_fields(),
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,
