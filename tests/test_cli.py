@@ -190,6 +190,11 @@ def test_status_of_a_dry_run_lists_would_post_never_posted(tmp_path: Path) -> No
     assert all(row.split()[1:3] == ["would", "post"] and "tweet=" not in row for row in rows)
     assert " posted" not in status.stdout
 
+    again = run_cli("--replay", str(SAMPLE), "--state-dir", str(state_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    opened = next(e for e in json_events(again) if e["event"] == "state_opened")  # the dry run's outbox, reopened
+    assert opened["would_have_posted"] == 10 and "posted" not in opened
+
 
 def test_the_stats_key_follows_the_posters_mode() -> None:
     assert PosterStats(posted=3).posted_field() == {"posted": 3}

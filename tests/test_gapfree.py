@@ -371,6 +371,9 @@ async def test_rest_pages_over_several_cursors(tmp_path: Path) -> None:
         await assert_exactly_once(run, expected, whales_on_tape=2)
         with_cursor = [r for r in run.exchange.rest.requests if r.route == "trades" and r.query.get("cursor")]
         assert len(with_cursor) >= 2
+        stopped = run.events("daemon_stopped")[-1]
+        assert stopped["backfill_pages"] >= len(with_cursor) + 1  # every page counted, the first ones too
+        assert (stopped["backfill_uncovered_s"], stopped["sweeps_forgotten_early"]) == (0, 0)
 
 
 async def test_rest_answers_429_and_503_before_succeeding(tmp_path: Path) -> None:
@@ -418,6 +421,8 @@ async def test_whales_found_too_late_are_logged_as_stale_not_posted(tmp_path: Pa
         skipped = run.events("stale_alert_skipped")
         assert [alert_key(e["trade_ids"], e["value_usd"]) for e in skipped] == [stale_key]
         assert skipped[0]["age_s"] >= 80
+        stopped = run.events("daemon_stopped")[-1]
+        assert (stopped["alerts_stale"], stopped["alerts_failed"]) == (1, 0)  # the stop line counts it too
 
 
 async def test_steady_lost_frames_at_a_high_rate_every_whale_exactly_once(tmp_path: Path) -> None:
@@ -441,6 +446,10 @@ async def test_steady_lost_frames_at_a_high_rate_every_whale_exactly_once(tmp_pa
         # The windows are the gaps' spans, not "from the gap to now": the tape is processed about once.
         assert stopped["trades"] <= 1.5 * len(trades)
         assert not run.events("backfill_incomplete")
+        # Each gap opened a window (fetched, given up or still pending) or merged into one still waiting: the stop
+        # line accounts for every one of them.
+        windows = stopped["backfill_windows"] + stopped["backfill_failures"] + stopped["backfill_pending"]
+        assert windows + stopped["backfill_merged"] >= stopped["gaps"] >= 6
 
 
 async def test_rest_down_while_the_socket_delivers(tmp_path: Path) -> None:
@@ -471,3 +480,7 @@ async def test_rest_down_while_the_socket_delivers(tmp_path: Path) -> None:
         await run.stop()
         await assert_exactly_once(run, expected, whales_on_tape=2)
         assert not run.events("backfill_incomplete")
+        stopped = run.events("daemon_stopped")[-1]
+        # The stop line says the hold ran out before REST came back, and that nothing stayed uncovered.
+        assert stopped["holds_expired"] >= 1 and stopped["alerts_unconfirmed"] == 1
+        assert stopped["backfill_uncovered_s"] == 0

@@ -5,6 +5,7 @@ Pure code, no loop: trade times are `T + offset` ms, the host's wall clock is `N
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,36 @@ def test_a_reconnect_holds_for_hold_max_only_even_while_disconnected() -> None:
     assert not planner.may_close(T + 60_500, T + 61_500)
     planner.tick(N + 61_000 + 2_000 + 5_000)  # quiet: bounded after 2 s, then HOLD_MAX_S
     assert planner.may_close(T + 60_500, T + 61_500)
+
+
+def test_the_low_water_mark_follows_windows_as_they_come_grow_and_go() -> None:
+    """The planner keeps its low-water mark as it goes (the detector asks per trade); it must always be the start
+    of the oldest window pending, whatever the story."""
+    everything = (0, 2**62)
+    for seed in range(200):
+        rng = random.Random(seed)
+        planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)
+        now, handed_out = 0, []
+        for _ in range(40):
+            now += rng.randint(0, 2_000)
+            ts = now + rng.randint(-8_000, 2_000)
+            roll = rng.random()
+            if roll < 0.3:
+                play([gap(ts, ts + rng.randint(-50, 3_000), now)], planner)  # may merge into a waiting window
+            elif roll < 0.4:
+                play([disconnect(ts, now), subscribed(now + 100)], planner)
+            elif roll < 0.5:
+                play([overflow(ts, now)], planner)
+            elif roll < 0.6 and planner.wants_first_trade:
+                play([first_trade(ts - 2_000, now)], planner)  # an end before the start moves the start back
+            elif roll < 0.8:
+                handed_out += [w.window_id for w in planner.due(N + now)]
+            elif handed_out:
+                window_id = handed_out.pop(rng.randrange(len(handed_out)))
+                done = planner.on_done if rng.random() < 0.5 else planner.on_given_up
+                done(window_id, N + now)
+            starts = [from_ms for from_ms, _ in planner.uncovered(*everything)]
+            assert planner.low_water_ms() == min(starts, default=None), seed
 
 
 def test_gap_watch_reads_the_trade_times_around_gaps_and_drops() -> None:

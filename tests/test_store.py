@@ -233,6 +233,13 @@ async def test_a_row_cut_off_mid_post_is_resumed_in_doubt(state_dir: Path, clock
         store = await Store.open(path, clock_ms=clock)
     recovered = [e for e in logs if e["event"] == "outbox_recovered"]
     assert recovered == [{"event": "outbox_recovered", "log_level": "warning", "alert_ids": ["t1"], "count": 1}]
+    (opened,) = [e for e in logs if e["event"] == "state_opened"]  # counted after the recovery: none `posting`
+    assert {k: v for k, v in opened.items() if k not in {"event", "log_level", "path"}} == {
+        "pending": 2,
+        "posted": 0,
+        "failed": 0,
+        "skipped": 0,
+    }
     item = await store.get("t1")
     assert item is not None
     assert (item.status, item.in_doubt, item.failures, item.text) == ("pending", True, 1, "the text")

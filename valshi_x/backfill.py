@@ -29,6 +29,7 @@ from valshi_x import trades
 from valshi_x.backoff import capped_step_s, equal_jitter
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
 from valshi_x.recovery import RecoveryPlanner, Window
+from valshi_x.store import wall_ms
 from valshi_x.trades import MalformedTrade, utc_from_ms
 
 log = structlog.get_logger(__name__)
@@ -39,10 +40,6 @@ UNREADABLE_TIME_MS = 2**62  # sorts a trade without a readable time last; `feed`
 _RETRYABLE = frozenset({"rate_limited", "server_error", "timeout", "connection_error", "bad_response"})
 # How often the planner is asked for windows that became due.
 _POLL_S = 0.05
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _iso(ms: int) -> str:
@@ -73,7 +70,7 @@ class BackfillCounts:
     retries: int = 0  # slices tried again
     seconds: float = 0.0  # time spent fetching and feeding
     uncovered_s: float = 0.0  # trade time left uncovered by failed or clipped windows
-    pages: int = 0
+    pages: int = 0  # REST pages fetched (one request each)
 
 
 class Backfiller:
@@ -88,7 +85,7 @@ class Backfiller:
         *,
         feed: Feed,
         planner: RecoveryPlanner,
-        clock_ms: Callable[[], int] = _wall_ms,
+        clock_ms: Callable[[], int] = wall_ms,
         slice_s: int = 10,
         slices_ahead: int = 3,
         max_span_s: float = 1800,

@@ -41,7 +41,7 @@ from valshi_x.supervisor import Stages, Supervisor
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, TradeFrame, utc_from_ms
 from valshi_x.whales import Alert, SeenTradeIds, WhaleDetector
-from valshi_x.x.poster import Poster, open_transport
+from valshi_x.x.poster import Poster, PosterStats, open_transport
 
 if TYPE_CHECKING:  # the live side's libraries load only when a live run starts: a replay needs none (issue 11)
     from aiohttp.client_middlewares import ClientMiddlewareType
@@ -184,7 +184,7 @@ class Daemon:
         )
         async with AsyncExitStack() as resources:
             resources.callback(self.notifier.close)  # its socket, opened at the first message
-            self.store = await Store.open(options.store_path(settings))
+            self.store = await Store.open(options.store_path(settings), dry_run=options.dry_run)
             resources.push_async_callback(self.store.close)
             await self._check_store_mode()
             lookup_titles = mode.lookup_titles
@@ -604,19 +604,25 @@ class Daemon:
             last_frame_age_s = round(self._monotonic() - stream.last_frame_monotonic, 1)
         backfill: dict[str, Any] = {}
         if self.backfiller is not None:
-            b = self.backfiller.counts
+            b, planner = self.backfiller.counts, self.backfiller.planner
             backfill = {
                 "backfill_windows": b.windows,
+                "backfill_pending": planner.pending,
+                "backfill_merged": planner.counts.merged,
+                "backfill_pages": b.pages,
                 "trades_backfilled": b.trades,
                 "backfill_s": round(b.seconds, 1),
                 "whales_from_backfill": self.whales_from_backfill,
                 "backfill_failures": b.failures,
                 "backfill_retries": b.retries,
+                "backfill_uncovered_s": round(b.uncovered_s, 1),
                 "trades_already_seen": self.trades_already_seen,
                 "held_groups": detector.held_groups,
+                "holds_expired": planner.counts.expired,
                 "alerts_unconfirmed": self.alerts_unconfirmed,
             }
-        poster = self.poster.stats if self.poster is not None else None
+        # No poster yet (a stop during start-up): zeros, named for the run's mode all the same.
+        poster = self.poster.stats if self.poster is not None else PosterStats(dry_run=self.options.dry_run)
         log.info(
             event,
             frames=counts.frames,
@@ -627,11 +633,13 @@ class Daemon:
             open_groups=detector.open_groups,
             alerts=detector.alerts,
             alerts_refused=self.alerts_refused,
-            **(poster.posted_field() if poster else {"posted": 0}),
+            **poster.posted_field(),
+            **poster.lost_fields(),
             reconnects=stream.reconnects if stream else 0,
             gaps=stream.gaps if stream else 0,
             late_fills_rejoined=detector.late_fills_rejoined,
             late_fills_after_alert=detector.late_fills_after_alert,
+            sweeps_forgotten_early=detector.kept_forgotten_early,
             stall_resubscribes=self.stall_resubscribes,
             frames_missing=stream.frames_missing if stream else 0,
             queue_depth=self.frames_queued,

@@ -61,7 +61,6 @@ class _Pending:
     hold_until_ms: int | None = None  # None: holds until the end is known
     state: Literal["open", "waiting", "fetching"] = "open"
     opened_at_ms: int = 0
-    expired: bool = False  # its holds are over; it is still fetched
 
     def touches(self, lo_ms: int, hi_ms: int) -> bool:
         return self.from_ms <= hi_ms and (self.to_ms is None or self.to_ms >= lo_ms)
@@ -74,7 +73,7 @@ class _Pending:
 @dataclass(slots=True)
 class RecoveryCounts:
     windows: int = 0  # windows created (after merging)
-    merged: int = 0  # requests absorbed by a waiting window
+    merged: int = 0  # gaps (and stalls) absorbed by a window already waiting
     expired: int = 0  # windows whose holds ran out before they were fetched
     given_up: int = 0
 
@@ -102,6 +101,14 @@ class RecoveryPlanner:
         self.version = 0  # bumped whenever a hold may have ended: the detector asks its held sweeps again
         self.now_ms = 0
         self._windows: dict[int, _Pending] = {}
+        # The windows whose holds are not over (the rest are still fetched but hold nothing): the detector asks
+        # `may_close` for every sweep it closes, and a long REST outage leaves many windows pending whose holds
+        # ran out long ago; only these few need asking.
+        self._holding: dict[int, _Pending] = {}
+        # The oldest `from_ms` of all windows, kept as windows come and grow (the detector asks per trade);
+        # `_low_water_stale` when the oldest one left, recomputed on the next ask.
+        self._low_water_ms: int | None = None
+        self._low_water_stale = False
         self._next_id = 0
         self._open: dict[str, int] = {}  # cause -> window id of its open-ended window
         self._awaiting_first_trade: set[str] = set()  # causes whose end is the next trade queued
@@ -148,7 +155,7 @@ class RecoveryPlanner:
                 # as trades resume may still get fills from the window's last second.
                 pending = self._windows[window_id]
                 pending.hold_until_ms = now_ms + QUIET_BOUND_MS + self.hold_max_ms
-                pending.expired = False
+                self._holding[window_id] = pending
         self.version += 1
 
     def on_overflow(self, last_queued_ts_ms: int, now_ms: int) -> None:
@@ -196,8 +203,9 @@ class RecoveryPlanner:
         """Windows to fetch now (each handed out once); oldest first."""
         self._advance(now_ms)
         out = []
-        for pending in sorted(self._windows.values(), key=lambda p: p.from_ms):
-            if pending.state == "waiting" and pending.ready_at_ms <= now_ms and pending.to_ms is not None:
+        waiting = [p for p in self._windows.values() if p.state == "waiting"]  # few: most are being fetched
+        for pending in sorted(waiting, key=lambda p: p.from_ms):
+            if pending.ready_at_ms <= now_ms and pending.to_ms is not None:
                 pending.state = "fetching"
                 out.append(Window(pending.window_id, pending.from_ms, pending.to_ms, tuple(pending.reasons)))
         return out
@@ -205,13 +213,13 @@ class RecoveryPlanner:
     def on_done(self, window_id: int, now_ms: int) -> None:
         """A window was fetched and fed whole: its holds end."""
         self._advance(now_ms)
-        if self._windows.pop(window_id, None) is not None:
+        if self._drop(window_id):
             self.version += 1
 
     def on_given_up(self, window_id: int, now_ms: int) -> None:
         """A window could not be fetched (the fetcher logged it): its holds end, it no longer holds the checkpoint."""
         self._advance(now_ms)
-        if self._windows.pop(window_id, None) is not None:
+        if self._drop(window_id):
             self.counts.given_up += 1
             self.version += 1
 
@@ -220,7 +228,7 @@ class RecoveryPlanner:
     def may_close(self, lo_ms: int, hi_ms: int) -> bool:
         """May a sweep that can still take fills with trade times in [lo_ms, hi_ms] close now?"""
         shrink_ms = self.margin_ms - self.hold_margin_ms
-        return not any(not p.expired and p.holds(lo_ms, hi_ms, shrink_ms) for p in self._windows.values())
+        return not any(p.holds(lo_ms, hi_ms, shrink_ms) for p in self._holding.values())
 
     def uncovered(self, lo_ms: int, hi_ms: int) -> list[tuple[int, int | None]]:
         """Pending windows (from_ms, to_ms or None) touching [lo_ms, hi_ms]: what an alert closed without."""
@@ -229,7 +237,10 @@ class RecoveryPlanner:
 
     def low_water_ms(self) -> int | None:
         """The start of the oldest window not fetched yet: a restart must fetch from there again."""
-        return min((p.from_ms for p in self._windows.values()), default=None)
+        if self._low_water_stale:
+            self._low_water_stale = False
+            self._low_water_ms = min((p.from_ms for p in self._windows.values()), default=None)
+        return self._low_water_ms
 
     @property
     def pending(self) -> int:
@@ -241,11 +252,31 @@ class RecoveryPlanner:
         self._next_id += 1
         return self._next_id
 
+    def _add(self, pending: _Pending) -> None:
+        self._windows[pending.window_id] = pending
+        self._holding[pending.window_id] = pending
+        self._lower_water(pending.from_ms)
+        self.counts.windows += 1
+
+    def _drop(self, window_id: int) -> bool:
+        """Forget a window (fetched, or given up); False if it was gone already."""
+        pending = self._windows.pop(window_id, None)
+        if pending is None:
+            return False
+        self._holding.pop(window_id, None)
+        if pending.from_ms == self._low_water_ms:
+            self._low_water_stale = True
+        return True
+
+    def _lower_water(self, from_ms: int) -> None:
+        """A window starts at `from_ms` now (new, or grown back in time)."""
+        if not self._low_water_stale and (self._low_water_ms is None or from_ms < self._low_water_ms):
+            self._low_water_ms = from_ms
+
     def _open_window(self, cause: OpenCause, from_ms: int, now_ms: int) -> int:
         window_id = self._new_id()
-        self._windows[window_id] = _Pending(window_id, from_ms, None, [cause], opened_at_ms=now_ms)
+        self._add(_Pending(window_id, from_ms, None, [cause], opened_at_ms=now_ms))
         self._open[cause] = window_id
-        self.counts.windows += 1
         return window_id
 
     def _bound(self, cause: str, to_ms: int, now_ms: int) -> None:
@@ -259,6 +290,7 @@ class RecoveryPlanner:
             to_ms = now_ms + CLOCK_SLACK_MS
         pending.to_ms = min(to_ms, self._latest_end_ms(now_ms))
         pending.from_ms = min(pending.from_ms, pending.to_ms)
+        self._lower_water(pending.from_ms)
         pending.state = "waiting"
         pending.ready_at_ms = now_ms + self.settle_ms
         pending.merge_until_ms = pending.ready_at_ms
@@ -272,6 +304,7 @@ class RecoveryPlanner:
             if pending.state == "waiting" and now_ms < pending.merge_until_ms and pending.touches(from_ms, to_ms):
                 assert pending.to_ms is not None
                 pending.from_ms = min(pending.from_ms, from_ms)
+                self._lower_water(pending.from_ms)
                 pending.to_ms = max(pending.to_ms, to_ms)
                 # The new gap's trades are listed `settle_ms` from now; a burst of gaps waits at most
                 # `merge_max_ms` more than its first, so a steady drizzle of gaps never postpones a fetch for good.
@@ -283,17 +316,18 @@ class RecoveryPlanner:
                 return
         window_id = self._new_id()
         ready_at_ms = now_ms + self.settle_ms
-        self._windows[window_id] = _Pending(
-            window_id,
-            from_ms,
-            to_ms,
-            [reason],
-            ready_at_ms=ready_at_ms,
-            merge_until_ms=now_ms + self.merge_max_ms,
-            hold_until_ms=now_ms + self.hold_max_ms,
-            state="waiting",
+        self._add(
+            _Pending(
+                window_id,
+                from_ms,
+                to_ms,
+                [reason],
+                ready_at_ms=ready_at_ms,
+                merge_until_ms=now_ms + self.merge_max_ms,
+                hold_until_ms=now_ms + self.hold_max_ms,
+                state="waiting",
+            )
         )
-        self.counts.windows += 1
 
     def _latest_end_ms(self, now_ms: int) -> int:
         """No window reaches further ahead than the newest trade the pipeline accepts (the trade-time rule), plus
@@ -301,11 +335,15 @@ class RecoveryPlanner:
         return now_ms + FUTURE_TOLERANCE_MS + self.margin_ms
 
     def _advance(self, now_ms: int) -> None:
-        """Move the clock; expire holds past their deadline."""
+        """Move the clock; end holds past their deadline (the window is still fetched)."""
         if now_ms > self.now_ms:
             self.now_ms = now_ms
-        for pending in self._windows.values():
-            if not pending.expired and pending.hold_until_ms is not None and pending.hold_until_ms <= self.now_ms:
-                pending.expired = True
-                self.counts.expired += 1
-                self.version += 1
+        ended = [
+            p.window_id
+            for p in self._holding.values()
+            if p.hold_until_ms is not None and p.hold_until_ms <= self.now_ms
+        ]
+        for window_id in ended:
+            del self._holding[window_id]
+            self.counts.expired += 1
+            self.version += 1

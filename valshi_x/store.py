@@ -469,18 +469,22 @@ class Store:
     touch the production outbox.
     """
 
-    def __init__(self, path: Path | None, clock_ms: Callable[[], int]) -> None:
+    def __init__(self, path: Path | None, clock_ms: Callable[[], int], *, dry_run: bool = False) -> None:
         self.path = path
         self._clock_ms = clock_ms
+        self._dry_run = dry_run  # its `posted` rows are whales a dry run logged as `would_post`
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valshi-store")
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
         self._lock_fd: int | None = None  # the state directory's lock, held while the store is open
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path | None, *, clock_ms: Callable[[], int] = wall_ms) -> Store:
-        """Open (creating it and its directory if needed) the database at `path`; recover rows cut off mid-post."""
-        store = cls(path, clock_ms)
+    async def open(cls, path: Path | None, *, clock_ms: Callable[[], int] = wall_ms, dry_run: bool = False) -> Store:
+        """Open (creating it and its directory if needed) the database at `path`; recover rows cut off mid-post.
+
+        `dry_run`: the outbox of a dry run, whose log lines must not read as posts.
+        """
+        store = cls(path, clock_ms, dry_run=dry_run)
         try:
             await store._call(store._open_sync)
         except BaseException:
@@ -557,7 +561,16 @@ class Store:
         if cut_off:
             # Each of these may or may not be on X already; the retry's duplicate-content 403 settles it.
             log.warning("outbox_recovered", alert_ids=cut_off, count=len(cut_off))
-        log.info("state_opened", path=str(self.path or ":memory:"), **{s: counts.get(s, 0) for s in STATUSES})
+        # No `posting` count: the rows cut off mid-post were just put back to pending (outbox_recovered says which).
+        posted = "would_have_posted" if self._dry_run else "posted"
+        log.info(
+            "state_opened",
+            path=str(self.path or ":memory:"),
+            pending=counts.get("pending", 0),
+            **{posted: counts.get("posted", 0)},
+            failed=counts.get("failed", 0),
+            skipped=counts.get("skipped", 0),
+        )
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -45,7 +45,9 @@ _TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
 # Failures that say Kalshi is struggling rather than that the request was wrong: retryable, and what opens
 # the title breaker. The others (404, malformed answers, other 4xx) are answers.
 TRANSIENT_REASONS: Final = frozenset({"timeout", "connection_error", "server_error", "rate_limited"})
-# What an alert waits for its market's title at most (the poster bounds it too); then it uses the ticker.
+# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
+# The poster bounds its wait with it too (any lookup it is given), and TitleLookup its own; a lookup cut off goes
+# on in the background, so the next alert of that market has the title.
 TITLE_BUDGET_S: Final = 0.5
 # Labels cached from one event answer at most: a big event must not push every other label out of the cache.
 _SIBLINGS_CACHED: Final = 50

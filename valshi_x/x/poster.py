@@ -39,6 +39,7 @@ import structlog
 from valshi_x.backoff import capped_step_s
 from valshi_x.config import Settings
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
+from valshi_x.kalshi.rest import TITLE_BUDGET_S
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
@@ -255,9 +256,6 @@ TRANSIENT_BACKOFF = Backoff(5.0, 300.0)  # 8 tries span 10-12 minutes, inside th
 RESET_JITTER_S = (1.0, 5.0)  # after a reset X named: at least a second late, spread so restarts do not align
 PAUSE_PROBE_S = 1800.0
 MAX_FAILURES = 8
-# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
-# A lookup that is cut off goes on in the background (TitleLookup), so the next alert of that market has it.
-TITLE_BUDGET_S = 0.5
 # Checkpoint holding the end of a rate-limit or backoff wait, so a restart does not send early. A pause is not
 # kept: after a restart (new keys, new credits) one probe at once is what the user wants.
 GATE_CHECKPOINT = "x_not_before_ms"
@@ -405,6 +403,11 @@ class PosterStats:
     def posted_field(self) -> dict[str, int]:
         """`posted` for the stats and stop lines; `would_have_posted` in a dry run, which must not read as posts."""
         return {"would_have_posted" if self.dry_run else "posted": self.posted}
+
+    def lost_fields(self) -> dict[str, int]:
+        """Whales that will not go out, for the stats and stop lines: too old when their turn came (`alerts_stale`),
+        refused by X or given up after retries (`alerts_failed`); each also has its own log line with the reason."""
+        return {"alerts_stale": self.skipped, "alerts_failed": self.rejected + self.failed}
 
 
 def _seconds(ms: int) -> float:
