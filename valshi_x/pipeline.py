@@ -4,7 +4,9 @@ No asyncio and no I/O besides log lines, so live streams, replays and tests driv
 
 The trade clock (`valshi_x.trades.check_trade_time`: nothing more than FUTURE_TOLERANCE_MS ahead):
 - live (`now_ms` given): the reference is this host's wall clock; a trade stamped further ahead is malformed
-  `future_time` at once, stream and REST alike.
+  `future_time` at once, stream and REST alike. One within the tolerance is taken, but sweeps never close past
+  the wall clock (`stream_now_ms`, `WhaleDetector.add`): a skewed trade must not cut short a sweep still taking
+  fills. So with the host clock d (<= the tolerance) behind Kalshi's, sweeps close d late.
 - replay (`replay=True`): there is no wall clock, the capture's own trade time is the clock. A trade that leaps
   more than the tolerance ahead of it is held back, not believed: the next trade confirms the leap (it lies at
   or after the held one, less the tolerance: the capture really jumps, e.g. a recording resumed later) and both
@@ -37,7 +39,7 @@ from valshi_x.trades import (
     trade_from_fields,
     trade_from_frame,
 )
-from valshi_x.whales import Alert, WhaleDetector
+from valshi_x.whales import NO_CLOCK_MS, Alert, WhaleDetector
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +152,8 @@ class Pipeline:
                 self.counts.frames += 1
                 alerts.extend(self._take(frame.msg))
             return alerts
-        latest_ms = now_ms() + FUTURE_TOLERANCE_MS
+        wall_ms = now_ms()
+        latest_ms = wall_ms + FUTURE_TOLERANCE_MS
         detector = self.detector
         add = detector.add
         watermark_ms = detector.watermark_ms
@@ -162,7 +165,7 @@ class Pipeline:
                 self._refuse_future(trade, latest_ms - FUTURE_TOLERANCE_MS)
                 continue
             taken += 1
-            found = add(trade)
+            found = add(trade, wall_ms)  # closes sweeps up to the wall clock at most (`WhaleDetector.add`)
             if found:
                 alerts.extend(found)
         counts = self.counts
@@ -214,11 +217,21 @@ class Pipeline:
 
         Closing groups on this clock, not on wall-clock UTC, keeps a skewed host clock from splitting sweeps. A
         replay's clock is its trade time alone (this host's clock says nothing about a capture's pace).
+
+        Live, it never passes the host's wall clock: a trade stamped up to FUTURE_TOLERANCE_MS ahead of it is
+        taken, but must not close a sweep still taking fills (on arrival, `WhaleDetector.add` keeps the same
+        bound). The price: when the host clock is behind Kalshi's by d (at most the tolerance, or trades would be
+        refused), sweeps close d later than they could.
         """
         if self._replay:
             return self.detector.watermark_ms
         elapsed_ms = int((self._monotonic() - self.watermark_seen_at) * 1000)
-        return self.detector.watermark_ms + elapsed_ms
+        stream_ms = self.detector.watermark_ms + elapsed_ms
+        if self._now_ms is not None:
+            wall_ms = self._now_ms()
+            if wall_ms < stream_ms:
+                return wall_ms
+        return stream_ms
 
     def close_due(self, grace_ms: int) -> list[Alert]:
         """Close groups whose window (plus `grace_ms` for late fills) has passed on the stream clock."""
@@ -246,12 +259,13 @@ class Pipeline:
     def _take_checked(self, trade: Trade) -> list[Alert]:
         now_ms = self._now_ms
         if now_ms is not None:
+            wall_ms = now_ms()
             try:
-                check_trade_time(trade.ts_ms, now_ms())
+                check_trade_time(trade.ts_ms, wall_ms)
             except MalformedTrade as exc:
                 self.on_bad_frame(_trade_excerpt(trade), exc)
                 return []
-            return self._add(trade)
+            return self._add(trade, wall_ms)
         if not self._replay:
             return self._add(trade)
         # Replay: the clock is the newest believed trade time (module docstring).
@@ -273,12 +287,12 @@ class Pipeline:
         except MalformedTrade as exc:
             self.on_bad_frame(_trade_excerpt(trade), exc)
 
-    def _add(self, trade: Trade) -> list[Alert]:
+    def _add(self, trade: Trade, wall_ms: int = NO_CLOCK_MS) -> list[Alert]:
         self.counts.trades += 1
         detector = self.detector
         if trade.ts_ms > detector.watermark_ms:
             self.watermark_seen_at = self._monotonic()
-        return detector.add(trade)
+        return detector.add(trade, wall_ms)
 
 
 def _trade_excerpt(trade: Trade) -> dict[str, object]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
@@ -104,6 +104,9 @@ class RecoveryGate(Protocol):
         """The oldest trade time a pending backfill may still bring, if any."""
         ...
 
+
+# `WhaleDetector.add` without a wall clock (replay, tests): trade time alone closes sweeps.
+NO_CLOCK_MS: Final = 1 << 62
 
 # (alert id, ticker, extra value in USD, trade id of the late fill)
 GrewAfterAlert = Callable[[str, str, Decimal, str], None]
@@ -297,8 +300,14 @@ class WhaleDetector:
             through = min(through, oldest_held - 1)
         return through
 
-    def add(self, trade: Trade) -> list[Alert]:
-        """Take one trade; return the alerts of any groups this closes (possibly its own)."""
+    def add(self, trade: Trade, now_ms: int = NO_CLOCK_MS) -> list[Alert]:
+        """Take one trade; return the alerts of any groups this closes (possibly its own).
+
+        A trade that advances the trade time closes the groups whose window ended before it, but never past
+        `now_ms` (live: the host's wall clock): a trade stamped a little ahead of it (clock skew, within
+        FUTURE_TOLERANCE_MS) is taken, yet must not close a sweep that is still taking fills. A replay passes
+        nothing: its clock is its trade time.
+        """
         ts_ms = trade.ts_ms
         if not self.seen.add(trade.trade_id, ts_ms):
             self.duplicates += 1
@@ -308,8 +317,9 @@ class WhaleDetector:
         if ts_ms > self.watermark_ms:
             self.watermark_ms = ts_ms
             opened = self._opened
-            if opened and opened[0].first_ts_ms + window < ts_ms:
-                self._close_until(ts_ms - window - 1, alerts)
+            close_ms = ts_ms if ts_ms <= now_ms else now_ms
+            if opened and opened[0].first_ts_ms + window < close_ms:
+                self._close_until(close_ms - window - 1, alerts)
             kept = self._closed_order
             if kept and kept[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
                 self._forget_closed(ts_ms - self.late_fill_horizon_ms)
