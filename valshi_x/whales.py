@@ -105,8 +105,10 @@ class RecoveryGate(Protocol):
         ...
 
 
-# `WhaleDetector.add` without a wall clock (replay, tests): trade time alone closes sweeps.
+# `WhaleDetector.add_batch` without a wall clock (replay, tests): trade time alone closes sweeps.
 NO_CLOCK_MS: Final = 1 << 62
+# `WhaleDetector.add_batch` without a leap limit (live and tests: the pipeline checked the trade time already).
+NO_LEAP_LIMIT_MS: Final = 1 << 62
 
 # (alert id, ticker, extra value in USD, trade id of the late fill)
 GrewAfterAlert = Callable[[str, str, Decimal, str], None]
@@ -153,7 +155,8 @@ class SeenTradeIds:
         self._max_ids = max_ids
         self._ids: set[str] = set()
         self._buckets: deque[tuple[int, list[str]]] = deque()  # (trade second, ids), oldest first
-        self._newest_s = 0
+        # Below any trade's second, so the first id always starts a bucket (the hot path then only appends).
+        self._newest_s = -(1 << 62)
         self._newest_ids: list[str] = []  # the newest bucket's ids (the hot path appends here)
 
     def __len__(self) -> int:
@@ -163,28 +166,32 @@ class SeenTradeIds:
         return trade_id in self._ids
 
     def add(self, trade_id: str, ts_ms: int) -> bool:
-        """Remember the id; False if it was already known."""
+        """Remember the id; False if it was already known. (`WhaleDetector.add_batch` has this inline.)"""
         ids = self._ids
         if trade_id in ids:
             return False
         ids.add(trade_id)
         second = ts_ms // 1000
         if second > self._newest_s:
-            self._newest_s = second
-            buckets = self._buckets
-            self._newest_ids = newest = [trade_id]
-            buckets.append((second, newest))
-            oldest_kept = second - self._horizon_s
-            while buckets[0][0] < oldest_kept:
-                ids.difference_update(buckets.popleft()[1])
+            self._start_second(second, trade_id)
         else:
             # Same second, or an older trade (a backfill): it rides in the newest bucket and leaves with it.
-            if not self._buckets:
-                self._buckets.append((second, self._newest_ids))
             self._newest_ids.append(trade_id)
         if len(ids) > self._max_ids:
             self._forget_over_cap()
         return True
+
+    def _start_second(self, second: int, trade_id: str) -> list[str]:
+        """A newer second begins with `trade_id` (already in the set): a new bucket, and the oldest ones go."""
+        self._newest_s = second
+        self._newest_ids = newest = [trade_id]
+        buckets = self._buckets
+        buckets.append((second, newest))
+        oldest_kept = second - self._horizon_s
+        ids = self._ids
+        while buckets[0][0] < oldest_kept:
+            ids.difference_update(buckets.popleft()[1])
+        return newest
 
     def _forget_over_cap(self) -> None:
         """Oldest seconds first; within the newest second too, should one second alone hold more than the cap."""
@@ -301,80 +308,124 @@ class WhaleDetector:
         return through
 
     def add(self, trade: Trade, now_ms: int = NO_CLOCK_MS) -> list[Alert]:
-        """Take one trade; return the alerts of any groups this closes (possibly its own).
+        """Take one trade; return the alerts of any groups this closes (possibly its own). See `add_batch`."""
+        alerts: list[Alert] = []
+        self.add_batch((trade,), alerts, now_ms=now_ms)
+        return alerts
+
+    def add_batch(
+        self,
+        trades: Iterable[Trade],
+        alerts: list[Alert],
+        *,
+        now_ms: int = NO_CLOCK_MS,
+        max_leap_ms: int = NO_LEAP_LIMIT_MS,
+    ) -> Trade | None:
+        """Take trades in order, appending the alerts of the groups they close (possibly their own) to `alerts`.
 
         A trade that advances the trade time closes the groups whose window ended before it, but never past
         `now_ms` (live: the host's wall clock): a trade stamped a little ahead of it (clock skew, within
         FUTURE_TOLERANCE_MS) is taken, yet must not close a sweep that is still taking fills. A replay passes
         nothing: its clock is its trade time.
+
+        Stops at the first trade lying more than `max_leap_ms` after the newest trade time taken so far (a replay's
+        clock rule, `valshi_x.pipeline`) and returns it, not taken; the rest of an iterator can be passed again.
+        None when every trade was taken. One loop for every caller, its state in locals: this is the hot path.
         """
-        ts_ms = trade.ts_ms
-        if not self.seen.add(trade.trade_id, ts_ms):
-            self.duplicates += 1
-            return []
-        alerts: list[Alert] = []
+        seen = self.seen
+        ids = seen._ids  # `SeenTradeIds.add`, inline
+        max_ids = seen._max_ids
+        newest_s = seen._newest_s
+        newest_ids = seen._newest_ids
+        open_groups = self._open
+        opened = self._opened
+        kept = self._kept
+        closed_order = self._closed_order
         window = self.sweep_window_ms
-        if ts_ms > self.watermark_ms:
-            self.watermark_ms = ts_ms
-            opened = self._opened
-            close_ms = ts_ms if ts_ms <= now_ms else now_ms
-            if opened and opened[0].first_ts_ms + window < close_ms:
-                self._close_until(close_ms - window - 1, alerts)
-            kept = self._closed_order
-            if kept and kept[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
-                self._forget_closed(ts_ms - self.late_fill_horizon_ms)
+        near_below_f = self._near_below_f
+        watermark = self.watermark_ms
+        for trade in trades:
+            ts_ms = trade.ts_ms
+            if ts_ms - watermark > max_leap_ms:
+                return trade
+            trade_id = trade.trade_id
+            if trade_id in ids:
+                self.duplicates += 1
+                continue
+            ids.add(trade_id)
+            second = ts_ms // 1000
+            if second > newest_s:
+                newest_ids = seen._start_second(second, trade_id)
+                newest_s = second
+            else:
+                newest_ids.append(trade_id)  # same second, or an older trade: it leaves with the newest bucket
+            if len(ids) > max_ids:
+                seen._forget_over_cap()
+            if ts_ms > watermark:
+                self.watermark_ms = watermark = ts_ms
+                close_ms = ts_ms if ts_ms <= now_ms else now_ms
+                if opened and opened[0].first_ts_ms + window < close_ms:
+                    self._close_until(close_ms - window - 1, alerts)
+                if closed_order and closed_order[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
+                    self._forget_closed(ts_ms - self.late_fill_horizon_ms)
 
-        side = trade.taker_side
-        value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
-        if trade.is_block_trade or window <= 0:
-            if (
-                self.on_near_whale is not None
-                and value_f >= self._clearly_below_f
-                and trade.value_usd >= self.threshold_usd
-            ):
-                self.on_near_whale(trade.ticker)
-            self._close_group([trade], value_f, alerts)
-            return alerts
+            side = trade.taker_side
+            value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
+            if trade.is_block_trade or window <= 0:
+                self._add_alone(trade, value_f, alerts)
+                continue
+            key = (trade.ticker, side)
+            groups = open_groups.get(key)
+            if groups is not None:
+                # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
+                newest = groups[-1]
+                found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
+                if found is not None:
+                    found.trades.append(trade)
+                    value_f = found.value_f = found.value_f + value_f
+                    if value_f >= near_below_f and not found.near:
+                        self._near_check(found)
+                    continue
+            if kept and ts_ms + window < watermark:
+                # A late fill: its sweep may have closed already.
+                closed = self._closed_sweep(key, ts_ms)
+                if closed is not None:
+                    self._late_fill(closed, trade, value_f)
+                    continue
+            group = _OpenGroup(key, ts_ms, [trade], value_f)
+            if value_f >= near_below_f:
+                self._near_check(group)
+            if groups is None:
+                open_groups[key] = [group]
+            else:
+                groups.append(group)
+                groups.sort(key=_first_ts)
+            self._open_count += 1
+            opened.append(group)
+        return None
 
-        key = (trade.ticker, side)
-        groups = self._open.get(key)
-        if groups is not None:
-            # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
-            newest = groups[-1]
-            found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
-            if found is not None:
-                group = found
-                group.trades.append(trade)
-                group.value_f += value_f
-                if not group.near and group.value_f >= self._near_below_f:
-                    self._near_check(group)
-                return alerts
-        if self._kept and ts_ms + window < self.watermark_ms:
-            # A late fill: its sweep may have closed already.
-            closed = self._closed_sweep(key, ts_ms)
-            if closed is not None:
-                closed.trades.append(trade)
-                closed.value_f += value_f
-                self.kept_trades += 1
-                if closed.alerted:
-                    # Already posted: never a second alert for one order; the caller logs what it grew by.
-                    self.late_fills_after_alert += 1
-                    if self.on_grew_after_alert is not None:
-                        self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
-                else:
-                    self._reopen(closed)
-                return alerts
-        group = _OpenGroup(key, ts_ms, [trade], value_f)
-        if value_f >= self._near_below_f:
-            self._near_check(group)
-        if groups is None:
-            self._open[key] = [group]
+    def _add_alone(self, trade: Trade, value_f: float, alerts: list[Alert]) -> None:
+        """A block trade (or no sweep window): a group of its own, judged at once."""
+        if (
+            self.on_near_whale is not None
+            and value_f >= self._clearly_below_f
+            and trade.value_usd >= self.threshold_usd
+        ):
+            self.on_near_whale(trade.ticker)
+        self._close_group([trade], value_f, alerts)
+
+    def _late_fill(self, closed: _OpenGroup, trade: Trade, value_f: float) -> None:
+        """A fill for a kept closed sweep: it joins silently if that was alerted, else the sweep reopens."""
+        closed.trades.append(trade)
+        closed.value_f += value_f
+        self.kept_trades += 1
+        if closed.alerted:
+            # Already posted: never a second alert for one order; the caller logs what it grew by.
+            self.late_fills_after_alert += 1
+            if self.on_grew_after_alert is not None:
+                self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
         else:
-            groups.append(group)
-            groups.sort(key=_first_ts)
-        self._open_count += 1
-        self._opened.append(group)
-        return alerts
+            self._reopen(closed)
 
     def _older_open(self, groups: list[_OpenGroup], ts_ms: int) -> _OpenGroup | None:
         """The open group of one key, older than its newest, whose window holds `ts_ms` (newest first)."""
@@ -388,8 +439,7 @@ class WhaleDetector:
 
     def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
         alerts: list[Alert] = []
-        for trade in trades:
-            alerts.extend(self.add(trade))
+        self.add_batch(trades, alerts)
         return alerts
 
     def close_due(self, now_ms: int) -> list[Alert]:
@@ -442,6 +492,10 @@ class WhaleDetector:
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
         opened, gate, window = self._opened, self.gate, self.sweep_window_ms
+        open_groups = self._open
+        clearly_below_f = self._clearly_below_f
+        keeping = self.late_fill_horizon_ms > 0
+        quietly_closed = 0
         while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
             group = opened.popleft()
             if group.closed:
@@ -450,7 +504,19 @@ class WhaleDetector:
                 # A pending backfill window may still bring one of its fills: keep it open, ask again later.
                 self._held.append(group)
                 continue
+            if not keeping and group.value_f < clearly_below_f:
+                # `_finish`'s common case, inline: the key's only open group, clearly no whale, nothing kept.
+                key = group.key
+                groups = open_groups.get(key)
+                if groups is not None and len(groups) == 1 and groups[0] is group:
+                    group.closed = True
+                    del open_groups[key]
+                    quietly_closed += 1
+                    continue
             self._finish(group, alerts)
+        if quietly_closed:
+            self._open_count -= quietly_closed
+            self.groups_closed += quietly_closed
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
