@@ -480,13 +480,16 @@ def trades_of_lines(lines: Sequence[str | bytes], careful: Callable[[str | bytes
     for raw in lines:
         try:
             trade = decode(raw).msg
-            if trade.yes_price_text in prices and trade.no_price_text in prices and trade.count_text in counts:
+        except (msgspec.DecodeError, RecursionError):
+            frame = _seconds_frame(raw)  # the rest of the fast path: a trade time in seconds only
+            caught = frame.msg if frame is not None else careful(raw)
+        else:
+            if (
+                trade.yes_price_text in prices and trade.no_price_text in prices and trade.count_text in counts
+            ) or _money_text_ok(trade):
                 append(trade)
                 continue
-        except (msgspec.DecodeError, RecursionError):
-            pass
-        frame = _typed_frame(raw)  # the rest of the fast path: money texts not seen yet, trade time in seconds
-        caught = frame.msg if frame is not None else careful(raw)
+            caught = careful(raw)
         if caught is not None:
             append(caught)
     return trades

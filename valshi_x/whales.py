@@ -16,6 +16,11 @@ the float threshold carries two more roundings. For n below 10^9 fills (a group 
 that is under 1.2e-7 of the value, far inside the margin of 1e-6: a float sum below `threshold x (1 - 1e-6)`
 means an exact sum below the threshold. A $100,000 threshold leaves $0.10 of margin, so groups within ten cents
 of it are summed exactly, which almost never happens.
+
+Cheaper still, a first screen: no price exceeds $1, so a group's value is at most its contract count, and a float
+sum of counts below the limit (same margin, same argument: one rounding fewer per term) already proves the group
+below it. Only the rare group with that many contracts gets the float sum of values (`_value_f`, summed in arrival
+order, once per fill), and only a group that passes both is summed exactly.
 """
 
 from __future__ import annotations
@@ -84,7 +89,9 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     key: tuple[str, Side]
     first_ts_ms: int
     trades: list[Trade]
-    value_f: float  # float sum of the fills' values: only a screen (module docstring); `exact_value` decides
+    count_f: float  # float sum of the fills' counts: bounds the value (module docstring); `exact_value` decides
+    value_f: float = 0.0  # float sum of the values of the first `valued` fills (`WhaleDetector._value_f`)
+    valued: int = 0
     closed: bool = False
     alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
     near: bool = False  # reached half the threshold once (`on_near_whale` was called)
@@ -370,9 +377,9 @@ class WhaleDetector:
                     self._forget_closed(ts_ms - self.late_fill_horizon_ms)
 
             side = trade.taker_side
-            value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
+            count_f = float(trade.count_text)  # the first screen: a bound of the value (module docstring)
             if trade.is_block_trade or window <= 0:
-                self._add_alone(trade, value_f, alerts)
+                self._add_alone(trade, alerts)
                 continue
             key = (trade.ticker, side)
             groups = open_groups.get(key)
@@ -382,18 +389,18 @@ class WhaleDetector:
                 found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
                 if found is not None:
                     found.trades.append(trade)
-                    value_f = found.value_f = found.value_f + value_f
-                    if value_f >= near_below_f and not found.near:
+                    count_f = found.count_f = found.count_f + count_f
+                    if count_f >= near_below_f and not found.near:
                         self._near_check(found)
                     continue
             if kept and ts_ms + window < watermark:
                 # A late fill: its sweep may have closed already.
                 closed = self._closed_sweep(key, ts_ms)
                 if closed is not None:
-                    self._late_fill(closed, trade, value_f)
+                    self._late_fill(closed, trade, count_f)
                     continue
-            group = _OpenGroup(key, ts_ms, [trade], value_f)
-            if value_f >= near_below_f:
+            group = _OpenGroup(key, ts_ms, [trade], count_f, 0.0, 0, False, False, False, "")  # all given: faster
+            if count_f >= near_below_f:
                 self._near_check(group)
             if groups is None:
                 open_groups[key] = [group]
@@ -404,8 +411,9 @@ class WhaleDetector:
             opened.append(group)
         return None
 
-    def _add_alone(self, trade: Trade, value_f: float, alerts: list[Alert]) -> None:
+    def _add_alone(self, trade: Trade, alerts: list[Alert]) -> None:
         """A block trade (or no sweep window): a group of its own, judged at once."""
+        value_f = float(trade.count_text) * float(trade.price_text)
         if (
             self.on_near_whale is not None
             and value_f >= self._clearly_below_f
@@ -414,10 +422,10 @@ class WhaleDetector:
             self.on_near_whale(trade.ticker)
         self._close_group([trade], value_f, alerts)
 
-    def _late_fill(self, closed: _OpenGroup, trade: Trade, value_f: float) -> None:
+    def _late_fill(self, closed: _OpenGroup, trade: Trade, count_f: float) -> None:
         """A fill for a kept closed sweep: it joins silently if that was alerted, else the sweep reopens."""
         closed.trades.append(trade)
-        closed.value_f += value_f
+        closed.count_f += count_f
         self.kept_trades += 1
         if closed.alerted:
             # Already posted: never a second alert for one order; the caller logs what it grew by.
@@ -481,9 +489,25 @@ class WhaleDetector:
         return alerts
 
     def _near_check(self, group: _OpenGroup) -> None:
-        """The float screen says the group may be at half the threshold: make sure, exactly if need be."""
-        if group.value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd:
+        """The count screen says the group may be at half the threshold: make sure, exactly if need be."""
+        value_f = self._value_f(group)
+        if value_f >= self._near_below_f and (
+            value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd
+        ):
             self._near(group)
+
+    @staticmethod
+    def _value_f(group: _OpenGroup) -> float:
+        """The second screen: the float sum of the group's fill values, extended by the fills added since last time."""
+        trades = group.trades
+        valued = group.valued
+        if valued < len(trades):
+            value_f = group.value_f
+            for trade in trades[valued:]:
+                value_f += float(trade.count_text) * float(trade.price_text)
+            group.value_f = value_f
+            group.valued = len(trades)
+        return group.value_f
 
     def _near(self, group: _OpenGroup) -> None:
         group.near = True
@@ -504,7 +528,7 @@ class WhaleDetector:
                 # A pending backfill window may still bring one of its fills: keep it open, ask again later.
                 self._held.append(group)
                 continue
-            if not keeping and group.value_f < clearly_below_f:
+            if not keeping and group.count_f < clearly_below_f:
                 # `_finish`'s common case, inline: the key's only open group, clearly no whale, nothing kept.
                 key = group.key
                 groups = open_groups.get(key)
@@ -529,9 +553,9 @@ class WhaleDetector:
             elif group in groups:
                 groups.remove(group)
                 self._open_count -= 1
-        if group.value_f < self._clearly_below_f:  # `_close_group`'s screen, inline: the common case
+        if group.count_f < self._clearly_below_f:  # the first screen, inline: the common case
             self.groups_closed += 1
-        elif self._close_group(group.trades, group.value_f, alerts):
+        elif self._close_group(group.trades, self._value_f(group), alerts):
             group.alerted = True
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
@@ -555,7 +579,7 @@ class WhaleDetector:
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
-        if not group.near and group.value_f >= self._near_below_f:
+        if not group.near and group.count_f >= self._near_below_f:
             self._near_check(group)
         groups = self._open.setdefault(group.key, [])
         groups.append(group)
