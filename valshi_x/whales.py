@@ -341,9 +341,10 @@ class WhaleDetector:
         """
         seen = self.seen
         ids = seen._ids  # `SeenTradeIds.add`, inline
+        remember = ids.add
         max_ids = seen._max_ids
         newest_s = seen._newest_s
-        newest_ids = seen._newest_ids
+        remember_in_newest = seen._newest_ids.append
         open_groups = self._open
         opened = self._opened
         kept = self._kept
@@ -359,13 +360,13 @@ class WhaleDetector:
             if trade_id in ids:
                 self.duplicates += 1
                 continue
-            ids.add(trade_id)
+            remember(trade_id)
             second = ts_ms // 1000
             if second > newest_s:
-                newest_ids = seen._start_second(second, trade_id)
+                remember_in_newest = seen._start_second(second, trade_id).append
                 newest_s = second
             else:
-                newest_ids.append(trade_id)  # same second, or an older trade: it leaves with the newest bucket
+                remember_in_newest(trade_id)  # same second, or an older trade: it leaves with the newest bucket
             if len(ids) > max_ids:
                 seen._forget_over_cap()
             if ts_ms > watermark:
