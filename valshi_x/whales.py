@@ -400,7 +400,7 @@ class WhaleDetector:
                 if closed is not None:
                     self._late_fill(closed, trade, count_f)
                     continue
-            group = _OpenGroup(key, ts_ms, [trade], count_f, 0.0, 0, False, False, False, "")  # all given: faster
+            group = _OpenGroup(key, ts_ms, [trade], count_f)
             if count_f >= near_below_f:
                 self._near_check(group)
             if groups is None:
