@@ -144,7 +144,10 @@ def test_the_stream_clock_of_close_due_never_passes_the_wall_clock() -> None:
     assert pipeline.stream_now_ms() == T + 1_000  # the wall clock, not the skewed trade's time
     assert pipeline.close_due(100) == []
     assert pipeline.on_trades(whale[2:]) == []
-    # Groups close in the order they opened: the whale's waits for the skewed trade's (window + grace past it).
-    wall[0], mono[0] = T + 1_000 + FUTURE_TOLERANCE_MS - 100 + 1_101, 4.0
+    # On time: the skewed trade's group, opened first, does not hold the whale's up until the wall clock passes it.
+    wall[0], mono[0] = T + 2_500, 1.5
     (alert,) = pipeline.close_due(100)
     assert (alert.value_usd, alert.fills) == (Decimal("240000.0000"), 4)
+    assert pipeline.detector.open_groups == 1  # the skewed trade's, closed once the wall clock has passed it
+    wall[0], mono[0] = T + 1_000 + FUTURE_TOLERANCE_MS - 100 + 1_101, 4.0
+    assert pipeline.close_due(100) == [] and pipeline.detector.open_groups == 0

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from itertools import chain
 from typing import Final, Protocol
 
 import msgspec
@@ -265,6 +266,9 @@ class WhaleDetector:
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
+        # Groups opened by a trade stamped ahead of the caller's wall clock (live, clock skew): kept apart, so that
+        # one such group cannot hold up the groups opened after it until the wall clock passes it. Almost always none.
+        self._ahead: list[_OpenGroup] = []
         # Groups due to close that the gate holds open; asked again when the gate's version changes.
         self._held: list[_OpenGroup] = []
         self._held_version = -1
@@ -306,7 +310,7 @@ class WhaleDetector:
     def processed_through_ms(self) -> int:
         """Trade time before which every trade seen is in a closed group: where a restart may resume."""
         through = self.watermark_ms
-        oldest_open = min((g.first_ts_ms for g in self._opened if not g.closed), default=None)
+        oldest_open = min((g.first_ts_ms for g in chain(self._opened, self._ahead) if not g.closed), default=None)
         if oldest_open is not None:
             through = min(through, oldest_open - 1)
         oldest_held = min((g.first_ts_ms for g in self._held if not g.closed), default=None)
@@ -409,7 +413,10 @@ class WhaleDetector:
                 groups.append(group)
                 groups.sort(key=_first_ts)
             self._open_count += 1
-            opened.append(group)
+            if ts_ms <= now_ms:
+                opened.append(group)
+            else:
+                self._ahead.append(group)  # ahead of the wall clock: it must not hold up the groups opened after it
         return None
 
     def _add_alone(self, trade: Trade, alerts: list[Alert]) -> None:
@@ -483,6 +490,10 @@ class WhaleDetector:
             group = self._opened.popleft()
             if not group.closed:
                 self._finish(group, alerts)
+        ahead, self._ahead = self._ahead, []
+        for group in ahead:
+            if not group.closed:
+                self._finish(group, alerts)
         held, self._held = self._held, []
         for group in held:
             if not group.closed:
@@ -517,6 +528,8 @@ class WhaleDetector:
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
         opened, gate, window = self._opened, self.gate, self.sweep_window_ms
+        if self._ahead:
+            self._close_ahead(first_ts_ms_at_most, alerts)
         open_groups = self._open
         clearly_below_f = self._clearly_below_f
         keeping = self.late_fill_horizon_ms > 0
@@ -542,6 +555,21 @@ class WhaleDetector:
         if quietly_closed:
             self._open_count -= quietly_closed
             self.groups_closed += quietly_closed
+
+    def _close_ahead(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
+        """`_close_until` for the groups opened ahead of the wall clock (`_ahead`)."""
+        gate, window = self.gate, self.sweep_window_ms
+        still: list[_OpenGroup] = []
+        for group in self._ahead:
+            if group.closed:
+                continue
+            if group.first_ts_ms > first_ts_ms_at_most:
+                still.append(group)
+            elif gate is not None and not gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
+                self._held.append(group)
+            else:
+                self._finish(group, alerts)
+        self._ahead = still
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
