@@ -113,3 +113,41 @@ def test_the_pipeline_takes_a_batch_refusing_only_trades_from_the_future() -> No
     assert (pipeline.counts.frames, pipeline.counts.trades, pipeline.counts.malformed) == (3, 2, 1)
     (alert,) = pipeline.flush()
     assert alert.value_usd == Decimal("110000.0000")
+
+
+def _live_pipeline(wall: list[int], mono: list[float]) -> Pipeline:
+    detector = WhaleDetector(Decimal(100_000), 1_000, dedup_horizon_ms=60_000)
+    return Pipeline(detector, monotonic=lambda: mono[0], now_ms=lambda: wall[0])
+
+
+def test_a_trade_a_little_ahead_of_the_wall_clock_does_not_close_a_running_sweep_on_arrival() -> None:
+    # A whale's fills at T..T+900 ms ($60,000 each: the first two already make a whale), the wall clock at about
+    # T+1 s, and between them a trade of another market stamped 2.9 s ahead of it (clock skew: taken).
+    wall, mono = [T + 1_000], [0.0]
+    pipeline = _live_pipeline(wall, mono)
+    whale = [frame(T + i * 300, seq=i + 1, count="120000.00", ticker="KXWHALE-1") for i in range(4)]
+    ahead = frame(T + 1_000 + FUTURE_TOLERANCE_MS - 100, seq=9)
+    assert pipeline.on_trades([*whale[:2], ahead, *whale[2:]]) == []  # the sweep is still running
+    assert pipeline.counts.trades == 5 and pipeline.counts.malformed == 0  # the skewed trade is taken
+    wall[0], mono[0] = T + 2_500, 1.5
+    (alert,) = pipeline.close_due(100)
+    assert (alert.value_usd, alert.fills) == (Decimal("240000.0000"), 4)  # the whole sweep, not its first half
+    assert pipeline.detector.late_fills_after_alert == 0
+
+
+def test_the_stream_clock_of_close_due_never_passes_the_wall_clock() -> None:
+    wall, mono = [T + 1_000], [0.0]
+    pipeline = _live_pipeline(wall, mono)
+    whale = [frame(T + i * 300, seq=i + 1, count="120000.00", ticker="KXWHALE-1") for i in range(4)]
+    assert pipeline.on_trades([frame(T + 1_000 + FUTURE_TOLERANCE_MS - 100, seq=9)]) == []  # the newest trade time
+    assert pipeline.on_trades(whale[:2]) == []
+    assert pipeline.stream_now_ms() == T + 1_000  # the wall clock, not the skewed trade's time
+    assert pipeline.close_due(100) == []
+    assert pipeline.on_trades(whale[2:]) == []
+    # On time: the skewed trade's group, opened first, does not hold the whale's up until the wall clock passes it.
+    wall[0], mono[0] = T + 2_500, 1.5
+    (alert,) = pipeline.close_due(100)
+    assert (alert.value_usd, alert.fills) == (Decimal("240000.0000"), 4)
+    assert pipeline.detector.open_groups == 1  # the skewed trade's, closed once the wall clock has passed it
+    wall[0], mono[0] = T + 1_000 + FUTURE_TOLERANCE_MS - 100 + 1_101, 4.0
+    assert pipeline.close_due(100) == [] and pipeline.detector.open_groups == 0

@@ -46,10 +46,17 @@ from valshi_x.pipeline import MAX_NOTED_TYPES, Pipeline
 from valshi_x.runmode import Tuning
 from valshi_x.sanitize import clean_log_text, find_link
 from valshi_x.store import Store, db_path, wall_ms
-from valshi_x.trades import FUTURE_TOLERANCE_MS, MalformedTrade, fast_trade_from_raw, parse_frame
+from valshi_x.trades import FUTURE_TOLERANCE_MS, MalformedTrade, Trade, fast_trade_frame, parse_frame
 from valshi_x.whales import Alert, WhaleDetector
 from valshi_x.x.poster import OutcomeKind, SendResult, classify, post_renderer
 from valshi_x.x.text import render_post
+
+
+def fast_trade(raw: str | bytes) -> Trade | None:
+    """The trade the fast decode makes of a raw frame (None: the careful path decides)."""
+    typed = fast_trade_frame(raw)
+    return typed.msg if typed is not None else None
+
 
 NOW_MS = 1_793_000_000_000  # the tests' wall clock
 THRESHOLD = Decimal(100000)
@@ -535,7 +542,7 @@ def test_item13_a_count_beyond_the_decimals_kalshi_sends_is_refused_not_rounded_
 )
 def test_item13_impossible_prices_are_refused(price: str) -> None:
     msg = msg_at(NOW_MS) | {"yes_price_dollars": price}
-    assert fast_trade_from_raw(frame_of(msg)) is None
+    assert fast_trade(frame_of(msg)) is None
     pipeline, _ = live_pipeline()
     pipeline.on_raw(frame_of(msg))
     assert (pipeline.counts.trades, pipeline.counts.malformed) == (0, 1)

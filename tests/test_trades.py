@@ -14,11 +14,18 @@ from hypothesis import strategies as st
 from valshi_x.trades import (
     MalformedTrade,
     Trade,
-    fast_trade_from_raw,
+    fast_trade_frame,
     parse_frame,
     trade_from_fields,
     trade_from_frame,
 )
+
+
+def fast_trade(raw: str | bytes) -> Trade | None:
+    """The trade the fast decode makes of a raw frame (None: the careful path decides)."""
+    typed = fast_trade_frame(raw)
+    return typed.msg if typed is not None else None
+
 
 TODAY: dict[str, Any] = {
     "trade_id": "d91bc706-ee49-470d-82d8-11418bda6fed",
@@ -214,23 +221,23 @@ def test_normalize_never_raises_anything_but_malformed(changes: dict[str, Any]) 
 @given(st.dictionaries(st.sampled_from(sorted({*TODAY, "yes_price", "no_price", "count", "ticker"})), field_values))
 def test_fast_path_agrees_with_the_careful_path(changes: dict[str, Any]) -> None:
     raw = json.dumps(frame(**changes)).encode()
-    fast = fast_trade_from_raw(raw)
+    fast = fast_trade(raw)
     if fast is None:
         return  # not today's exact shape: the careful path decides alone
     assert fast == trade_from_frame(parse_frame(raw))
 
 
 def test_fast_path_reads_todays_frame_and_declines_the_rest() -> None:
-    assert fast_trade_from_raw(json.dumps(frame())) == trade_from_frame(frame())
-    assert fast_trade_from_raw(json.dumps(frame(taker_outcome_side=...))) is None  # book side only: careful path
-    assert fast_trade_from_raw(json.dumps(frame(yes_price_dollars="NaN"))) is None
-    assert fast_trade_from_raw(b'{"type":"subscribed","msg":{"sid":1}}') is None
-    assert fast_trade_from_raw(b"{not json") is None
+    assert fast_trade(json.dumps(frame())) == trade_from_frame(frame())
+    assert fast_trade(json.dumps(frame(taker_outcome_side=...))) is None  # book side only: careful path
+    assert fast_trade(json.dumps(frame(yes_price_dollars="NaN"))) is None
+    assert fast_trade(b'{"type":"subscribed","msg":{"sid":1}}') is None
+    assert fast_trade(b"{not json") is None
 
 
 def test_fast_path_keeps_the_exact_text_and_refuses_what_it_cannot_prove() -> None:
     raw = json.dumps(frame(count_fp="199999.999998", yes_price_dollars="0.000999", no_price_dollars="0.999001"))
-    trade = fast_trade_from_raw(raw)
+    trade = fast_trade(raw)
     assert trade is not None and trade == trade_from_frame(parse_frame(raw))
     assert (trade.count_fp, trade.yes_price_dollars) == (Decimal("199999.999998"), Decimal("0.000999"))
     # Over-precise, out of range, zero, signed, exponent, blank or non-ASCII digits: the careful path decides.
@@ -247,5 +254,5 @@ def test_fast_path_keeps_the_exact_text_and_refuses_what_it_cannot_prove() -> No
         {"yes_price_dollars": "0.\u0665"},
         {"count_fp": "01.00"},
     ):
-        assert fast_trade_from_raw(json.dumps(frame(**changes))) is None, changes
+        assert fast_trade(json.dumps(frame(**changes))) is None, changes
     assert trade_from_frame(frame(count_fp="1000000000.00")).count_fp == Decimal(10**9)

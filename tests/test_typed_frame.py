@@ -73,7 +73,7 @@ def frames(draw: st.DrawFn) -> str:
         else:
             del msg[name]
     if draw(st.booleans()):
-        msg["ts"] = draw(st.one_of(st.just(NOW_MS // 1000), odd_scalars))
+        msg["ts"] = draw(st.one_of(st.just(NOW_MS // 1000), st.integers(1_577_836_790, 4_102_444_810), odd_scalars))
     frame: dict[str, Any] = {"type": draw(st.sampled_from(["trade", "trade", "trade", "ok", "ticker"])), "msg": msg}
     for name in ("sid", "seq"):
         value = draw(st.one_of(st.integers(min_value=-2, max_value=2**66), odd_scalars, st.just(_MISSING)))
@@ -137,6 +137,11 @@ def test_today_s_frame_takes_the_fast_path_and_odd_ones_the_careful_one() -> Non
         assert fast_trade_frame(odd) is None or seq is None
         typed = careful(odd)
         assert isinstance(typed, TradeFrame) and typed.seq is None and typed.msg == fast.msg
-    legacy = {k: v for k, v in GOOD_MSG.items() if k != "ts_ms"} | {"ts": NOW_MS // 1000}
-    assert fast_trade_frame(json.dumps(good | {"msg": legacy})) is None
-    assert isinstance(careful(json.dumps(good | {"msg": legacy})), TradeFrame)
+    # Stamped in whole seconds only (older captures): a second typed decode, still the same as the careful path.
+    seconds = json.dumps(good | {"msg": {k: v for k, v in GOOD_MSG.items() if k != "ts_ms"} | {"ts": NOW_MS // 1000}})
+    typed_seconds = fast_trade_frame(seconds)
+    assert typed_seconds is not None and typed_seconds == careful(seconds)
+    assert typed_seconds.msg.ts_ms == NOW_MS // 1000 * 1000
+    legacy = {"trade_id": "t-1", "market_ticker": "KX-1", "yes_price": 62, "count": 3, "taker_side": "yes", "ts": 1}
+    assert fast_trade_frame(json.dumps(good | {"msg": legacy | {"ts": NOW_MS // 1000}})) is None  # integer cents
+    assert isinstance(careful(json.dumps(good | {"msg": legacy | {"ts": NOW_MS // 1000}})), TradeFrame)

@@ -368,6 +368,20 @@ def test_groups_clearly_below_the_threshold_are_never_summed_exactly() -> None:
     assert d.exact_sums == 1
 
 
+def test_many_cheap_contracts_pass_the_count_screen_and_are_judged_on_their_value() -> None:
+    # A count screen alone would take these for whales: 3,000,000 contracts, but at $0.03 only $90,000.
+    near: list[str] = []
+    d = WhaleDetector(Decimal(100000), 1000, on_near_whale=near.append)
+    alerts = []
+    for i in range(300):
+        alerts += d.add(fill("10000.00", "0.0300", at=i, ticker="PENNY"))  # $300 each
+    alerts += d.add(fill("200000.00", "0.0300", at=400, ticker="PENNY"))  # + $6,000: $96,000
+    alerts += d.add(fill("150000.00", "0.0300", at=500, ticker="PENNY"))  # + $4,500: $100,500, a whale
+    assert near == ["PENNY"] and alerts == []
+    (alert,) = d.flush()
+    assert (alert.value_usd, alert.fills, d.exact_sums) == (Decimal("100500.000000"), 302, 1)
+
+
 def test_near_whale_hook_is_exact_at_half_the_threshold() -> None:
     near: list[str] = []
     d = WhaleDetector(Decimal(100000), 1000, on_near_whale=near.append)

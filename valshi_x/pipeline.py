@@ -4,7 +4,9 @@ No asyncio and no I/O besides log lines, so live streams, replays and tests driv
 
 The trade clock (`valshi_x.trades.check_trade_time`: nothing more than FUTURE_TOLERANCE_MS ahead):
 - live (`now_ms` given): the reference is this host's wall clock; a trade stamped further ahead is malformed
-  `future_time` at once, stream and REST alike.
+  `future_time` at once, stream and REST alike. One within the tolerance is taken, but sweeps never close past
+  the wall clock (`stream_now_ms`, `WhaleDetector.add`): a skewed trade must not cut short a sweep still taking
+  fills. So with the host clock d (<= the tolerance) behind Kalshi's, sweeps close d late.
 - replay (`replay=True`): there is no wall clock, the capture's own trade time is the clock. A trade that leaps
   more than the tolerance ahead of it is held back, not believed: the next trade confirms the leap (it lies at
   or after the held one, less the tolerance: the capture really jumps, e.g. a recording resumed later) and both
@@ -19,7 +21,7 @@ Per-frame conditions are logged through a `WarningBudget`: a storm of bad frames
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,10 @@ from valshi_x.trades import (
     Trade,
     TradeFrame,
     check_trade_time,
-    fast_trade_from_raw,
     parse_frame,
     trade_from_fields,
     trade_from_frame,
+    trades_of_lines,
 )
 from valshi_x.whales import Alert, WhaleDetector
 
@@ -116,82 +118,29 @@ class Pipeline:
         # When the newest trade time last advanced, on our clock: the base of the stream clock.
         self.watermark_seen_at = monotonic()
 
+    def on_lines(self, lines: Sequence[str | bytes]) -> list[Alert]:
+        """A chunk of raw frames as received (a replay's capture lines): decoded in one pass, taken as one batch.
+
+        The decode is the stream's (`valshi_x.trades.trades_of_lines`: the typed frame in C, the careful dict decode
+        for any other line), so live and replay read a frame the same way.
+        """
+        self.counts.frames += len(lines)
+        return self._take_all(trades_of_lines(lines, self._careful))
+
     def on_raw(self, raw: str | bytes) -> list[Alert]:
-        """One raw frame as received (a line of a capture)."""
-        trade = fast_trade_from_raw(raw)
-        if trade is not None:
-            # The common case: a replay spends most of its time here.
-            counts = self.counts
-            counts.frames += 1
-            detector = self.detector
-            if self._replay and self._held is None and detector.watermark_ms >= trade.ts_ms - FUTURE_TOLERANCE_MS > 0:
-                # `_take`'s replay case, inline: a trade within the tolerance of the clock.
-                counts.trades += 1
-                return detector.add(trade)
-            return self._take(trade)
-        try:
-            frame = parse_frame(raw)
-        except MalformedTrade as exc:
-            self.counts.frames += 1
-            self.on_bad_frame(raw, exc)
-            return []
-        return self.on_frame(frame)
+        """One raw frame (a line of a capture); `on_lines` for a chunk of them."""
+        return self.on_lines((raw,))
 
     def on_trades(self, frames: list[TradeFrame]) -> list[Alert]:
-        """A batch of trade frames the stream already decoded and typed (live): nothing is dispatched again.
-
-        The clocks are read once per batch, not per trade: the wall clock for the trade-time rule and, when the
-        trade time advanced, the monotonic one for the stream clock's base (a batch spans microseconds).
-        """
-        now_ms = self._now_ms
-        if now_ms is None:  # replay and tests: the per-trade path with its own clock rules
-            alerts: list[Alert] = []
-            for frame in frames:
-                self.counts.frames += 1
-                alerts.extend(self._take(frame.msg))
-            return alerts
-        latest_ms = now_ms() + FUTURE_TOLERANCE_MS
-        detector = self.detector
-        add = detector.add
-        watermark_ms = detector.watermark_ms
-        alerts = []
-        taken = 0
-        for frame in frames:
-            trade = frame.msg
-            if trade.ts_ms > latest_ms:
-                self._refuse_future(trade, latest_ms - FUTURE_TOLERANCE_MS)
-                continue
-            taken += 1
-            found = add(trade)
-            if found:
-                alerts.extend(found)
-        counts = self.counts
-        counts.frames += len(frames)
-        counts.trades += taken
-        if detector.watermark_ms > watermark_ms:
-            self.watermark_seen_at = self._monotonic()
-        return alerts
+        """A batch of trade frames the stream already decoded and typed (live): nothing is decoded again."""
+        self.counts.frames += len(frames)
+        return self._take_all([frame.msg for frame in frames])
 
     def on_frame(self, frame: dict[str, Any]) -> list[Alert]:
         """One decoded frame; control frames are counted, unknown ones noted once per type."""
         self.counts.frames += 1
-        kind = frame.get("type")
-        if kind == "trade":
-            try:
-                trade = trade_from_frame(frame)
-            except MalformedTrade as exc:
-                self.on_bad_frame(frame, exc)
-                return []
-            return self._take(trade)
-        if isinstance(kind, str) and kind in _CONTROL_TYPES:  # a list as a type must not raise (unhashable)
-            self.counts.control += 1
-            return []
-        self.counts.unknown += 1
-        name = str(kind)[:40]
-        if name not in self._unknown_types and len(self._unknown_types) < MAX_NOTED_TYPES:
-            self._unknown_types.add(name)
-            log.info("unknown_frame_type", frame_type=name)
-        return []
+        trade = self._trade_of(frame)
+        return self._take_all([trade]) if trade is not None else []
 
     def on_rest_trade(self, fields: dict[str, Any]) -> list[Alert]:
         """One trade object from Kalshi REST (backfill): the same path as a live trade."""
@@ -200,7 +149,82 @@ class Pipeline:
         except MalformedTrade as exc:
             self.on_bad_frame(fields, exc)
             return []
-        return self._take(trade)
+        return self._take_all([trade])
+
+    def _careful(self, raw: str | bytes) -> Trade | None:
+        """A frame the fast decode refused, decoded as a dict: its trade, or None (counted and noted here)."""
+        try:
+            frame = parse_frame(raw)
+        except MalformedTrade as exc:
+            self.on_bad_frame(raw, exc)
+            return None
+        return self._trade_of(frame)
+
+    def _trade_of(self, frame: dict[str, Any]) -> Trade | None:
+        kind = frame.get("type")
+        if kind == "trade":
+            try:
+                return trade_from_frame(frame)
+            except MalformedTrade as exc:
+                self.on_bad_frame(frame, exc)
+                return None
+        if isinstance(kind, str) and kind in _CONTROL_TYPES:  # a list as a type must not raise (unhashable)
+            self.counts.control += 1
+            return None
+        self.counts.unknown += 1
+        name = str(kind)[:40]
+        if name not in self._unknown_types and len(self._unknown_types) < MAX_NOTED_TYPES:
+            self._unknown_types.add(name)
+            log.info("unknown_frame_type", frame_type=name)
+        return None
+
+    def _take_all(self, trades: list[Trade]) -> list[Alert]:
+        """Trades in order, under the trade clock's rules (module docstring), into the detector as one batch.
+
+        The clocks are read once per batch, not per trade: the wall clock for the trade-time rule (live) and, when
+        the trade time advanced, the monotonic one for the stream clock's base (a batch spans microseconds).
+        """
+        alerts: list[Alert] = []
+        if not trades:
+            return alerts
+        detector = self.detector
+        watermark_ms = detector.watermark_ms
+        now_ms = self._now_ms
+        if now_ms is not None:
+            wall_ms = now_ms()
+            latest_ms = wall_ms + FUTURE_TOLERANCE_MS
+            taken = [trade for trade in trades if trade.ts_ms <= latest_ms]
+            if len(taken) < len(trades):
+                for trade in trades:
+                    if trade.ts_ms > latest_ms:
+                        self._refuse_future(trade, wall_ms)
+            detector.add_batch(taken, alerts, now_ms=wall_ms)  # closes sweeps up to the wall clock at most
+            self.counts.trades += len(taken)
+        elif self._replay:
+            self._take_replay(trades, alerts)
+        else:
+            detector.add_batch(trades, alerts)
+            self.counts.trades += len(trades)
+        if detector.watermark_ms > watermark_ms:
+            self.watermark_seen_at = self._monotonic()
+        return alerts
+
+    def _take_replay(self, trades: list[Trade], alerts: list[Alert]) -> None:
+        """Replay: trades within the tolerance of the clock go to the detector in one run (it stops at a leap);
+        a leap, and every trade while one is held, take the held-trade rule (`_take_checked`)."""
+        detector = self.detector
+        rest = iter(trades)
+        checked = 0
+        while True:
+            if self._held is None and detector.watermark_ms:
+                leap = detector.add_batch(rest, alerts, max_leap_ms=FUTURE_TOLERANCE_MS)
+            else:  # the first trade, or one is held
+                leap = next(rest, None)
+            if leap is None:
+                break
+            checked += 1
+            alerts.extend(self._take_checked(leap))
+        self.counts.trades += len(trades) - checked  # the checked ones count themselves when taken (`_add`)
 
     def on_bad_frame(self, raw: object, exc: MalformedTrade) -> None:
         self.counts.malformed += 1
@@ -214,11 +238,21 @@ class Pipeline:
 
         Closing groups on this clock, not on wall-clock UTC, keeps a skewed host clock from splitting sweeps. A
         replay's clock is its trade time alone (this host's clock says nothing about a capture's pace).
+
+        Live, it never passes the host's wall clock: a trade stamped up to FUTURE_TOLERANCE_MS ahead of it is
+        taken, but must not close a sweep still taking fills (on arrival, `WhaleDetector.add` keeps the same
+        bound). The price: when the host clock is behind Kalshi's by d (at most the tolerance, or trades would be
+        refused), sweeps close d later than they could.
         """
         if self._replay:
             return self.detector.watermark_ms
         elapsed_ms = int((self._monotonic() - self.watermark_seen_at) * 1000)
-        return self.detector.watermark_ms + elapsed_ms
+        stream_ms = self.detector.watermark_ms + elapsed_ms
+        if self._now_ms is not None:
+            wall_ms = self._now_ms()
+            if wall_ms < stream_ms:
+                return wall_ms
+        return stream_ms
 
     def close_due(self, grace_ms: int) -> list[Alert]:
         """Close groups whose window (plus `grace_ms` for late fills) has passed on the stream clock."""
@@ -233,28 +267,8 @@ class Pipeline:
         alerts = self._add(held) if held is not None else []
         return alerts + self.detector.flush()
 
-    def _take(self, trade: Trade) -> list[Alert]:
-        detector = self.detector
-        ts_ms = trade.ts_ms
-        if self._replay and self._held is None and detector.watermark_ms >= ts_ms - FUTURE_TOLERANCE_MS > 0:
-            # The replay's common case: a trade within the tolerance of the clock. (No clock call: a replay's
-            # stream clock is its trade time, `stream_now_ms`.)
-            self.counts.trades += 1
-            return detector.add(trade)
-        return self._take_checked(trade)
-
     def _take_checked(self, trade: Trade) -> list[Alert]:
-        now_ms = self._now_ms
-        if now_ms is not None:
-            try:
-                check_trade_time(trade.ts_ms, now_ms())
-            except MalformedTrade as exc:
-                self.on_bad_frame(_trade_excerpt(trade), exc)
-                return []
-            return self._add(trade)
-        if not self._replay:
-            return self._add(trade)
-        # Replay: the clock is the newest believed trade time (module docstring).
+        """Replay: the clock is the newest believed trade time (module docstring)."""
         held = self._held
         if held is not None:
             self._held = None
@@ -275,10 +289,7 @@ class Pipeline:
 
     def _add(self, trade: Trade) -> list[Alert]:
         self.counts.trades += 1
-        detector = self.detector
-        if trade.ts_ms > detector.watermark_ms:
-            self.watermark_seen_at = self._monotonic()
-        return detector.add(trade)
+        return self.detector.add(trade)
 
 
 def _trade_excerpt(trade: Trade) -> dict[str, object]:

@@ -21,6 +21,7 @@ window by more than that. The caller chooses the clock (see `valshi_x.pipeline`)
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final, Literal
@@ -138,61 +139,6 @@ def parse_frame(raw: str | bytes) -> dict[str, Any]:
     if not isinstance(frame, dict):
         raise MalformedTrade("not_an_object", type(frame).__name__)
     return frame
-
-
-class _TradeFrame(msgspec.Struct, gc=False):
-    """Today's trade frame, as far as the fast path needs it (other fields are ignored)."""
-
-    type: Literal["trade"]
-    msg: Trade
-
-
-_decode_trade_frame = msgspec.json.Decoder(_TradeFrame).decode
-
-# The fast path's format check, by regular expression: today's canonical fixed-point text only (ASCII digits, at most
-# MAX_DECIMALS decimals, no sign, exponent, blank or underscore), a price in (0, 1) and a count in (0, 10^9).
-# Anything else (10^9 itself, "1E+2", " 0.5") is left to the careful path, which reads it or names the problem.
-_PRICE_TEXT = re.compile(r"0\.(?=[0-9]*[1-9])[0-9]{1,6}")
-_COUNT_TEXT = re.compile(r"(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|0\.(?=[0-9]*[1-9])[0-9]{1,6})")
-# Texts that passed, so the check runs once per distinct text, not per print (a set lookup costs a tenth of the
-# match). Bounded: a capture of a million prints holds some 500 prices and 22,000 counts; when full, a cache is
-# emptied and fills again with what is current (about 3 MB at most).
-_KNOWN_MAX = 32_768
-_known_prices: set[str] = set()
-_known_counts: set[str] = set()
-
-
-def fast_trade_from_raw(raw: str | bytes) -> Trade | None:
-    """The trade in a raw frame of today's exact shape, decoded and type-checked in C; None for anything else.
-
-    None is not a verdict: the caller then takes the careful path (`parse_frame`, `trade_from_frame`), which
-    reads every other frame and names what is wrong with a malformed one. No `Decimal` is built here: the money
-    fields are checked as text, which proves the same ranges and precision (`_exact_money`) for these forms.
-    """
-    if len(raw) > MAX_FRAME_BYTES:
-        return None
-    try:
-        trade = _decode_trade_frame(raw).msg
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    prices, counts = _known_prices, _known_counts
-    if (
-        trade.yes_price_text in prices and trade.no_price_text in prices and trade.count_text in counts
-    ) or _money_text_ok(trade):
-        return trade
-    return None
-
-
-def _money_text_ok(trade: Trade) -> bool:
-    """Prices and count of a freshly decoded trade in today's canonical form (remembered when they are)."""
-    yes, no, count = trade.yes_price_text, trade.no_price_text, trade.count_text
-    if not (_PRICE_TEXT.fullmatch(yes) and _PRICE_TEXT.fullmatch(no) and _COUNT_TEXT.fullmatch(count)):
-        return False
-    for known, text in ((_known_prices, yes), (_known_prices, no), (_known_counts, count)):
-        if len(known) >= _KNOWN_MAX:
-            known.clear()
-        known.add(text)
-    return True
 
 
 def _exact_money(yes: Decimal, no: Decimal, count: Decimal) -> bool:
@@ -409,24 +355,63 @@ def trade_time_ms(msg: dict[str, Any]) -> int:
     raise MalformedTrade("missing_time")
 
 
-# ------------------------------------------------------------------ the stream's typed frame (decode once)
+# ------------------------------------------------------------------ the typed frame (decode once, live and replay)
 
 
 class TradeFrame(msgspec.Struct, gc=False, omit_defaults=True):
     """A trade frame decoded once: the trade, its subscription and its seq (None unless a plain positive integer).
 
     The stream makes one from every trade frame (`fast_trade_frame` in C for today's shape, `careful_trade_frame`
-    for the rest) and the pipeline takes it as it is, so no frame is decoded or dispatched twice. A `sid` that is
-    not an integer is None as well (such a frame is not checked for gaps, as before).
+    for the rest) and the pipeline takes it as it is, so no frame is decoded or dispatched twice; a replay decodes
+    its lines the same way (`trades_of_lines`). A `sid` that is not an integer is None as well (such a frame is
+    not checked for gaps, as before). Lengths and the time range are checked by the decoder (`Trade`'s schema).
     """
 
     type: Literal["trade"]
     msg: Trade
     sid: int | None = None
-    seq: int | None = None
+    seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class _SecondsTrade(msgspec.Struct, gc=False):
+    """A trade stamped in whole seconds only (`ts`, no `ts_ms`), as in older captures: `trade_time_ms`'s second case.
+
+    About one frame in fifty of a capture; typed here, it costs a second decode instead of the careful path's dict,
+    three Decimals and a dozen checks.
+    """
+
+    trade_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)]
+    ticker: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)] = msgspec.field(name="market_ticker")
+    yes_price_text: str = msgspec.field(name="yes_price_dollars")
+    no_price_text: str = msgspec.field(name="no_price_dollars")
+    count_text: str = msgspec.field(name="count_fp")
+    taker_side: Side = msgspec.field(name="taker_outcome_side")
+    is_block_trade: bool
+    ts: Annotated[int, msgspec.Meta(ge=_MIN_TS_MS // 1000, lt=_MAX_TS_MS // 1000)]  # both bounds are whole seconds
+    ts_ms: None = None  # absent or null: `trade_time_ms` reads `ts` then
+
+
+class _SecondsTradeFrame(msgspec.Struct, gc=False):
+    type: Literal["trade"]
+    msg: _SecondsTrade
+    sid: int | None = None
+    seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 _decode_typed_frame = msgspec.json.Decoder(TradeFrame).decode
+_decode_seconds_frame = msgspec.json.Decoder(_SecondsTradeFrame).decode
+
+# The fast path's format check, by regular expression: today's canonical fixed-point text only (ASCII digits, at most
+# MAX_DECIMALS decimals, no sign, exponent, blank or underscore), a price in (0, 1) and a count in (0, 10^9).
+# Anything else (10^9 itself, "1E+2", " 0.5") is left to the careful path, which reads it or names the problem.
+_PRICE_TEXT = re.compile(r"0\.(?=[0-9]*[1-9])[0-9]{1,6}")
+_COUNT_TEXT = re.compile(r"(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|0\.(?=[0-9]*[1-9])[0-9]{1,6})")
+# Texts that passed, so the check runs once per distinct text, not per print (a set lookup costs a tenth of the
+# match). Bounded: a capture of a million prints holds some 500 prices and 22,000 counts; when full, a cache is
+# emptied and fills again with what is current (about 3 MB at most).
+_KNOWN_MAX = 32_768
+_known_prices: set[str] = set()
+_known_counts: set[str] = set()
 
 
 def fast_trade_frame(raw: str | bytes) -> TradeFrame | None:
@@ -434,34 +419,92 @@ def fast_trade_frame(raw: str | bytes) -> TradeFrame | None:
 
     Bounds: the size is checked first; nesting is bounded by the schema (unknown fields are skipped, and a
     skipped value nested past msgspec's depth limit raises RecursionError, caught here); the trade's ranges and
-    precision are those of `_exact_money`, proven on the text (`_money_text_ok`, no Decimal built), the time range
-    that of `trade_time_ms`. None is no verdict: the caller takes the careful path, which names what is wrong (a
-    property test keeps the two equal).
+    precision are those of `_exact_money`, proven on the text (`_money_text_ok`, no Decimal built), lengths and the
+    time range those of the careful path, checked by the decoder. None is no verdict: the caller takes the careful
+    path, which names what is wrong (a property test keeps the two equal).
     """
     if len(raw) > MAX_FRAME_BYTES:
         return None
+    return _typed_frame(raw)
+
+
+def _typed_frame(raw: str | bytes) -> TradeFrame | None:
+    """`fast_trade_frame` once the size is known to be within bounds."""
     try:
         frame = _decode_typed_frame(raw)
-        trade = frame.msg
-        seq = frame.seq
-        if (
-            (seq is None or seq >= 1)
-            and _MIN_TS_MS <= trade.ts_ms < _MAX_TS_MS
-            and 0 < len(trade.trade_id) <= MAX_TEXT_LEN
-            and 0 < len(trade.ticker) <= MAX_TEXT_LEN
-            and (
-                (
-                    trade.yes_price_text in _known_prices
-                    and trade.no_price_text in _known_prices
-                    and trade.count_text in _known_counts
-                )
-                or _money_text_ok(trade)
-            )
-        ):
-            return frame
     except (msgspec.DecodeError, RecursionError):
-        pass
+        return _seconds_frame(raw)
+    trade = frame.msg
+    if (
+        trade.yes_price_text in _known_prices
+        and trade.no_price_text in _known_prices
+        and trade.count_text in _known_counts
+    ) or _money_text_ok(trade):
+        return frame
     return None
+
+
+def _seconds_frame(raw: str | bytes) -> TradeFrame | None:
+    try:
+        frame = _decode_seconds_frame(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    msg = frame.msg
+    trade = Trade(
+        msg.trade_id,
+        msg.ticker,
+        msg.yes_price_text,
+        msg.no_price_text,
+        msg.count_text,
+        msg.taker_side,
+        msg.is_block_trade,
+        msg.ts * 1000,
+    )
+    return TradeFrame("trade", trade, frame.sid, frame.seq) if _money_text_ok(trade) else None
+
+
+def trades_of_lines(lines: Sequence[str | bytes], careful: Callable[[str | bytes], Trade | None]) -> list[Trade]:
+    """The trades of a chunk of raw frames (a replay's lines), in order, decoded as `fast_trade_frame` does.
+
+    Any line the fast path refuses goes to `careful`, which returns its trade or None (and counts and logs what it
+    is: a control frame, a malformed one). One loop per chunk, no Python call per frame for today's shape with
+    prices and counts seen before: this is the replay's hot path.
+    """
+    if max(map(len, lines), default=0) > MAX_FRAME_BYTES:  # one huge line: per line, sizes checked
+        found = (fast_trade_frame(raw) for raw in lines)
+        return [t for raw, f in zip(lines, found, strict=True) if (t := f.msg if f else careful(raw)) is not None]
+    decode = _decode_typed_frame
+    prices, counts = _known_prices, _known_counts
+    trades: list[Trade] = []
+    append = trades.append
+    for raw in lines:
+        try:
+            trade = decode(raw).msg
+        except (msgspec.DecodeError, RecursionError):
+            frame = _seconds_frame(raw)  # the rest of the fast path: a trade time in seconds only
+            caught = frame.msg if frame is not None else careful(raw)
+        else:
+            if (
+                trade.yes_price_text in prices and trade.no_price_text in prices and trade.count_text in counts
+            ) or _money_text_ok(trade):
+                append(trade)
+                continue
+            caught = careful(raw)
+        if caught is not None:
+            append(caught)
+    return trades
+
+
+def _money_text_ok(trade: Trade) -> bool:
+    """Prices and count of a freshly decoded trade in today's canonical form (remembered when they are)."""
+    yes, no, count = trade.yes_price_text, trade.no_price_text, trade.count_text
+    if not (_PRICE_TEXT.fullmatch(yes) and _PRICE_TEXT.fullmatch(no) and _COUNT_TEXT.fullmatch(count)):
+        return False
+    for known, text in ((_known_prices, yes), (_known_prices, no), (_known_counts, count)):
+        if len(known) >= _KNOWN_MAX:
+            known.clear()
+        known.add(text)
+    return True
 
 
 def careful_trade_frame(frame: dict[str, Any]) -> TradeFrame:

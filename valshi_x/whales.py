@@ -16,6 +16,11 @@ the float threshold carries two more roundings. For n below 10^9 fills (a group 
 that is under 1.2e-7 of the value, far inside the margin of 1e-6: a float sum below `threshold x (1 - 1e-6)`
 means an exact sum below the threshold. A $100,000 threshold leaves $0.10 of margin, so groups within ten cents
 of it are summed exactly, which almost never happens.
+
+Cheaper still, a first screen: no price exceeds $1, so a group's value is at most its contract count, and a float
+sum of counts below the limit (same margin, same argument: one rounding fewer per term) already proves the group
+below it. Only the rare group with that many contracts gets the float sum of values (`_value_f`, summed in arrival
+order, once per fill), and only a group that passes both is summed exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from itertools import chain
+from typing import Final, Protocol
 
 import msgspec
 
@@ -84,7 +90,9 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     key: tuple[str, Side]
     first_ts_ms: int
     trades: list[Trade]
-    value_f: float  # float sum of the fills' values: only a screen (module docstring); `exact_value` decides
+    count_f: float  # float sum of the fills' counts: bounds the value (module docstring); `exact_value` decides
+    value_f: float = 0.0  # float sum of the values of the first `valued` fills (`WhaleDetector._value_f`)
+    valued: int = 0
     closed: bool = False
     alerted: bool = False  # closed as a whale: a late fill joins it without a second alert
     near: bool = False  # reached half the threshold once (`on_near_whale` was called)
@@ -104,6 +112,11 @@ class RecoveryGate(Protocol):
         """The oldest trade time a pending backfill may still bring, if any."""
         ...
 
+
+# `WhaleDetector.add_batch` without a wall clock (replay, tests): trade time alone closes sweeps.
+NO_CLOCK_MS: Final = 1 << 62
+# `WhaleDetector.add_batch` without a leap limit (live and tests: the pipeline checked the trade time already).
+NO_LEAP_LIMIT_MS: Final = 1 << 62
 
 # (alert id, ticker, extra value in USD, trade id of the late fill)
 GrewAfterAlert = Callable[[str, str, Decimal, str], None]
@@ -150,7 +163,8 @@ class SeenTradeIds:
         self._max_ids = max_ids
         self._ids: set[str] = set()
         self._buckets: deque[tuple[int, list[str]]] = deque()  # (trade second, ids), oldest first
-        self._newest_s = 0
+        # Below any trade's second, so the first id always starts a bucket (the hot path then only appends).
+        self._newest_s = -(1 << 62)
         self._newest_ids: list[str] = []  # the newest bucket's ids (the hot path appends here)
 
     def __len__(self) -> int:
@@ -160,28 +174,32 @@ class SeenTradeIds:
         return trade_id in self._ids
 
     def add(self, trade_id: str, ts_ms: int) -> bool:
-        """Remember the id; False if it was already known."""
+        """Remember the id; False if it was already known. (`WhaleDetector.add_batch` has this inline.)"""
         ids = self._ids
         if trade_id in ids:
             return False
         ids.add(trade_id)
         second = ts_ms // 1000
         if second > self._newest_s:
-            self._newest_s = second
-            buckets = self._buckets
-            self._newest_ids = newest = [trade_id]
-            buckets.append((second, newest))
-            oldest_kept = second - self._horizon_s
-            while buckets[0][0] < oldest_kept:
-                ids.difference_update(buckets.popleft()[1])
+            self._start_second(second, trade_id)
         else:
             # Same second, or an older trade (a backfill): it rides in the newest bucket and leaves with it.
-            if not self._buckets:
-                self._buckets.append((second, self._newest_ids))
             self._newest_ids.append(trade_id)
         if len(ids) > self._max_ids:
             self._forget_over_cap()
         return True
+
+    def _start_second(self, second: int, trade_id: str) -> list[str]:
+        """A newer second begins with `trade_id` (already in the set): a new bucket, and the oldest ones go."""
+        self._newest_s = second
+        self._newest_ids = newest = [trade_id]
+        buckets = self._buckets
+        buckets.append((second, newest))
+        oldest_kept = second - self._horizon_s
+        ids = self._ids
+        while buckets[0][0] < oldest_kept:
+            ids.difference_update(buckets.popleft()[1])
+        return newest
 
     def _forget_over_cap(self) -> None:
         """Oldest seconds first; within the newest second too, should one second alone hold more than the cap."""
@@ -248,6 +266,9 @@ class WhaleDetector:
         # Open groups in the order they were opened. Trade times arrive nearly in order, so the front is (nearly)
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
+        # Groups opened by a trade stamped ahead of the caller's wall clock (live, clock skew): kept apart, so that
+        # one such group cannot hold up the groups opened after it until the wall clock passes it. Almost always none.
+        self._ahead: list[_OpenGroup] = []
         # Groups due to close that the gate holds open; asked again when the gate's version changes.
         self._held: list[_OpenGroup] = []
         self._held_version = -1
@@ -289,7 +310,7 @@ class WhaleDetector:
     def processed_through_ms(self) -> int:
         """Trade time before which every trade seen is in a closed group: where a restart may resume."""
         through = self.watermark_ms
-        oldest_open = min((g.first_ts_ms for g in self._opened if not g.closed), default=None)
+        oldest_open = min((g.first_ts_ms for g in chain(self._opened, self._ahead) if not g.closed), default=None)
         if oldest_open is not None:
             through = min(through, oldest_open - 1)
         oldest_held = min((g.first_ts_ms for g in self._held if not g.closed), default=None)
@@ -297,74 +318,130 @@ class WhaleDetector:
             through = min(through, oldest_held - 1)
         return through
 
-    def add(self, trade: Trade) -> list[Alert]:
-        """Take one trade; return the alerts of any groups this closes (possibly its own)."""
-        ts_ms = trade.ts_ms
-        if not self.seen.add(trade.trade_id, ts_ms):
-            self.duplicates += 1
-            return []
+    def add(self, trade: Trade, now_ms: int = NO_CLOCK_MS) -> list[Alert]:
+        """Take one trade; return the alerts of any groups this closes (possibly its own). See `add_batch`."""
         alerts: list[Alert] = []
-        window = self.sweep_window_ms
-        if ts_ms > self.watermark_ms:
-            self.watermark_ms = ts_ms
-            opened = self._opened
-            if opened and opened[0].first_ts_ms + window < ts_ms:
-                self._close_until(ts_ms - window - 1, alerts)
-            kept = self._closed_order
-            if kept and kept[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
-                self._forget_closed(ts_ms - self.late_fill_horizon_ms)
-
-        side = trade.taker_side
-        value_f = float(trade.count_text) * float(trade.yes_price_text if side == "yes" else trade.no_price_text)
-        if trade.is_block_trade or window <= 0:
-            if (
-                self.on_near_whale is not None
-                and value_f >= self._clearly_below_f
-                and trade.value_usd >= self.threshold_usd
-            ):
-                self.on_near_whale(trade.ticker)
-            self._close_group([trade], value_f, alerts)
-            return alerts
-
-        key = (trade.ticker, side)
-        groups = self._open.get(key)
-        if groups is not None:
-            # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
-            newest = groups[-1]
-            found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
-            if found is not None:
-                group = found
-                group.trades.append(trade)
-                group.value_f += value_f
-                if not group.near and group.value_f >= self._near_below_f:
-                    self._near_check(group)
-                return alerts
-        if self._kept and ts_ms + window < self.watermark_ms:
-            # A late fill: its sweep may have closed already.
-            closed = self._closed_sweep(key, ts_ms)
-            if closed is not None:
-                closed.trades.append(trade)
-                closed.value_f += value_f
-                self.kept_trades += 1
-                if closed.alerted:
-                    # Already posted: never a second alert for one order; the caller logs what it grew by.
-                    self.late_fills_after_alert += 1
-                    if self.on_grew_after_alert is not None:
-                        self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
-                else:
-                    self._reopen(closed)
-                return alerts
-        group = _OpenGroup(key, ts_ms, [trade], value_f)
-        if value_f >= self._near_below_f:
-            self._near_check(group)
-        if groups is None:
-            self._open[key] = [group]
-        else:
-            groups.append(group)
-            groups.sort(key=_first_ts)
-        self._open_count += 1
-        self._opened.append(group)
+        self.add_batch((trade,), alerts, now_ms=now_ms)
         return alerts
+
+    def add_batch(
+        self,
+        trades: Iterable[Trade],
+        alerts: list[Alert],
+        *,
+        now_ms: int = NO_CLOCK_MS,
+        max_leap_ms: int = NO_LEAP_LIMIT_MS,
+    ) -> Trade | None:
+        """Take trades in order, appending the alerts of the groups they close (possibly their own) to `alerts`.
+
+        A trade that advances the trade time closes the groups whose window ended before it, but never past
+        `now_ms` (live: the host's wall clock): a trade stamped a little ahead of it (clock skew, within
+        FUTURE_TOLERANCE_MS) is taken, yet must not close a sweep that is still taking fills. A replay passes
+        nothing: its clock is its trade time.
+
+        Stops at the first trade lying more than `max_leap_ms` after the newest trade time taken so far (a replay's
+        clock rule, `valshi_x.pipeline`) and returns it, not taken; the rest of an iterator can be passed again.
+        None when every trade was taken. One loop for every caller, its state in locals: this is the hot path.
+        """
+        seen = self.seen
+        ids = seen._ids  # `SeenTradeIds.add`, inline
+        remember = ids.add
+        max_ids = seen._max_ids
+        newest_s = seen._newest_s
+        remember_in_newest = seen._newest_ids.append
+        open_groups = self._open
+        opened = self._opened
+        kept = self._kept
+        closed_order = self._closed_order
+        window = self.sweep_window_ms
+        near_below_f = self._near_below_f
+        watermark = self.watermark_ms
+        for trade in trades:
+            ts_ms = trade.ts_ms
+            if ts_ms - watermark > max_leap_ms:
+                return trade
+            trade_id = trade.trade_id
+            if trade_id in ids:
+                self.duplicates += 1
+                continue
+            remember(trade_id)
+            second = ts_ms // 1000
+            if second > newest_s:
+                remember_in_newest = seen._start_second(second, trade_id).append
+                newest_s = second
+            else:
+                remember_in_newest(trade_id)  # same second, or an older trade: it leaves with the newest bucket
+            if len(ids) > max_ids:
+                seen._forget_over_cap()
+            if ts_ms > watermark:
+                self.watermark_ms = watermark = ts_ms
+                close_ms = ts_ms if ts_ms <= now_ms else now_ms
+                if opened and opened[0].first_ts_ms + window < close_ms:
+                    self._close_until(close_ms - window - 1, alerts)
+                if closed_order and closed_order[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
+                    self._forget_closed(ts_ms - self.late_fill_horizon_ms)
+
+            side = trade.taker_side
+            count_f = float(trade.count_text)  # the first screen: a bound of the value (module docstring)
+            if trade.is_block_trade or window <= 0:
+                self._add_alone(trade, alerts)
+                continue
+            key = (trade.ticker, side)
+            groups = open_groups.get(key)
+            if groups is not None:
+                # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
+                newest = groups[-1]
+                found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
+                if found is not None:
+                    found.trades.append(trade)
+                    count_f = found.count_f = found.count_f + count_f
+                    if count_f >= near_below_f and not found.near:
+                        self._near_check(found)
+                    continue
+            if kept and ts_ms + window < watermark:
+                # A late fill: its sweep may have closed already.
+                closed = self._closed_sweep(key, ts_ms)
+                if closed is not None:
+                    self._late_fill(closed, trade, count_f)
+                    continue
+            group = _OpenGroup(key, ts_ms, [trade], count_f)
+            if count_f >= near_below_f:
+                self._near_check(group)
+            if groups is None:
+                open_groups[key] = [group]
+            else:
+                groups.append(group)
+                groups.sort(key=_first_ts)
+            self._open_count += 1
+            if ts_ms <= now_ms:
+                opened.append(group)
+            else:
+                self._ahead.append(group)  # ahead of the wall clock: it must not hold up the groups opened after it
+        return None
+
+    def _add_alone(self, trade: Trade, alerts: list[Alert]) -> None:
+        """A block trade (or no sweep window): a group of its own, judged at once."""
+        value_f = float(trade.count_text) * float(trade.price_text)
+        if (
+            self.on_near_whale is not None
+            and value_f >= self._clearly_below_f
+            and trade.value_usd >= self.threshold_usd
+        ):
+            self.on_near_whale(trade.ticker)
+        self._close_group([trade], value_f, alerts)
+
+    def _late_fill(self, closed: _OpenGroup, trade: Trade, count_f: float) -> None:
+        """A fill for a kept closed sweep: it joins silently if that was alerted, else the sweep reopens."""
+        closed.trades.append(trade)
+        closed.count_f += count_f
+        self.kept_trades += 1
+        if closed.alerted:
+            # Already posted: never a second alert for one order; the caller logs what it grew by.
+            self.late_fills_after_alert += 1
+            if self.on_grew_after_alert is not None:
+                self.on_grew_after_alert(closed.alert_id, trade.ticker, trade.value_usd, trade.trade_id)
+        else:
+            self._reopen(closed)
 
     def _older_open(self, groups: list[_OpenGroup], ts_ms: int) -> _OpenGroup | None:
         """The open group of one key, older than its newest, whose window holds `ts_ms` (newest first)."""
@@ -378,8 +455,7 @@ class WhaleDetector:
 
     def add_many(self, trades: Iterable[Trade]) -> list[Alert]:
         alerts: list[Alert] = []
-        for trade in trades:
-            alerts.extend(self.add(trade))
+        self.add_batch(trades, alerts)
         return alerts
 
     def close_due(self, now_ms: int) -> list[Alert]:
@@ -414,6 +490,10 @@ class WhaleDetector:
             group = self._opened.popleft()
             if not group.closed:
                 self._finish(group, alerts)
+        ahead, self._ahead = self._ahead, []
+        for group in ahead:
+            if not group.closed:
+                self._finish(group, alerts)
         held, self._held = self._held, []
         for group in held:
             if not group.closed:
@@ -421,9 +501,25 @@ class WhaleDetector:
         return alerts
 
     def _near_check(self, group: _OpenGroup) -> None:
-        """The float screen says the group may be at half the threshold: make sure, exactly if need be."""
-        if group.value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd:
+        """The count screen says the group may be at half the threshold: make sure, exactly if need be."""
+        value_f = self._value_f(group)
+        if value_f >= self._near_below_f and (
+            value_f >= self._near_above_f or exact_value(group.trades) >= self._near_usd
+        ):
             self._near(group)
+
+    @staticmethod
+    def _value_f(group: _OpenGroup) -> float:
+        """The second screen: the float sum of the group's fill values, extended by the fills added since last time."""
+        trades = group.trades
+        valued = group.valued
+        if valued < len(trades):
+            value_f = group.value_f
+            for trade in trades[valued:]:
+                value_f += float(trade.count_text) * float(trade.price_text)
+            group.value_f = value_f
+            group.valued = len(trades)
+        return group.value_f
 
     def _near(self, group: _OpenGroup) -> None:
         group.near = True
@@ -432,6 +528,12 @@ class WhaleDetector:
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
         opened, gate, window = self._opened, self.gate, self.sweep_window_ms
+        if self._ahead:
+            self._close_ahead(first_ts_ms_at_most, alerts)
+        open_groups = self._open
+        clearly_below_f = self._clearly_below_f
+        keeping = self.late_fill_horizon_ms > 0
+        quietly_closed = 0
         while opened and opened[0].first_ts_ms <= first_ts_ms_at_most:
             group = opened.popleft()
             if group.closed:
@@ -440,7 +542,34 @@ class WhaleDetector:
                 # A pending backfill window may still bring one of its fills: keep it open, ask again later.
                 self._held.append(group)
                 continue
+            if not keeping and group.count_f < clearly_below_f:
+                # `_finish`'s common case, inline: the key's only open group, clearly no whale, nothing kept.
+                key = group.key
+                groups = open_groups.get(key)
+                if groups is not None and len(groups) == 1 and groups[0] is group:
+                    group.closed = True
+                    del open_groups[key]
+                    quietly_closed += 1
+                    continue
             self._finish(group, alerts)
+        if quietly_closed:
+            self._open_count -= quietly_closed
+            self.groups_closed += quietly_closed
+
+    def _close_ahead(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
+        """`_close_until` for the groups opened ahead of the wall clock (`_ahead`)."""
+        gate, window = self.gate, self.sweep_window_ms
+        still: list[_OpenGroup] = []
+        for group in self._ahead:
+            if group.closed:
+                continue
+            if group.first_ts_ms > first_ts_ms_at_most:
+                still.append(group)
+            elif gate is not None and not gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
+                self._held.append(group)
+            else:
+                self._finish(group, alerts)
+        self._ahead = still
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
@@ -453,9 +582,9 @@ class WhaleDetector:
             elif group in groups:
                 groups.remove(group)
                 self._open_count -= 1
-        if group.value_f < self._clearly_below_f:  # `_close_group`'s screen, inline: the common case
+        if group.count_f < self._clearly_below_f:  # the first screen, inline: the common case
             self.groups_closed += 1
-        elif self._close_group(group.trades, group.value_f, alerts):
+        elif self._close_group(group.trades, self._value_f(group), alerts):
             group.alerted = True
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
@@ -479,7 +608,7 @@ class WhaleDetector:
         group.closed = False
         self.groups_closed -= 1  # it will be closed (and counted) again
         self.late_fills_rejoined += 1
-        if not group.near and group.value_f >= self._near_below_f:
+        if not group.near and group.count_f >= self._near_below_f:
             self._near_check(group)
         groups = self._open.setdefault(group.key, [])
         groups.append(group)
