@@ -321,6 +321,7 @@ class Part:
     trade_ids: list[str | None]
     alerts: list[dict[str, Any]]
     last_ms: int  # trade time of the part's last frame
+    start_ms: int  # trade time of its start (frames are sent from then on, by the wall clock)
 
 
 def make_part(
@@ -360,7 +361,7 @@ def make_part(
         offsets.append((arrival_ms - spec.start_ms) / 1000)
         ids.append(trade_id)
     last_ms = spec.start_ms + int(offsets[-1] * 1000) if offsets else spec.start_ms
-    return Part(rate, lines, offsets, ids, generator.expected_alerts, last_ms)
+    return Part(rate, lines, offsets, ids, generator.expected_alerts, last_ms, spec.start_ms)
 
 
 @dataclass
@@ -656,6 +657,9 @@ async def phases(
         if kalshi.connection is None and not await wait_for(kalshi.subscribed.is_set, 10):
             steps.append({"rate": rate, "kept_up": False, "why": "daemon not connected"})
             break
+        # A part kept clear of the previous one may start ahead of the wall clock; sent before its time, its trades
+        # would be more than the daemon's tolerance ahead of it (`future_time`, refused): wait for the time.
+        await asyncio.sleep(max(0.0, part.start_ms / 1000 - time.time()))
         daemon_cpu_before, bench_cpu_before = cpu_seconds(daemon.pid), time.process_time()
         profiler = await start_profile(args, daemon.pid, rate) if args.profile else None
         sent = await send_part(kalshi, part, watch)
