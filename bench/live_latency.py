@@ -613,6 +613,7 @@ async def phases(
         "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
         "lost_connection": sent.lost_connection,
         "posted_with_title": titled(part, log),
+        "latencies_ms_in_send_order": [round(ms) for ms in found],  # an outlier's place: start-up, or a stall
     }
     latency["met"] = bool(found) and not missing and not wrong and latency["p99_ms"] <= target
     result["latency"] = latency
