@@ -75,6 +75,30 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def typed_decode_floor_us(lines: list[str], repo: Path, rounds: int = 3) -> float:
+    """CPU µs per frame to decode these frames into the daemon's typed frame with msgspec, nothing else: the
+    floor the daemon's cost per frame is measured against (best of `rounds`, in this process, under today's load)."""
+    sys.path.insert(0, str(repo))
+    try:
+        import msgspec  # noqa: PLC0415
+
+        from valshi_x.trades import TradeFrame  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(repo))
+    decode = msgspec.json.Decoder(TradeFrame).decode
+    encoded = [line.encode() for line in lines]
+    best = math.inf
+    for _ in range(rounds):
+        started = time.process_time()
+        for line in encoded:
+            try:  # noqa: SIM105  (a context manager per frame would be part of the measured floor)
+                decode(line)
+            except msgspec.DecodeError:
+                pass
+        best = min(best, time.process_time() - started)
+    return best / max(1, len(encoded)) * 1e6
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile: with few samples p99 is the worst one, never an interpolated guess."""
     ordered = sorted(values)
@@ -268,12 +292,14 @@ async def read_daemon(stream: asyncio.StreamReader, log: DaemonLog, raw_log: Pat
                 log.notable.append(event)
 
 
-def daemon_env(workdir: Path, ws_url: str, rest_port: int, window_ms: int, stats_s: float) -> dict[str, str]:
+def daemon_env(
+    workdir: Path, ws_url: str, rest_port: int, window_ms: int, stats_s: float, *, repo: Path = REPO
+) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(workdir),
         "LANG": "C.UTF-8",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(repo),
         "KALSHI_WS_URL": ws_url,
         "KALSHI_API_URL": f"http://127.0.0.1:{rest_port}/trade-api/v2",
         "STATS_INTERVAL_S": str(stats_s),
@@ -295,6 +321,7 @@ class Part:
     trade_ids: list[str | None]
     alerts: list[dict[str, Any]]
     last_ms: int  # trade time of the part's last frame
+    start_ms: int  # trade time of its start (frames are sent from then on, by the wall clock)
 
 
 def make_part(
@@ -334,7 +361,7 @@ def make_part(
         offsets.append((arrival_ms - spec.start_ms) / 1000)
         ids.append(trade_id)
     last_ms = spec.start_ms + int(offsets[-1] * 1000) if offsets else spec.start_ms
-    return Part(rate, lines, offsets, ids, generator.expected_alerts, last_ms)
+    return Part(rate, lines, offsets, ids, generator.expected_alerts, last_ms, spec.start_ms)
 
 
 @dataclass
@@ -492,6 +519,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "compression": not args.no_compression,
         "titles": args.titles,
         "load_average_at_start": os.getloadavg(),
+        "daemon_repo": str(args.daemon_repo),
     }
     rest, rest_port = start_rest_stub(TITLE_PROFILES[args.titles], range(args.seed, args.seed + len(args.ramp) + 1))
     compression = None if args.no_compression else "deflate"
@@ -501,7 +529,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         workdir = Path(tmp)
         async with FakeKalshi(ping_interval_s=10.0, compression=compression) as kalshi:
-            env = daemon_env(workdir, kalshi.url, rest_port, args.window_ms, args.stats_interval)
+            env = daemon_env(workdir, kalshi.url, rest_port, args.window_ms, args.stats_interval, repo=args.daemon_repo)
             daemon = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -585,6 +613,7 @@ async def phases(
         "sender_max_lag_ms": round(sent.max_lag_s * 1000, 1),
         "lost_connection": sent.lost_connection,
         "posted_with_title": titled(part, log),
+        "latencies_ms_in_send_order": [round(ms) for ms in found],  # an outlier's place: start-up, or a stall
     }
     latency["met"] = bool(found) and not missing and not wrong and latency["p99_ms"] <= target
     result["latency"] = latency
@@ -603,7 +632,12 @@ async def phases(
 
     # 2. ramp
     steps: list[dict[str, Any]] = []
+    if args.ramp:
+        floor_part = make_part(50_000, seconds=2, whales_per_s=1.0, seed=args.seed, first_seq=1, window_ms=1000)
+        result["typed_decode_floor_us"] = floor_us = round(typed_decode_floor_us(floor_part.lines, REPO), 3)
+        print(f"floor (msgspec typed decode of a frame, this process, now): {floor_us} µs/frame")
     sustained = latency_rate = previous_rate = 0
+    sustained_cpu_us = None
     for number, rate in enumerate(args.ramp):
         if time.monotonic() > deadline:
             print("  time budget spent; ramp stopped")
@@ -624,6 +658,9 @@ async def phases(
         if kalshi.connection is None and not await wait_for(kalshi.subscribed.is_set, 10):
             steps.append({"rate": rate, "kept_up": False, "why": "daemon not connected"})
             break
+        # A part kept clear of the previous one may start ahead of the wall clock; sent before its time, its trades
+        # would be more than the daemon's tolerance ahead of it (`future_time`, refused): wait for the time.
+        await asyncio.sleep(max(0.0, part.start_ms / 1000 - time.time()))
         daemon_cpu_before, bench_cpu_before = cpu_seconds(daemon.pid), time.process_time()
         profiler = await start_profile(args, daemon.pid, rate) if args.profile else None
         sent = await send_part(kalshi, part, watch)
@@ -638,6 +675,7 @@ async def phases(
             daemon_cpu = daemon_cpu_after - daemon_cpu_before
         during = [s for _, s in log.stats[stats_from:]]
         caught_up = await wait_for(counted(log, frames_sent), 5 + args.stats_interval)
+        daemon_cpu_caught_up = cpu_seconds(daemon.pid)
         caught_up_s = max(0.0, log.stats[-1][0] - ended) if caught_up and log.stats else None
         await wait_for(all_alerted(log, part), settle_s)
         found, missing, wrong, logged = latencies(part, sent, log)
@@ -660,6 +698,11 @@ async def phases(
             "lost_connection": sent.lost_connection,
             # Share of one core each process used while sending: which side was the bottleneck.
             "daemon_cpu": None if daemon_cpu is None else round(daemon_cpu / sent.seconds, 2),
+            # CPU the daemon spent per frame sent: less swayed by the neighbours' load than the rate it kept up.
+            # From the step's start until the daemon had counted every frame (or gave up waiting).
+            "daemon_cpu_us_per_frame": None
+            if daemon_cpu_before is None or daemon_cpu_caught_up is None
+            else round((daemon_cpu_caught_up - daemon_cpu_before) / max(1, sent.frames) * 1e6, 2),
             "sender_cpu": round(bench_cpu / sent.seconds, 2),
         }
         reasons = []
@@ -689,21 +732,31 @@ async def phases(
             f"(queue max {max_queue}, dropped {dropped}, sender lag {step['sender_max_lag_ms']} ms, "
             f"alert p50 {step['alert_p50_ms']} ms, max {step['alert_max_ms']} ms "
             f"(daemon-stamped {step['alert_max_ms_by_daemon_timestamp']} ms), "
-            f"cpu daemon {step['daemon_cpu']} / sender {step['sender_cpu']})"
+            f"cpu daemon {step['daemon_cpu']} / sender {step['sender_cpu']}, "
+            f"daemon {step['daemon_cpu_us_per_frame']} µs/frame)"
         )
         if reasons:
             break
         sustained = rate
+        sustained_cpu_us = step["daemon_cpu_us_per_frame"]
         if step["alerts_within_target"] and latency_rate == previous_rate:
             latency_rate = rate
         previous_rate = rate
     result["ramp"] = steps
     result["sustained_frames_per_s"] = sustained
+    if sustained_cpu_us and "typed_decode_floor_us" in result:
+        result["daemon_cpu_us_per_frame_at_sustained"] = sustained_cpu_us
+        result["daemon_cpu_per_frame_in_floors"] = round(sustained_cpu_us / result["typed_decode_floor_us"], 1)
     result["alerts_within_target_up_to_frames_per_s"] = latency_rate
     print(
         f"sustained without falling behind: {sustained:,} frames/s; "
         f"every alert within {args.window_ms + LATENCY_SLACK_MS} ms up to {latency_rate:,} frames/s"
     )
+    if "daemon_cpu_per_frame_in_floors" in result:
+        print(
+            f"daemon CPU per frame at {sustained:,}/s: {result['daemon_cpu_us_per_frame_at_sustained']} µs = "
+            f"{result['daemon_cpu_per_frame_in_floors']} x the typed-decode floor"
+        )
     return result
 
 
@@ -729,7 +782,7 @@ async def start_profile(args: argparse.Namespace, pid: int, rate: int) -> asynci
 
 
 def profile_summary(path: Path, top: int = 25) -> None:
-    """Share of samples per function, inclusive and self, from py-spy's collapsed stacks."""
+    """Share of samples per function (lines merged), inclusive and self, from py-spy's collapsed stacks."""
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
     total = 0
@@ -737,7 +790,7 @@ def profile_summary(path: Path, top: int = 25) -> None:
         stack, _, count_text = line.rpartition(" ")
         count = int(count_text)
         total += count
-        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1].rsplit(":", 1)[0] + ")" for f in stack.split(";")]
         for name in set(frames):
             inclusive[name] = inclusive.get(name, 0) + count
         own[frames[-1]] = own.get(frames[-1], 0) + count
@@ -829,6 +882,12 @@ def main(argv: list[str] | None = None) -> int:
         help="how the REST stub answers title look-ups (latency, 503s, stalls past the budget)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--daemon-repo",
+        type=Path,
+        default=REPO,
+        help="the checkout whose daemon runs (default this one): compare two trees in one session",
+    )
     parser.add_argument(
         "--rss-seconds", type=float, default=0.0, help="after the latency phase: this long at --rate, RSS sampled"
     )

@@ -7,12 +7,13 @@ the first trade queued after it. The pipeline takes a batch with one read of eac
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from valshi_x.config import load_settings
-from valshi_x.daemon import Daemon, RunOptions
+from valshi_x.daemon import MAX_FRAMES_PER_TURN, Daemon, RunOptions
 from valshi_x.gapwatch import GapWatch
 from valshi_x.pipeline import Pipeline
 from valshi_x.trades import FUTURE_TOLERANCE_MS, TradeFrame, trade_from_fields
@@ -92,6 +93,40 @@ async def test_after_a_seq_gap_the_next_batch_bounds_the_gap(tmp_path: Path) -> 
     daemon.gap_watch.on_gap()  # the stream cuts its batch at the gap and calls this before the next one
     daemon._enqueue([frame(T + 1_500, seq=9), frame(T + 1_600, seq=10)])
     assert spy.calls == [("gap", (1_005, 1_500))]
+
+
+async def test_a_backlog_is_worked_off_in_turns_with_the_event_loop_running_between(tmp_path: Path) -> None:
+    """The pipeline takes what waits in the queue in one go, but never much more than MAX_FRAMES_PER_TURN: a
+    backlog of seconds must not keep the socket unread and Kalshi's pings unanswered until it is all done."""
+    daemon, _ = live_daemon(tmp_path, queue_frames=100_000)
+    per_batch, batches = 1_000, 5
+    for b in range(batches):
+        seqs = range(1 + b * per_batch, 1 + (b + 1) * per_batch)
+        daemon._enqueue([frame(T + 1_000 + seq, seq=seq) for seq in seqs])
+    events: list[int | str] = []  # frames per pipeline call, "loop" whenever another task got to run
+    on_trades = daemon.pipeline.on_trades
+
+    def counted(batch: list[TradeFrame]) -> list[Any]:
+        events.append(len(batch))
+        return on_trades(batch)
+
+    daemon.pipeline.on_trades = counted  # type: ignore[method-assign]
+
+    async def other_task() -> None:
+        while True:
+            events.append("loop")
+            await asyncio.sleep(0)
+
+    other = asyncio.get_running_loop().create_task(other_task())
+    await daemon.queue.put(None)
+    await daemon._process_queue()
+    other.cancel()
+    assert daemon.pipeline.counts.frames == per_batch * batches
+    most = run = 0
+    for event in events:
+        run = 0 if event == "loop" else run + int(event)
+        most = max(most, run)
+    assert most < MAX_FRAMES_PER_TURN + per_batch  # all 5,000 in one go before the bound
 
 
 def test_the_pipeline_takes_a_batch_refusing_only_trades_from_the_future() -> None:

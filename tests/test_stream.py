@@ -898,14 +898,20 @@ async def test_text_frames_split_anywhere_across_reads_are_cut_whole() -> None:
     connection.connection_made(NullTransport())
     texts: list[str] = []
     reads: list[int] = []
-    assert connection.take_text_frames(texts.append, lambda: reads.append(len(texts)))
+
+    def sink(payloads: list[bytes | str]) -> None:  # once per read that completed a frame
+        assert all(isinstance(p, str) or p.isascii() for p in payloads)  # bytes only where they are ASCII
+        texts.extend(p if isinstance(p, str) else p.decode() for p in payloads)
+        reads.append(len(texts))
+
+    assert connection.take_text_frames(sink)
     sent = ["{}", "é" * 200, "x" * 70_000, '{"type":"trade"}']
     wire = b"".join(frame_bytes(text) for text in sent)
     for at in range(0, len(wire), 7):  # seven bytes a read
         connection.data_received(wire[at : at + 7])
     assert texts == sent
-    assert reads[-1] == len(sent) and len(reads) == len(sent)  # `read_done` after each read that completed a frame
-    connection.data_received(wire)  # all in one read: one call of `read_done`
+    assert reads[-1] == len(sent) and len(reads) == len(sent)  # the sink after each read that completed a frame
+    connection.data_received(wire)  # all in one read: one call of the sink
     assert texts == sent * 2 and reads[-1] == 2 * len(sent) and len(reads) == len(sent) + 1
 
 

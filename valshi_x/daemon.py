@@ -54,6 +54,9 @@ log = structlog.get_logger(__name__)
 # How often open groups are checked against the stream clock, and how long a late fill may still join.
 _CLOSE_TICK_S = 0.05
 _CLOSE_GRACE_MS = 100
+# Frames the pipeline takes from the queue before it lets the event loop run again: a few ms of work, so a
+# backlog never holds up the socket's reads or the answers to Kalshi's pings for longer.
+MAX_FRAMES_PER_TURN = 2048
 # At most one overflow warning per this many seconds; the count is in every stats line.
 _OVERFLOW_LOG_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
@@ -337,13 +340,16 @@ class Daemon:
         while True:
             batch = await queue.get()
             alerts: list[Alert] = []
-            # Take every batch already waiting in one go; the outbox is written once for all of them.
+            taken = 0
+            # Take the batches already waiting in one go (the outbox is written once for all of them), up to a
+            # bound: a backlog is worked off in turns, with the socket read and pings answered in between.
             while batch is not None:
                 self.frames_queued -= len(batch)
+                taken += len(batch)
                 found = pipeline.on_trades(batch)
                 if found:
                     alerts.extend(found)
-                if queue.empty():
+                if queue.empty() or taken >= MAX_FRAMES_PER_TURN:
                     break
                 batch = queue.get_nowait()
             self._last_trade_seen_at = self._monotonic()
@@ -351,6 +357,8 @@ class Daemon:
                 await self._submit(alerts)
             if batch is None:
                 return
+            if taken >= MAX_FRAMES_PER_TURN:
+                await asyncio.sleep(0)  # `queue.get` would not yield while batches wait
 
     async def _replay(self, path: Path) -> None:
         pipeline = self.pipeline

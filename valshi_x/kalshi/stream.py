@@ -105,7 +105,7 @@ class SeqGap:
 
 class ObservedConnection(ClientConnection):
     """A client connection that notes (loop time) when the server last sent a data frame or a ping, and that can
-    hand complete text frames straight from the socket's bytes to a callback (`take_text_frames`).
+    hand the complete text frames of each read from the socket straight to a callback (`take_text_frames`).
 
     Why the second part: websockets parses each frame with a generator and queues it for `recv()`, a few µs per
     frame, as much as everything else the daemon does with a trade. A Kalshi trade frame is always one unmasked,
@@ -117,8 +117,7 @@ class ObservedConnection(ClientConnection):
 
     last_heard: float = 0.0
     pings_received: int = 0
-    _text_sink: Callable[[str], None] | None = None
-    _read_done: Callable[[], None] | None = None
+    _text_sink: Callable[[list[bytes | str]], None] | None = None
     _partial: bytes = b""  # the start of a frame whose end has not arrived yet
 
     def process_event(self, event: Event) -> None:
@@ -133,13 +132,14 @@ class ObservedConnection(ClientConnection):
         """Frames received and not yet read by `recv()`: zero means the next `recv()` would wait."""
         return len(self.recv_messages.frames)
 
-    def take_text_frames(self, sink: Callable[[str], None], read_done: Callable[[], None]) -> bool:
-        """From now on, hand each complete plain text frame to `sink` as it arrives, and call `read_done` after
-        the frames of each read from the socket; False (and nothing changes) unless the connection is open and
-        websockets holds no unparsed bytes, so the byte stream is cut at a frame boundary."""
+    def take_text_frames(self, sink: Callable[[list[bytes | str]], None]) -> bool:
+        """From now on, hand the complete plain text frames of each read from the socket to `sink`, in one list
+        per read (a payload in ASCII stays bytes, which is valid UTF-8 as it is; any other is decoded to str);
+        False (and nothing changes) unless the connection is open and websockets holds no unparsed bytes, so the
+        byte stream is cut at a frame boundary."""
         if self.protocol.state is not State.OPEN or self.protocol.reader.buffer or self.protocol.extensions:
             return False
-        self._text_sink, self._read_done = sink, read_done
+        self._text_sink = sink
         return True
 
     def data_received(self, data: bytes) -> None:
@@ -150,14 +150,32 @@ class ObservedConnection(ClientConnection):
         buffer = self._partial + data if self._partial else data
         size = len(buffer)
         max_size = self.protocol.max_message_size
-        frames = self.recv_messages.frames
+        held = self.recv_messages.frames  # data frames websockets keeps for `recv()`: text frames queue behind
+        # A trade frame's form, checked first with the fewest steps: text, final, unmasked, a 16-bit length
+        # (126 to 65,535 bytes), no larger than max_size. Whatever else arrives takes the general path below.
+        short_ok = max_size is None or max_size >= 0xFFFF
+        plain = short_ok and not held
+        payloads: list[bytes | str] = []
+        take = payloads.append
         at = 0
-        took = False
-        while size - at >= 2:
+        while True:
+            if plain and size - at >= 4 and buffer[at] == 0x81 and buffer[at + 1] == 126:
+                start = at + 4
+                end = start + ((buffer[at + 2] << 8) | buffer[at + 3])
+                if end > size:
+                    break
+                payload = buffer[start:end]  # a slice: cheaper than a memoryview for a few hundred bytes
+                if payload.isascii():
+                    take(payload)
+                    at = end
+                    continue
+                # Else decoded (below), and invalid UTF-8 goes to websockets, which fails the connection.
+            if size - at < 2:
+                break
             first, second = buffer[at], buffer[at + 1]
             length = second & 0x7F
             head = 2
-            if length == 126:  # a trade frame's case: 126 to 65,535 bytes
+            if length == 126:
                 if size - at < 4:
                     break
                 length = (buffer[at + 2] << 8) | buffer[at + 3]
@@ -174,30 +192,28 @@ class ObservedConnection(ClientConnection):
                 end = size  # websockets fails the connection at this header; nothing after it matters
             elif end > size:
                 break
-            elif first == 0x81 and second < 0x80 and not frames:
+            elif first == 0x81 and second < 0x80 and not held:
+                payload = buffer[at + head : end]
                 try:
-                    text = buffer[at + head : end].decode()  # a slice and a decode: cheaper than a memoryview
+                    take(payload if payload.isascii() else payload.decode())
                 except UnicodeDecodeError:
-                    text = None  # websockets fails the connection, as it always did
-                if text is not None:
-                    sink(text)
-                    took = True
+                    pass  # websockets fails the connection, as it always did
+                else:
                     at = end
                     continue
-            super().data_received(bytes(buffer[at:end]))  # whole frames only: websockets stays at a boundary
+            super().data_received(buffer[at:end])  # whole frames only: websockets stays at a boundary
             at = end
+            plain = short_ok and not held  # websockets may hold a data frame now
             if self.protocol.state is not State.OPEN:  # closing: websockets takes everything from here on
                 self._text_sink = None
                 if at < size:
-                    super().data_received(bytes(buffer[at:]))
+                    super().data_received(buffer[at:])
                 at = size
                 break
-        self._partial = bytes(buffer[at:]) if at < size else b""
-        if took:
+        self._partial = buffer[at:] if at < size else b""
+        if payloads:
             self.last_heard = self.loop.time()
-            read_done = self._read_done
-            if read_done is not None:
-                read_done()
+            sink(payloads)
 
 
 def public_url(url: str) -> str:
@@ -363,7 +379,7 @@ class TradeStream:
         opened = loop.time()
         # Text frames are handled as they arrive, a read's worth at a time (the recv loop below then sees only
         # what websockets keeps: binary or fragmented frames). Before subscribing, so no trade comes in between.
-        ws.take_text_frames(self._handle, self._read_done)
+        ws.take_text_frames(self._take_read)
         await self._subscribe(ws)
         try:
             return await self._read_frames(ws, loop, opened)
@@ -468,9 +484,57 @@ class TradeStream:
                 self._unknown_types.add(name)
                 log.warning("ws_unknown_frame_type", type=name)
 
-    def _read_done(self) -> None:
-        """After the frames of one read from the socket: deliver them, and end the session if one asked to."""
-        self._flush()
+    def _take_read(self, payloads: list[bytes | str]) -> None:
+        """The text frames of one read from the socket, in order: decoded, seq-checked and delivered in batches of
+        at most MAX_BATCH_FRAMES; then the session ends if one of them asked it to.
+
+        `_handle` does the same for one frame; this is its loop for the frames a busy socket has ready, with the
+        common case inline: today's trade frame, next in its subscription's seq. That seq is kept in a local
+        (`want`) and written back to `last_seq` before anything else can read it (the careful path, `_track_seq`).
+        """
+        self.frames += len(payloads)
+        if self._batch:
+            self._flush()
+        record, fast, last_seq = self._record, fast_trade_frame, self.last_seq
+        chunks = [payloads]
+        if len(payloads) > MAX_BATCH_FRAMES:
+            chunks = [payloads[i : i + MAX_BATCH_FRAMES] for i in range(0, len(payloads), MAX_BATCH_FRAMES)]
+        for chunk in chunks:
+            take = self._batch.append
+            sid_now: int | None = None  # the sid whose next seq is `want` (None: none tracked here)
+            want = 0
+            for raw in chunk:
+                if record is not None:
+                    record(raw if isinstance(raw, str) else raw.decode())  # ASCII: cannot fail
+                typed = fast(raw)
+                if typed is not None:
+                    sid = typed.sid
+                    if sid is not None and sid == sid_now and typed.seq == want:
+                        want += 1  # the common case
+                        take(typed)
+                        continue
+                if sid_now is not None:
+                    last_seq[sid_now] = want - 1
+                    sid_now = None
+                if typed is None:
+                    text = raw if isinstance(raw, str) else raw.decode()
+                    self._handle_careful(text, text)  # may deliver the batch so far, and move any seq
+                    take = self._batch.append
+                    continue
+                seq = typed.seq
+                if sid is not None:
+                    if seq is not None and last_seq.get(sid) == seq - 1:
+                        last_seq[sid] = seq
+                    else:
+                        self._track_seq(sid, seq)  # a gap delivers the batch before this frame
+                        take = self._batch.append
+                    last = last_seq.get(sid)
+                    if last is not None:
+                        sid_now, want = sid, last + 1
+                take(typed)
+            if sid_now is not None:
+                last_seq[sid_now] = want - 1
+            self._flush()
         ws = self._ws
         if self._end is not None and ws is not None and self._closing is None:
             # The read loop waits in `recv()`: closing ends it (ConnectionClosed; `run` reads `_end`).
