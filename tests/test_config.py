@@ -156,6 +156,7 @@ SYSTEMD_252_READS: tuple[tuple[str, str, str | None], ...] = (
     ("SQ_DOLLAR='x ${HOME}'", "SQ_DOLLAR", "x ${HOME}"),
     ('DQ_APOS="it\'s \\"q\\""', "DQ_APOS", 'it\'s "q"'),
     ("UNQ_HASH=a #b", "UNQ_HASH", "a #b"),
+    ("UNQ_ONLY_HASH=  # note", "UNQ_ONLY_HASH", "# note"),
     ('DQ_REALNL="a\nb"', "DQ_REALNL", "a\nb"),
     ("UNQ_SP=  a b  ", "UNQ_SP", "a b"),
     ("TPL={value} on {side}\\n{title} · {time}", "TPL", "{value} on {side}n{title} · {time}"),

@@ -323,7 +323,7 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
 # The env file is read by two parsers: systemd's EnvironmentFile= under the service, python-dotenv when run by hand
 # (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
 # different values; `check` names the key and the line (never the value), since the daemon cannot tell.
-_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
+_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=([ \t]*)")
 _INTERPOLATED = re.compile(r"\$\{[^}]*\}")
 _BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
 # Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
@@ -379,7 +379,9 @@ def env_file_differences(text: str) -> list[tuple[int, str, str]]:
             value = text[start:end]
             if "\\" in value:
                 reasons.append(UNQUOTED_BACKSLASH)
-            if re.search(r"\s#", value):
+            # From just after '=': in `KEY=  # note` python-dotenv reads the blanks and '#' as a comment's start
+            # (an empty value), systemd skips the blanks and keeps '# note'.
+            if re.search(r"\s#", text[match.start(3) : end]):
                 reasons.append(UNQUOTED_COMMENT)
         if _INTERPOLATED.search(value):
             reasons.append(INTERPOLATION)
