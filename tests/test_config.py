@@ -14,6 +14,7 @@ from dotenv import dotenv_values
 
 from tests.test_text import SWEEP
 from valshi_x.config import (
+    AFTER_CONTINUED_COMMENT,
     EXPORT,
     KALSHI_WS_URL,
     SETTINGS,
@@ -180,6 +181,10 @@ SYSTEMD_252_READS: tuple[tuple[str, str, str | None], ...] = (
     ("UNQ_CASHTAG=$KX {value} {time}", "UNQ_CASHTAG", "$KX {value} {time}"),
     ('DQ_CASHTAG="{value} $ {time}"', "DQ_CASHTAG", "{value} $ {time}"),
     ("UNQ_CONT=a\\\nb", "UNQ_CONT", "ab"),
+    # Not booted: read from env-file.c of v252, whose comment state lets a backslash escape the line break (v254
+    # ends the comment there). python-dotenv reads the line after it.
+    ("# a note \\\nAFTER_CONT_COMMENT=1", "AFTER_CONT_COMMENT", None),
+    ("# two pairs \\\\\nAFTER_EVEN_COMMENT=1", "AFTER_EVEN_COMMENT", "1"),
 )
 
 
@@ -201,6 +206,14 @@ def test_the_env_file_forms_systemd_and_dotenv_read_differently_are_exactly_thos
     assert set(named) == differ
     assert named["TPL"] == [UNQUOTED_BACKSLASH]  # the README's old advice: \n in an unquoted POST_TEMPLATE
     assert named["UNQ_EXP"] == [EXPORT]
+
+
+def test_a_comment_ending_in_a_backslash_hides_the_next_line_from_systemd_before_254() -> None:
+    # Under v252 a lost line that itself ends in an odd run of backslashes hides the one after it too; a pair of
+    # backslashes ends the comment at its line break, and an empty line ends it as well.
+    text = "# a\\\nLOST=1\\\nALSO_LOST=2\nREAD=3\n# two\\\\\nREAD_TOO=4\n;three \\\n\nREAD_AS_WELL=5\n"
+    hidden = [(line_no, key) for line_no, key, why in env_file_differences(text) if why == AFTER_CONTINUED_COMMENT]
+    assert hidden == [(2, "LOST"), (3, "ALSO_LOST")]
 
 
 def test_a_post_template_in_double_quotes_posts_the_same_under_systemd_and_by_hand(tmp_path: Path) -> None:

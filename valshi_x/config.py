@@ -343,20 +343,29 @@ SINGLE_QUOTED_BACKSLASH = (
 AFTER_QUOTE = "text after the closing quote: systemd adds it to the value, python-dotenv drops it"
 UNCLOSED_QUOTE = "no closing quote: systemd reads to the end of the file, python-dotenv skips the line"
 INTERPOLATION = "${...}: python-dotenv puts another variable's value there, systemd keeps the text as written"
+# systemd's env-file.c before v254 (Debian 12 runs 252) let a backslash in a comment escape the next character, the
+# line break included, so the comment went on to the end of the next line; v254 ends a comment at its line break
+# (systemd PR 28079, for issue 27975). python-dotenv reads the next line as a setting.
+AFTER_CONTINUED_COMMENT = "systemd before v254 reads it as part of the comment above (it ends in a backslash)"
 
 
 def env_file_differences(text: str) -> list[tuple[int, str, str]]:
     """(line number, key, why) for each assignment in an env file that systemd and python-dotenv read differently."""
     found: list[tuple[int, str, str]] = []
     pos, line_no = 0, 1
+    in_comment = False  # this line continues a comment under systemd before v254
     while pos < len(text):
         end = text.find("\n", pos)
         end = len(text) if end < 0 else end
         match = _ASSIGNMENT.match(text, pos, end)
-        if match is None or text[pos:end].lstrip(" \t")[:1] in ("#", ";"):
+        comment = in_comment or text[pos:end].lstrip(" \t")[:1] in ("#", ";")
+        lost, in_comment = in_comment, comment and _escapes_line_break(text, pos, end)
+        if match is None or (comment and not lost):
             pos, line_no = end + 1, line_no + 1
             continue
         key, start, reasons = match.group(2), match.end(), []
+        if lost:
+            reasons.append(AFTER_CONTINUED_COMMENT)
         if match.group(1):
             reasons.append(EXPORT)
         quote = text[start : start + 1]
@@ -386,9 +395,21 @@ def env_file_differences(text: str) -> list[tuple[int, str, str]]:
         if _INTERPOLATED.search(value):
             reasons.append(INTERPOLATION)
         found.extend((line_no, key, reason) for reason in reasons)
-        line_no += text.count("\n", pos, end) + 1
+        lines = text.count("\n", pos, end) + 1
+        in_comment = in_comment and lines == 1  # a value over several lines: beyond this check
+        line_no += lines
         pos = end + 1
     return found
+
+
+def _escapes_line_break(text: str, start: int, end: int) -> bool:
+    """Whether a comment line text[start:end] ends in an odd run of backslashes, the last one escaping the break.
+
+    In a comment systemd before v254 reads each backslash with the character after it: two at the end are one pair
+    and the comment ends there, three escape the break (see AFTER_CONTINUED_COMMENT).
+    """
+    run = end - start - len(text[start:end].rstrip("\\"))
+    return end < len(text) and run % 2 == 1
 
 
 def _quoted(text: str, start: int) -> tuple[str, int]:
