@@ -255,6 +255,20 @@ def test_a_key_in_the_credentials_directory_is_systemds_copy_and_not_judged_by_i
     assert secret_files(own, env_file, env) == (own, env_file)
     assert secret_files(handed_over, env_file, {}) == (handed_over, env_file)
     assert secret_files(None, env_file, env) == (env_file,)
+    # Only a file directly in the directory is systemd's: not one reached through `..`, nor one below it.
+    outside = credentials / ".." / ".." / "kalshi.pem"
+    assert secret_files(outside, env_file, env) == (outside, env_file)
+    below = credentials / "sub" / "kalshi.pem"
+    assert secret_files(below, env_file, env) == (below, env_file)
+    # A CREDENTIALS_DIRECTORY that cannot be systemd's (the root, a relative path) excuses nothing.
+    assert secret_files(own, env_file, {"CREDENTIALS_DIRECTORY": "/"}) == (own, env_file)
+    relative_key = Path("credentials/valshi-x.service/kalshi.pem")
+    relative = {"CREDENTIALS_DIRECTORY": "credentials/valshi-x.service"}
+    assert secret_files(relative_key, env_file, relative) == (relative_key, env_file)
+    # The same directory named through a symlink is still systemd's.
+    link = tmp_path / "link"
+    link.symlink_to(credentials)
+    assert secret_files(link / "kalshi.pem", env_file, env) == (env_file,)
 
 
 def test_no_warning_at_start_for_the_key_systemd_hands_over(tmp_path: Path) -> None:

@@ -291,15 +291,35 @@ def secret_files(key_path: Path | None, env_file: Path, env: Mapping[str, str]) 
     the mask of an ACL whose only grant is `user:<service uid>:r` (group::---). Judged by its mode, that copy
     drew a warning on every start.
     """
-    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    credentials = _credentials_directory(env.get("CREDENTIALS_DIRECTORY", ""))
     found = []
     for path in (key_path, env_file):
         if path is None:
             continue
-        if credentials and Path(credentials) in path.absolute().parents:
+        if credentials is not None and _resolved(path).parent == credentials:
             continue
         found.append(path)
     return tuple(found)
+
+
+def _credentials_directory(value: str) -> Path | None:
+    """$CREDENTIALS_DIRECTORY resolved, or None when it cannot be systemd's: unset, relative, or `/` itself.
+
+    systemd sets an absolute path to a flat directory of its own; judged by resolved paths, a `..` in the key's path
+    (`$CREDENTIALS_DIRECTORY/../home/key.pem`) cannot pass for one of its files.
+    """
+    if not value or not Path(value).is_absolute():
+        return None
+    resolved = _resolved(Path(value))
+    return None if resolved == Path(resolved.anchor) else resolved
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with symlinks and `..` resolved; as given (made absolute) when that fails, e.g. on a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
