@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tests.test_text import SWEEP
 from valshi_x.config import (
     AFTER_CONTINUED_COMMENT,
     EXPORT,
+    INTERPOLATION,
     KALSHI_WS_URL,
     SETTINGS,
     UNQUOTED_BACKSLASH,
@@ -214,6 +216,14 @@ def test_a_comment_ending_in_a_backslash_hides_the_next_line_from_systemd_before
     text = "# a\\\nLOST=1\\\nALSO_LOST=2\nREAD=3\n# two\\\\\nREAD_TOO=4\n;three \\\n\nREAD_AS_WELL=5\n"
     hidden = [(line_no, key) for line_no, key, why in env_file_differences(text) if why == AFTER_CONTINUED_COMMENT]
     assert hidden == [(2, "LOST"), (3, "ALSO_LOST")]
+
+
+def test_unclosed_interpolations_are_read_in_linear_time() -> None:
+    # 50,000 "${" without a "}" took the old pattern 11.8 s (quadratic); a generous bound, not a benchmark.
+    started = time.perf_counter()
+    assert env_file_differences("A=" + "${" * 50_000 + "\n") == []
+    assert time.perf_counter() - started < 2.0
+    assert [why for _, _, why in env_file_differences("A=${${x}\n")] == [INTERPOLATION]
 
 
 def test_a_post_template_in_double_quotes_posts_the_same_under_systemd_and_by_hand(tmp_path: Path) -> None:

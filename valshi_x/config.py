@@ -344,7 +344,6 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
 # (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
 # different values; `check` names the key and the line (never the value), since the daemon cannot tell.
 _ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=([ \t]*)")
-_INTERPOLATED = re.compile(r"\$\{[^}]*\}")
 _BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
 # Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
 # line break under python-dotenv, and the two settings that may hold one (POST_TEMPLATE, KALSHI_PRIVATE_KEY) treat
@@ -367,6 +366,37 @@ INTERPOLATION = "${...}: python-dotenv puts another variable's value there, syst
 # line break included, so the comment went on to the end of the next line; v254 ends a comment at its line break
 # (systemd PR 28079, for issue 27975). python-dotenv reads the next line as a setting.
 AFTER_CONTINUED_COMMENT = "systemd before v254 reads it as part of the comment above (it ends in a backslash)"
+
+
+# A few KEY=value lines (.env.example is 3 KB, an inline RSA-4096 key 3.3 KB). python-dotenv is slow on big files:
+# measured on the project's 2-core machine under load, 64 KiB of "A=1" lines took 2.6 s and 160 KB 7 s.
+ENV_FILE_MAX_BYTES = 64 * 1024
+# python-dotenv's ${...} pattern scans from each "${" up to the next "}", quadratic on "${${${..." (10,000 of them,
+# 20 KB, took it 11 s): a file that would make it scan more than this many characters is refused.
+_DOTENV_RESCAN_MAX_CHARS = 2_000_000
+
+
+def read_env_file(path: Path) -> str:
+    """The text of the env file at `path`; `ConfigError` naming the file where python-dotenv would stall on it."""
+    with path.open("rb") as file:
+        data = file.read(ENV_FILE_MAX_BYTES + 1)
+    if len(data) > ENV_FILE_MAX_BYTES:
+        raise ConfigError([f"{path}: larger than {ENV_FILE_MAX_BYTES // 1024} KiB; an env file holds KEY=value lines"])
+    text = data.decode("utf-8")
+    if _dotenv_rescan_chars(text) > _DOTENV_RESCAN_MAX_CHARS:
+        raise ConfigError([f"{path}: too many '${{' without a closing '}}' for python-dotenv to read it"])
+    return text
+
+
+def _dotenv_rescan_chars(text: str) -> int:
+    """At most how many characters python-dotenv's ${...} pattern scans in `text`: from each "${" to the next "}"."""
+    total = waiting = waiting_sum = 0
+    for match in re.finditer(r"\$\{|\}", text):
+        if match.group() == "${":
+            waiting, waiting_sum = waiting + 1, waiting_sum + match.start()
+        else:
+            total, waiting, waiting_sum = total + waiting * match.start() - waiting_sum, 0, 0
+    return total + waiting * len(text) - waiting_sum
 
 
 def env_file_differences(text: str) -> list[tuple[int, str, str]]:
@@ -412,7 +442,7 @@ def env_file_differences(text: str) -> list[tuple[int, str, str]]:
             # (an empty value), systemd skips the blanks and keeps '# note'.
             if re.search(r"\s#", text[match.start(3) : end]):
                 reasons.append(UNQUOTED_COMMENT)
-        if _INTERPOLATED.search(value):
+        if _interpolates(value):
             reasons.append(INTERPOLATION)
         found.extend((line_no, key, reason) for reason in reasons)
         lines = text.count("\n", pos, end) + 1
@@ -420,6 +450,12 @@ def env_file_differences(text: str) -> list[tuple[int, str, str]]:
         line_no += lines
         pos = end + 1
     return found
+
+
+def _interpolates(value: str) -> bool:
+    """Whether `value` holds a `${...}`: a "${" and a "}" after it (linear; a regex was quadratic on "${${${")."""
+    start = value.find("${")
+    return start >= 0 and value.find("}", start + 2) >= 0
 
 
 def _escapes_line_break(text: str, start: int, end: int) -> bool:
