@@ -185,6 +185,12 @@ def test_an_env_file_python_dotenv_would_stall_on_is_one_config_error(tmp_path: 
     )
 
 
+@pytest.mark.parametrize("command", ["check", "status", "run"])
+def test_an_env_file_that_is_not_utf8_is_one_config_error(tmp_path: Path, command: str) -> None:
+    (tmp_path / ".env").write_bytes(b"# Latin-1, not UTF-8\nPOST_TEMPLATE=\xa3{value}\n")  # was a traceback, exit 1
+    assert config_error(run_cli(command, cwd=tmp_path)) == ".env: not UTF-8 text (line 2); save it as UTF-8"
+
+
 # --- a dry run says "would post" ------------------------------------------------------------------------------
 
 

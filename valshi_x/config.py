@@ -377,12 +377,22 @@ _DOTENV_RESCAN_MAX_CHARS = 2_000_000
 
 
 def read_env_file(path: Path) -> str:
-    """The text of the env file at `path`; `ConfigError` naming the file where python-dotenv would stall on it."""
-    with path.open("rb") as file:
-        data = file.read(ENV_FILE_MAX_BYTES + 1)
+    """The text of the env file at `path`; `ConfigError` naming the file when it cannot be read as one: unreadable,
+    not UTF-8 (python-dotenv's reading, whose UnicodeDecodeError was a traceback), or one python-dotenv would stall on.
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(ENV_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
     if len(data) > ENV_FILE_MAX_BYTES:
         raise ConfigError([f"{path}: larger than {ENV_FILE_MAX_BYTES // 1024} KiB; an env file holds KEY=value lines"])
-    text = data.decode("utf-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        # The line, not the byte: it may be part of a secret.
+        raise ConfigError([f"{path}: not UTF-8 text (line {line_no}); save it as UTF-8"]) from None
     if _dotenv_rescan_chars(text) > _DOTENV_RESCAN_MAX_CHARS:
         raise ConfigError([f"{path}: too many '${{' without a closing '}}' for python-dotenv to read it"])
     return text
