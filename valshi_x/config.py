@@ -340,34 +340,6 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
     return found
 
 
-# The env file is read by two parsers: systemd's EnvironmentFile= under the service, python-dotenv when run by hand
-# (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
-# different values; `check` names the key and the line (never the value), since the daemon cannot tell.
-_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=([ \t]*)")
-_BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
-# Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
-# line break under python-dotenv, and the two settings that may hold one (POST_TEMPLATE, KALSHI_PRIVATE_KEY) treat
-# both alike.
-_SAME_IN_DOUBLE_QUOTES = frozenset({"n", '"', "\\"})
-
-EXPORT = "systemd ignores a line that starts with 'export': drop the word"
-UNQUOTED_BACKSLASH = (
-    "a backslash outside quotes: systemd drops it (\\n arrives as n), python-dotenv keeps it; use double quotes"
-)
-UNQUOTED_COMMENT = "' #' in a value without quotes: python-dotenv cuts the rest off as a comment, systemd keeps it"
-DOUBLE_QUOTED_ESCAPE = 'inside double quotes only \\n, \\" and \\\\ mean the same to systemd and python-dotenv'
-SINGLE_QUOTED_BACKSLASH = (
-    "inside single quotes python-dotenv reads \\\\ and \\' as escapes, systemd does not; use double quotes"
-)
-AFTER_QUOTE = "text after the closing quote: systemd adds it to the value, python-dotenv drops it"
-UNCLOSED_QUOTE = "no closing quote: systemd reads to the end of the file, python-dotenv skips the line"
-INTERPOLATION = "${...}: python-dotenv puts another variable's value there, systemd keeps the text as written"
-# systemd's env-file.c before v254 (Debian 12 runs 252) let a backslash in a comment escape the next character, the
-# line break included, so the comment went on to the end of the next line; v254 ends a comment at its line break
-# (systemd PR 28079, for issue 27975). python-dotenv reads the next line as a setting.
-AFTER_CONTINUED_COMMENT = "systemd before v254 reads it as part of the comment above (it ends in a backslash)"
-
-
 # A few KEY=value lines (.env.example is 3 KB, an inline RSA-4096 key 3.3 KB). python-dotenv is slow on big files:
 # measured on the project's 2-core machine under load, 64 KiB of "A=1" lines took 2.6 s and 160 KB 7 s.
 ENV_FILE_MAX_BYTES = 64 * 1024
@@ -407,6 +379,34 @@ def _dotenv_rescan_chars(text: str) -> int:
         else:
             total, waiting, waiting_sum = total + waiting * match.start() - waiting_sum, 0, 0
     return total + waiting * len(text) - waiting_sum
+
+
+# The env file is read by two parsers: systemd's EnvironmentFile= under the service, python-dotenv when run by hand
+# (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
+# different values; `check` names the key and the line (never the value), since the daemon cannot tell.
+_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=([ \t]*)")
+_BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
+# Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
+# line break under python-dotenv, and the two settings that may hold one (POST_TEMPLATE, KALSHI_PRIVATE_KEY) treat
+# both alike.
+_SAME_IN_DOUBLE_QUOTES = frozenset({"n", '"', "\\"})
+
+EXPORT = "systemd ignores a line that starts with 'export': drop the word"
+UNQUOTED_BACKSLASH = (
+    "a backslash outside quotes: systemd drops it (\\n arrives as n), python-dotenv keeps it; use double quotes"
+)
+UNQUOTED_COMMENT = "' #' in a value without quotes: python-dotenv cuts the rest off as a comment, systemd keeps it"
+DOUBLE_QUOTED_ESCAPE = 'inside double quotes only \\n, \\" and \\\\ mean the same to systemd and python-dotenv'
+SINGLE_QUOTED_BACKSLASH = (
+    "inside single quotes python-dotenv reads \\\\ and \\' as escapes, systemd does not; use double quotes"
+)
+AFTER_QUOTE = "text after the closing quote: systemd adds it to the value, python-dotenv drops it"
+UNCLOSED_QUOTE = "no closing quote: systemd reads to the end of the file, python-dotenv skips the line"
+INTERPOLATION = "${...}: python-dotenv puts another variable's value there, systemd keeps the text as written"
+# systemd's env-file.c before v254 (Debian 12 runs 252) let a backslash in a comment escape the next character, the
+# line break included, so the comment went on to the end of the next line; v254 ends a comment at its line break
+# (systemd PR 28079, for issue 27975). python-dotenv reads the next line as a setting.
+AFTER_CONTINUED_COMMENT = "systemd before v254 reads it as part of the comment above (it ends in a backslash)"
 
 
 def env_file_differences(text: str) -> list[tuple[int, str, str]]:
