@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.test_config import ROOT, clean_env
-from valshi_x.config import SETTING_PREFIXES, unknown_settings
+from valshi_x.config import ENV_FILE_MAX_BYTES, SETTING_PREFIXES, unknown_settings
 from valshi_x.x.poster import PosterStats
 
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -166,6 +166,29 @@ def test_unknown_settings_use_the_prefixes_of_the_table() -> None:
         ("POST_TEMPLATES", "POST_TEMPLATE"),
         ("X_API_SECRETT", "X_API_SECRET"),
     ]
+
+
+# --- an env file that is not one -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check", "status", "run"])
+def test_an_env_file_python_dotenv_would_stall_on_is_one_config_error(tmp_path: Path, command: str) -> None:
+    # python-dotenv took 2.6 s on 64 KiB of lines and 11 s on 10,000 unclosed "${": refused before it reads them.
+    big = tmp_path / "big.env"
+    big.write_text("A=1\n" * (ENV_FILE_MAX_BYTES // 4 + 1))
+    line = config_error(run_cli(command, "--env-file", str(big), cwd=tmp_path))
+    assert line == f"{big}: larger than 64 KiB; an env file holds KEY=value lines"
+    (tmp_path / ".env").write_text("A=" + "${" * 20_000 + "\n")  # 40 KB
+    assert (
+        config_error(run_cli(command, cwd=tmp_path))
+        == ".env: too many '${' without a closing '}' for python-dotenv to read it"
+    )
+
+
+@pytest.mark.parametrize("command", ["check", "status", "run"])
+def test_an_env_file_that_is_not_utf8_is_one_config_error(tmp_path: Path, command: str) -> None:
+    (tmp_path / ".env").write_bytes(b"# Latin-1, not UTF-8\nPOST_TEMPLATE=\xa3{value}\n")  # was a traceback, exit 1
+    assert config_error(run_cli(command, cwd=tmp_path)) == ".env: not UTF-8 text (line 2); save it as UTF-8"
 
 
 # --- a dry run says "would post" ------------------------------------------------------------------------------

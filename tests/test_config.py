@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from dotenv import dotenv_values
 
 from tests.test_text import SWEEP
 from valshi_x.config import (
+    AFTER_CONTINUED_COMMENT,
     EXPORT,
+    INTERPOLATION,
     KALSHI_WS_URL,
     SETTINGS,
     UNQUOTED_BACKSLASH,
@@ -156,6 +159,7 @@ SYSTEMD_252_READS: tuple[tuple[str, str, str | None], ...] = (
     ("SQ_DOLLAR='x ${HOME}'", "SQ_DOLLAR", "x ${HOME}"),
     ('DQ_APOS="it\'s \\"q\\""', "DQ_APOS", 'it\'s "q"'),
     ("UNQ_HASH=a #b", "UNQ_HASH", "a #b"),
+    ("UNQ_ONLY_HASH=  # note", "UNQ_ONLY_HASH", "# note"),
     ('DQ_REALNL="a\nb"', "DQ_REALNL", "a\nb"),
     ("UNQ_SP=  a b  ", "UNQ_SP", "a b"),
     ("TPL={value} on {side}\\n{title} · {time}", "TPL", "{value} on {side}n{title} · {time}"),
@@ -179,6 +183,10 @@ SYSTEMD_252_READS: tuple[tuple[str, str, str | None], ...] = (
     ("UNQ_CASHTAG=$KX {value} {time}", "UNQ_CASHTAG", "$KX {value} {time}"),
     ('DQ_CASHTAG="{value} $ {time}"', "DQ_CASHTAG", "{value} $ {time}"),
     ("UNQ_CONT=a\\\nb", "UNQ_CONT", "ab"),
+    # Not booted: read from env-file.c of v252, whose comment state lets a backslash escape the line break (v254
+    # ends the comment there). python-dotenv reads the line after it.
+    ("# a note \\\nAFTER_CONT_COMMENT=1", "AFTER_CONT_COMMENT", None),
+    ("# two pairs \\\\\nAFTER_EVEN_COMMENT=1", "AFTER_EVEN_COMMENT", "1"),
 )
 
 
@@ -200,6 +208,22 @@ def test_the_env_file_forms_systemd_and_dotenv_read_differently_are_exactly_thos
     assert set(named) == differ
     assert named["TPL"] == [UNQUOTED_BACKSLASH]  # the README's old advice: \n in an unquoted POST_TEMPLATE
     assert named["UNQ_EXP"] == [EXPORT]
+
+
+def test_a_comment_ending_in_a_backslash_hides_the_next_line_from_systemd_before_254() -> None:
+    # Under v252 a lost line that itself ends in an odd run of backslashes hides the one after it too; a pair of
+    # backslashes ends the comment at its line break, and an empty line ends it as well.
+    text = "# a\\\nLOST=1\\\nALSO_LOST=2\nREAD=3\n# two\\\\\nREAD_TOO=4\n;three \\\n\nREAD_AS_WELL=5\n"
+    hidden = [(line_no, key) for line_no, key, why in env_file_differences(text) if why == AFTER_CONTINUED_COMMENT]
+    assert hidden == [(2, "LOST"), (3, "ALSO_LOST")]
+
+
+def test_unclosed_interpolations_are_read_in_linear_time() -> None:
+    # 50,000 "${" without a "}" took the old pattern 11.8 s (quadratic); a generous bound, not a benchmark.
+    started = time.perf_counter()
+    assert env_file_differences("A=" + "${" * 50_000 + "\n") == []
+    assert time.perf_counter() - started < 2.0
+    assert [why for _, _, why in env_file_differences("A=${${x}\n")] == [INTERPOLATION]
 
 
 def test_a_post_template_in_double_quotes_posts_the_same_under_systemd_and_by_hand(tmp_path: Path) -> None:
@@ -241,6 +265,20 @@ def test_a_key_in_the_credentials_directory_is_systemds_copy_and_not_judged_by_i
     assert secret_files(own, env_file, env) == (own, env_file)
     assert secret_files(handed_over, env_file, {}) == (handed_over, env_file)
     assert secret_files(None, env_file, env) == (env_file,)
+    # Only a file directly in the directory is systemd's: not one reached through `..`, nor one below it.
+    outside = credentials / ".." / ".." / "kalshi.pem"
+    assert secret_files(outside, env_file, env) == (outside, env_file)
+    below = credentials / "sub" / "kalshi.pem"
+    assert secret_files(below, env_file, env) == (below, env_file)
+    # A CREDENTIALS_DIRECTORY that cannot be systemd's (the root, a relative path) excuses nothing.
+    assert secret_files(own, env_file, {"CREDENTIALS_DIRECTORY": "/"}) == (own, env_file)
+    relative_key = Path("credentials/valshi-x.service/kalshi.pem")
+    relative = {"CREDENTIALS_DIRECTORY": "credentials/valshi-x.service"}
+    assert secret_files(relative_key, env_file, relative) == (relative_key, env_file)
+    # The same directory named through a symlink is still systemd's.
+    link = tmp_path / "link"
+    link.symlink_to(credentials)
+    assert secret_files(link / "kalshi.pem", env_file, env) == (env_file,)
 
 
 def test_no_warning_at_start_for_the_key_systemd_hands_over(tmp_path: Path) -> None:

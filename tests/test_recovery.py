@@ -253,6 +253,16 @@ def test_the_low_water_mark_follows_windows_as_they_come_grow_and_go() -> None:
             assert planner.low_water_ms() == min(starts, default=None), seed
 
 
+def test_a_checkpoint_ahead_of_the_clock_moves_the_low_water_mark_back_with_its_window() -> None:
+    # The checkpoint was saved before the host's clock stepped back an hour: the startup window opens an hour
+    # ahead, and its end (the first trade, now) pulls its start back. The low-water mark, which a restart fetches
+    # from, must follow; left an hour ahead, a restart during the fetch would skip the whole window.
+    planner = play([startup(3_600_000, now=0), subscribed(now=100), first_trade(50, now=100)])
+    (window,) = planner.due(N + 100 + planner.settle_ms)
+    assert window.from_ms == window.to_ms == N + 100 + CLOCK_SLACK_MS  # the host's clock says when trades resumed
+    assert planner.low_water_ms() == window.from_ms
+
+
 def test_gap_watch_reads_the_trade_times_around_gaps_and_drops() -> None:
     """The stream's callbacks become planner events with the times of the frames (batches) around them."""
     planner = RecoveryPlanner(hold_max_ms=5_000, settle_ms=500, merge_max_ms=1_000)

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from valshi_x.errors import ConfigError
 from valshi_x.store import (
+    MODE_CHECKPOINT,
     SCHEMA_VERSION,
     Attempt,
     RateLimitWindow,
@@ -219,6 +220,36 @@ async def test_an_alert_with_hundreds_of_fills_is_stored_whole(clock: Clock) -> 
     assert not await store.enqueue(whale("new", "f1200"))
     assert await store.trade_owner("f1233") == "f0"
     await store.close()
+
+
+@pytest.mark.parametrize(("stored_mode", "run_dry"), [("dry_run", False), ("posting", True)])
+async def test_state_opened_counts_posts_by_the_outboxs_mode_not_the_runs(
+    state_dir: Path, clock: Clock, stored_mode: str, run_dry: bool
+) -> None:
+    # The line is logged before the daemon refuses a state directory of the other mode: a live run on a dry run's
+    # directory must not claim real posts, a dry run on production's must not call real posts would-posts.
+    path = db_path(state_dir)
+    store = await Store.open(path, clock_ms=clock, dry_run=not run_dry)
+    await store.set_checkpoint(MODE_CHECKPOINT, stored_mode)
+    await store.enqueue(whale("t1"))
+    await store.mark_posting("t1", "the text")
+    await store.mark_posted("t1", "1234", attempt=Attempt(T0_MS, "posted", 201, "1234"))
+    await store.close()
+
+    with capture_logs() as logs:
+        store = await Store.open(path, clock_ms=clock, dry_run=run_dry)
+    await store.close()
+    (opened,) = [e for e in logs if e["event"] == "state_opened"]
+    label, wrong = ("would_have_posted", "posted") if stored_mode == "dry_run" else ("posted", "would_have_posted")
+    assert opened[label] == 1 and wrong not in opened
+
+
+async def test_a_fresh_outbox_is_labelled_by_the_runs_mode(clock: Clock) -> None:
+    with capture_logs() as logs:
+        store = await Store.open(None, clock_ms=clock, dry_run=True)
+    await store.close()
+    (opened,) = [e for e in logs if e["event"] == "state_opened"]
+    assert opened["would_have_posted"] == 0 and "posted" not in opened
 
 
 async def test_a_row_cut_off_mid_post_is_resumed_in_doubt(state_dir: Path, clock: Clock) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import io
 import os
 import signal
 import sys
@@ -20,7 +21,14 @@ import structlog
 from dotenv import dotenv_values
 
 from valshi_x.capture import capture_problem
-from valshi_x.config import Settings, load_settings, readable_by_others, secret_files, unknown_settings
+from valshi_x.config import (
+    Settings,
+    load_settings,
+    read_env_file,
+    readable_by_others,
+    secret_files,
+    unknown_settings,
+)
 from valshi_x.daemon import Daemon, RunOptions
 from valshi_x.errors import ConfigError, StateUnavailable
 from valshi_x.logs import configure_logging, default_format
@@ -88,7 +96,8 @@ def read_environment(env_file: Path | None) -> dict[str, str]:
     path = env_file if env_file is not None else Path(".env")
     if env_file is not None and not env_file.is_file():
         raise ConfigError([f"--env-file: {env_file} is not a readable file"])
-    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    text = read_env_file(path) if path.is_file() else ""
+    from_file = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
     return {**from_file, **os.environ}
 
 

@@ -291,15 +291,35 @@ def secret_files(key_path: Path | None, env_file: Path, env: Mapping[str, str]) 
     the mask of an ACL whose only grant is `user:<service uid>:r` (group::---). Judged by its mode, that copy
     drew a warning on every start.
     """
-    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    credentials = _credentials_directory(env.get("CREDENTIALS_DIRECTORY", ""))
     found = []
     for path in (key_path, env_file):
         if path is None:
             continue
-        if credentials and Path(credentials) in path.absolute().parents:
+        if credentials is not None and _resolved(path).parent == credentials:
             continue
         found.append(path)
     return tuple(found)
+
+
+def _credentials_directory(value: str) -> Path | None:
+    """$CREDENTIALS_DIRECTORY resolved, or None when it cannot be systemd's: unset, relative, or `/` itself.
+
+    systemd sets an absolute path to a flat directory of its own; judged by resolved paths, a `..` in the key's path
+    (`$CREDENTIALS_DIRECTORY/../home/key.pem`) cannot pass for one of its files.
+    """
+    if not value or not Path(value).is_absolute():
+        return None
+    resolved = _resolved(Path(value))
+    return None if resolved == Path(resolved.anchor) else resolved
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with symlinks and `..` resolved; as given (made absolute) when that fails, e.g. on a symlink loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
@@ -320,11 +340,51 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
     return found
 
 
+# A few KEY=value lines (.env.example is 3 KB, an inline RSA-4096 key 3.3 KB). python-dotenv is slow on big files:
+# measured on the project's 2-core machine under load, 64 KiB of "A=1" lines took 2.6 s and 160 KB 7 s.
+ENV_FILE_MAX_BYTES = 64 * 1024
+# python-dotenv's ${...} pattern scans from each "${" up to the next "}", quadratic on "${${${..." (10,000 of them,
+# 20 KB, took it 11 s): a file that would make it scan more than this many characters is refused.
+_DOTENV_RESCAN_MAX_CHARS = 2_000_000
+
+
+def read_env_file(path: Path) -> str:
+    """The text of the env file at `path`; `ConfigError` naming the file when it cannot be read as one: unreadable,
+    not UTF-8 (python-dotenv's reading, whose UnicodeDecodeError was a traceback), or one python-dotenv would stall on.
+    """
+    try:
+        with path.open("rb") as file:
+            data = file.read(ENV_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
+    if len(data) > ENV_FILE_MAX_BYTES:
+        raise ConfigError([f"{path}: larger than {ENV_FILE_MAX_BYTES // 1024} KiB; an env file holds KEY=value lines"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        # The line, not the byte: it may be part of a secret.
+        raise ConfigError([f"{path}: not UTF-8 text (line {line_no}); save it as UTF-8"]) from None
+    if _dotenv_rescan_chars(text) > _DOTENV_RESCAN_MAX_CHARS:
+        raise ConfigError([f"{path}: too many '${{' without a closing '}}' for python-dotenv to read it"])
+    return text
+
+
+def _dotenv_rescan_chars(text: str) -> int:
+    """At most how many characters python-dotenv's ${...} pattern scans in `text`: from each "${" to the next "}"."""
+    total = waiting = waiting_sum = 0
+    for match in re.finditer(r"\$\{|\}", text):
+        if match.group() == "${":
+            waiting, waiting_sum = waiting + 1, waiting_sum + match.start()
+        else:
+            total, waiting, waiting_sum = total + waiting * match.start() - waiting_sum, 0, 0
+    return total + waiting * len(text) - waiting_sum
+
+
 # The env file is read by two parsers: systemd's EnvironmentFile= under the service, python-dotenv when run by hand
 # (and by `check --env-file`). Each form below was run through both (systemd 252, python-dotenv 1.2) and gave
 # different values; `check` names the key and the line (never the value), since the daemon cannot tell.
-_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
-_INTERPOLATED = re.compile(r"\$\{[^}]*\}")
+_ASSIGNMENT = re.compile(r"[ \t]*(export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=([ \t]*)")
 _BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
 # Inside double quotes both read \" and \\ as the character; \n stays two characters under systemd and becomes a
 # line break under python-dotenv, and the two settings that may hold one (POST_TEMPLATE, KALSHI_PRIVATE_KEY) treat
@@ -343,20 +403,29 @@ SINGLE_QUOTED_BACKSLASH = (
 AFTER_QUOTE = "text after the closing quote: systemd adds it to the value, python-dotenv drops it"
 UNCLOSED_QUOTE = "no closing quote: systemd reads to the end of the file, python-dotenv skips the line"
 INTERPOLATION = "${...}: python-dotenv puts another variable's value there, systemd keeps the text as written"
+# systemd's env-file.c before v254 (Debian 12 runs 252) let a backslash in a comment escape the next character, the
+# line break included, so the comment went on to the end of the next line; v254 ends a comment at its line break
+# (systemd PR 28079, for issue 27975). python-dotenv reads the next line as a setting.
+AFTER_CONTINUED_COMMENT = "systemd before v254 reads it as part of the comment above (it ends in a backslash)"
 
 
 def env_file_differences(text: str) -> list[tuple[int, str, str]]:
     """(line number, key, why) for each assignment in an env file that systemd and python-dotenv read differently."""
     found: list[tuple[int, str, str]] = []
     pos, line_no = 0, 1
+    in_comment = False  # this line continues a comment under systemd before v254
     while pos < len(text):
         end = text.find("\n", pos)
         end = len(text) if end < 0 else end
         match = _ASSIGNMENT.match(text, pos, end)
-        if match is None or text[pos:end].lstrip(" \t")[:1] in ("#", ";"):
+        comment = in_comment or text[pos:end].lstrip(" \t")[:1] in ("#", ";")
+        lost, in_comment = in_comment, comment and _escapes_line_break(text, pos, end)
+        if match is None or (comment and not lost):
             pos, line_no = end + 1, line_no + 1
             continue
         key, start, reasons = match.group(2), match.end(), []
+        if lost:
+            reasons.append(AFTER_CONTINUED_COMMENT)
         if match.group(1):
             reasons.append(EXPORT)
         quote = text[start : start + 1]
@@ -379,14 +448,34 @@ def env_file_differences(text: str) -> list[tuple[int, str, str]]:
             value = text[start:end]
             if "\\" in value:
                 reasons.append(UNQUOTED_BACKSLASH)
-            if re.search(r"\s#", value):
+            # From just after '=': in `KEY=  # note` python-dotenv reads the blanks and '#' as a comment's start
+            # (an empty value), systemd skips the blanks and keeps '# note'.
+            if re.search(r"\s#", text[match.start(3) : end]):
                 reasons.append(UNQUOTED_COMMENT)
-        if _INTERPOLATED.search(value):
+        if _interpolates(value):
             reasons.append(INTERPOLATION)
         found.extend((line_no, key, reason) for reason in reasons)
-        line_no += text.count("\n", pos, end) + 1
+        lines = text.count("\n", pos, end) + 1
+        in_comment = in_comment and lines == 1  # a value over several lines: beyond this check
+        line_no += lines
         pos = end + 1
     return found
+
+
+def _interpolates(value: str) -> bool:
+    """Whether `value` holds a `${...}`: a "${" and a "}" after it (linear; a regex was quadratic on "${${${")."""
+    start = value.find("${")
+    return start >= 0 and value.find("}", start + 2) >= 0
+
+
+def _escapes_line_break(text: str, start: int, end: int) -> bool:
+    """Whether a comment line text[start:end] ends in an odd run of backslashes, the last one escaping the break.
+
+    In a comment systemd before v254 reads each backslash with the character after it: two at the end are one pair
+    and the comment ends there, three escape the break (see AFTER_CONTINUED_COMMENT).
+    """
+    run = end - start - len(text[start:end].rstrip("\\"))
+    return end < len(text) and run % 2 == 1
 
 
 def _quoted(text: str, start: int) -> tuple[str, int]:

@@ -51,6 +51,7 @@ DB_FILENAME = "valshi-x.sqlite3"
 # removing a lock file lets a third process lock a fresh one while the second still holds the old.
 LOCK_FILENAME = "valshi-x.lock"
 SCHEMA_VERSION = 1
+MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting", set by the daemon on first start (daemon.MODE_CHECKPOINT)
 Status = Literal["pending", "posting", "posted", "failed", "skipped"]
 STATUSES: tuple[Status, ...] = ("pending", "posting", "posted", "failed", "skipped")
 # Ledger outcomes that may have created a post on X; the own rate budget counts these. A duplicate-content 403
@@ -321,7 +322,7 @@ def _status_report(conn: sqlite3.Connection, path: str, now_ms: int, last: int) 
     return StatusReport(
         path=path,
         exists=True,
-        dry_run=checkpoints.get("outbox_mode") == "dry_run",  # written by the daemon (daemon.MODE_CHECKPOINT)
+        dry_run=checkpoints.get(MODE_CHECKPOINT) == "dry_run",
         schema_version=version,
         counts=counts,
         requests_last_15min=requests_since(now_ms - 15 * 60 * 1000),
@@ -558,11 +559,15 @@ class Store:
                 )
             db.execute("DELETE FROM post_ledger WHERE sent_ms < ?", (now_ms - _LEDGER_KEEP_MS,))
             counts = dict(db.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall())
+            stored_mode = db.execute("SELECT value FROM checkpoints WHERE name = ?", (MODE_CHECKPOINT,)).fetchone()
         if cut_off:
             # Each of these may or may not be on X already; the retry's duplicate-content 403 settles it.
             log.warning("outbox_recovered", alert_ids=cut_off, count=len(cut_off))
         # No `posting` count: the rows cut off mid-post were just put back to pending (outbox_recovered says which).
-        posted = "would_have_posted" if self._dry_run else "posted"
+        # Labelled by the outbox's own mode, as `status` does: this line comes before the daemon refuses a state
+        # directory of the other mode, and a dry run's would-posts are not posts (nor the other way round).
+        dry_run = stored_mode[0] == "dry_run" if stored_mode is not None else self._dry_run
+        posted = "would_have_posted" if dry_run else "posted"
         log.info(
             "state_opened",
             path=str(self.path or ":memory:"),
