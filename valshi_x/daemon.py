@@ -36,7 +36,7 @@ from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.pipeline import Pipeline
 from valshi_x.recovery import RecoveryPlanner
 from valshi_x.runmode import ModeProfile, Tuning
-from valshi_x.store import Store, db_path, wall_ms
+from valshi_x.store import MODE_CHECKPOINT, Store, db_path, wall_ms
 from valshi_x.supervisor import Stages, Supervisor
 from valshi_x.systemd import HealthWatchdog, Notifier
 from valshi_x.trades import MalformedTrade, TradeFrame, utc_from_ms
@@ -60,7 +60,6 @@ MAX_FRAMES_PER_TURN = 2048
 # At most one overflow warning per this many seconds; the count is in every stats line.
 _OVERFLOW_LOG_EVERY_S = 10.0
 CHECKPOINT_NAME = "processed_through_ms"
-MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting": the two never share a state directory
 # Silence from Kalshi allowed beyond two idle timeouts before the daemon calls itself wedged (the watchdog then
 # restarts it, about three minutes after the last frame). Wider than the reconnect backoff's 15 s cap on purpose:
 # a restart cures a wedged process, not an outage at Kalshi, so an outage alone should not cause one.
@@ -151,7 +150,6 @@ class Daemon:
         self.supervisor = Supervisor(self.stop, on_stopping=lambda: self.notifier.stopping("draining"))
         self.started_at = monotonic()
         self._started_ms = now_ms()
-        self.alerts_queued = 0
         self.alerts_refused = 0
         self.whales_from_backfill = 0
         self.stall_resubscribes = 0
@@ -415,9 +413,7 @@ class Daemon:
                 # Held sweeps close later on the stream clock, so the backfill's own return value misses them.
                 self.whales_from_backfill += 1
                 log.info("whale_recovered_by_backfill", alert_id=alert.alert_id, value_usd=alert.value_usd_2dp)
-            if await self.poster.submit(alert):
-                self.alerts_queued += 1
-            else:
+            if not await self.poster.submit(alert):
                 # Its trades already belong to an alert (a restart, a backfill overlap): never post twice.
                 self.alerts_refused += 1
             if not self.mode.poster_task:

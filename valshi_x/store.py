@@ -51,7 +51,7 @@ DB_FILENAME = "valshi-x.sqlite3"
 # removing a lock file lets a third process lock a fresh one while the second still holds the old.
 LOCK_FILENAME = "valshi-x.lock"
 SCHEMA_VERSION = 1
-MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting", set by the daemon on first start (daemon.MODE_CHECKPOINT)
+MODE_CHECKPOINT = "outbox_mode"  # "dry_run" or "posting", set by the daemon on first start: the two never mix
 Status = Literal["pending", "posting", "posted", "failed", "skipped"]
 STATUSES: tuple[Status, ...] = ("pending", "posting", "posted", "failed", "skipped")
 # Ledger outcomes that may have created a post on X; the own rate budget counts these. A duplicate-content 403
