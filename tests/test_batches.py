@@ -170,6 +170,22 @@ def test_a_trade_a_little_ahead_of_the_wall_clock_does_not_close_a_running_sweep
     assert pipeline.detector.late_fills_after_alert == 0
 
 
+def test_a_host_clock_stepped_back_delays_closing_by_the_tolerance_at_most() -> None:
+    # A whale taken live, then the host clock steps back ten minutes (an NTP step, a restored VM): the sweep still
+    # closes on the stream clock, held back by FUTURE_TOLERANCE_MS at most, not when the wall clock catches up.
+    wall, mono = [T + 300], [0.0]
+    pipeline = _live_pipeline(wall, mono)
+    assert pipeline.on_trades([frame(T, seq=1, count="300000.00", ticker="KXWHALE-1")]) == []
+    wall[0] = T - 600_000
+    mono[0] = 1.0
+    assert pipeline.stream_now_ms() == T + 1_000 - FUTURE_TOLERANCE_MS
+    assert pipeline.close_due(100) == []
+    mono[0] = (1_000 + 100 + FUTURE_TOLERANCE_MS + 1) / 1000  # window + grace + the tolerance, and a millisecond
+    (alert,) = pipeline.close_due(100)
+    assert alert.value_usd == Decimal("150000.0000")
+    assert pipeline.detector.processed_through_ms() == T
+
+
 def test_the_stream_clock_of_close_due_never_passes_the_wall_clock() -> None:
     wall, mono = [T + 1_000], [0.0]
     pipeline = _live_pipeline(wall, mono)

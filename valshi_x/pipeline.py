@@ -242,7 +242,8 @@ class Pipeline:
         Live, it never passes the host's wall clock: a trade stamped up to FUTURE_TOLERANCE_MS ahead of it is
         taken, but must not close a sweep still taking fills (on arrival, `WhaleDetector.add` keeps the same
         bound). The price: when the host clock is behind Kalshi's by d (at most the tolerance, or trades would be
-        refused), sweeps close d later than they could.
+        refused), sweeps close d later than they could. It holds back by at most the tolerance: a host clock
+        stepped back (an NTP step, a restored VM) must not stop sweeps from closing until it catches up.
         """
         if self._replay:
             return self.detector.watermark_ms
@@ -251,7 +252,7 @@ class Pipeline:
         if self._now_ms is not None:
             wall_ms = self._now_ms()
             if wall_ms < stream_ms:
-                return wall_ms
+                return max(wall_ms, stream_ms - FUTURE_TOLERANCE_MS)
         return stream_ms
 
     def close_due(self, grace_ms: int) -> list[Alert]:
