@@ -3,7 +3,8 @@
 The fast path may refuse anything (the careful path then decides), but whatever it accepts must be exactly what
 the careful path makes of the same frame: the same trade, the same sid and seq. And through the stream as a
 whole, every generated frame ends as the careful path says: one delivered trade, or one refusal with the
-careful path's reason, or (a control frame) neither.
+careful path's reason, or (a control frame) neither. One difference is deliberate (`fast_trade_frame`'s
+docstring): an unknown field is skipped without the careful path's shape bounds.
 """
 
 from __future__ import annotations
@@ -145,3 +146,25 @@ def test_today_s_frame_takes_the_fast_path_and_odd_ones_the_careful_one() -> Non
     legacy = {"trade_id": "t-1", "market_ticker": "KX-1", "yes_price": 62, "count": 3, "taker_side": "yes", "ts": 1}
     assert fast_trade_frame(json.dumps(good | {"msg": legacy | {"ts": NOW_MS // 1000}})) is None  # integer cents
     assert isinstance(careful(json.dumps(good | {"msg": legacy | {"ts": NOW_MS // 1000}})), TradeFrame)
+
+
+def test_an_unknown_field_is_skipped_without_the_careful_shape_bounds() -> None:
+    # Deliberate (fast_trade_frame's docstring): the trade is taken as it is, the deep field never looked at.
+    raw = json.dumps(
+        {
+            "type": "trade",
+            "sid": 1,
+            "seq": 5,
+            "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+            "msg": GOOD_MSG,
+        }
+    )
+    fast = fast_trade_frame(raw)
+    assert fast is not None and fast.seq == 5
+    assert fast.msg == careful_trade_frame({"type": "trade", "sid": 1, "seq": 5, "msg": GOOD_MSG}).msg
+    try:
+        parse_frame(raw)
+    except MalformedTrade as exc:
+        assert exc.reason == "too_deep"
+    else:
+        raise AssertionError("the careful path should refuse 40 levels")

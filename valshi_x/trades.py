@@ -422,6 +422,11 @@ def fast_trade_frame(raw: str | bytes) -> TradeFrame | None:
     precision are those of `_exact_money`, proven on the text (`_money_text_ok`, no Decimal built), lengths and the
     time range those of the careful path, checked by the decoder. None is no verdict: the caller takes the careful
     path, which names what is wrong (a property test keeps the two equal).
+
+    One difference on purpose: a field the trade does not use is skipped here without the careful path's shape
+    bounds (its bracket count, its depth of 32, UTF-8 of a capture line), so a well-formed trade beside a deep or
+    odd unknown field is taken here and refused there. Those bounds protect the dict decoder; this skip is
+    already bounded by the frame size and msgspec's own depth limit, and no skipped byte reaches a trade or a log.
     """
     if len(raw) > MAX_FRAME_BYTES:
         return None
