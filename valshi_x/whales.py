@@ -35,7 +35,7 @@ from typing import Final, Protocol
 
 import msgspec
 
-from valshi_x.trades import FUTURE_TOLERANCE_MS, Side, Trade, utc_from_ms
+from valshi_x.trades import Side, Trade, utc_from_ms
 
 _TWO_PLACES = Decimal("0.01")
 # Relative margin of the float screen (module docstring): a float sum below limit x (1 - SCREEN_MARGIN) is an exact
@@ -375,9 +375,9 @@ class WhaleDetector:
                 seen._forget_over_cap()
             if ts_ms > watermark:
                 self.watermark_ms = watermark = ts_ms
-                # Never past the wall clock, and never more than the tolerance behind the trade (a host clock
-                # stepped back must not stop closing; `Pipeline.stream_now_ms` keeps the same bounds).
-                close_ms = ts_ms if ts_ms <= now_ms else max(now_ms, ts_ms - FUTURE_TOLERANCE_MS)
+                # Never past the wall clock. (The pipeline refused every trade more than the tolerance ahead of
+                # `now_ms`, so this holds back by the tolerance at most, as `Pipeline.stream_now_ms` does.)
+                close_ms = ts_ms if ts_ms <= now_ms else now_ms
                 if opened and opened[0].first_ts_ms + window < close_ms:
                     self._close_until(close_ms - window - 1, alerts)
                 if closed_order and closed_order[0].first_ts_ms < ts_ms - self.late_fill_horizon_ms:
