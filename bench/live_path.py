@@ -28,16 +28,6 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 
 
-def ws_text_frame(payload: bytes) -> bytes:
-    """One unmasked, unfragmented WebSocket text frame (RFC 6455 5.2), as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 1 << 16:
-        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
-
-
 def generate(frames: int, seed: int) -> list[str]:
     """Trade frames in today's format (a few in older shapes, as the generator makes them), trade time ending now."""
     import gen_capture  # noqa: PLC0415  (a sibling script)
@@ -137,6 +127,8 @@ async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, A
         assert connection.take_text_frames(stream._take_read)
     else:  # a tree from before the per-read path (main up to 05da02b): a sink per frame, a call per read
         assert connection.take_text_frames(stream._handle, stream._read_done)  # type: ignore[call-arg, attr-defined, arg-type]
+
+    from live_latency import ws_text_frame  # noqa: PLC0415  (bench/ is on the path: `main`)
 
     wire = b"".join(ws_text_frame(line.encode()) for line in lines)
     reads = [wire[at : at + read_bytes] for at in range(0, len(wire), read_bytes)]
