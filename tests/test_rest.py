@@ -320,6 +320,12 @@ async def stop_waiting(lookup: TitleLookup, ticker: str, after_s: float) -> None
             await lookup.label_for(ticker)
 
 
+async def at_once(lookup: TitleLookup, ticker: str) -> MarketLabel | None:
+    """The label without waiting at all (a cached one): a lookup that had to wait would be cut off here."""
+    async with asyncio.timeout(0):
+        return await lookup.label_for(ticker)
+
+
 async def test_a_lookup_nobody_waits_for_any_more_goes_on(
     fake: FakeKalshiRest, session: aiohttp.ClientSession, logs: list[dict[str, Any]]
 ) -> None:
@@ -332,7 +338,7 @@ async def test_a_lookup_nobody_waits_for_any_more_goes_on(
 
     # The lookup went on in the background; once done, its answer is cached and comes at once.
     await asyncio.sleep(12 * UNIT)
-    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC")
+    label = await at_once(lookup, "KXNFLGAME-26NOV01KCBUF-KC")
     assert label is not None
     assert label.title.endswith("Kansas City")
     assert fake.counts == {"event": 1}
@@ -348,7 +354,7 @@ async def test_one_request_gives_the_label_and_its_siblings(
     assert label == MarketLabel("Kansas City at Buffalo Winner? — Kansas City", "KXNFLGAME")
     assert [r.path.rsplit("/", 1)[1] for r in fake.requests] == ["KXNFLGAME-26NOV01KCBUF"]
     # The other side of the game came with it: its alert needs no request and no wait.
-    sibling = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-BUF")
+    sibling = await at_once(lookup, "KXNFLGAME-26NOV01KCBUF-BUF")
     assert sibling == MarketLabel("Kansas City at Buffalo Winner? — Buffalo", "KXNFLGAME")
     assert fake.counts == {"event": 1}
     await lookup.aclose()
@@ -423,12 +429,12 @@ async def test_prefetch_lets_the_alert_find_the_title_at_once(
     fake: FakeKalshiRest, session: aiohttp.ClientSession
 ) -> None:
     nfl(fake)
-    fake.delay_s["event"] = 4 * UNIT  # slower than an alert could wait with a budget of 0
+    fake.delay_s["event"] = 4 * UNIT  # an alert that did not wait at all would miss it
     lookup = TitleLookup(KalshiRest(session, fake.base_url))
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # a sweep is nearing the threshold
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # running already: nothing more is asked
     await fake_wait(lambda: not lookup._running)
-    label = await lookup.label_for("KXNFLGAME-26NOV01KCBUF-KC")  # the alert
+    label = await at_once(lookup, "KXNFLGAME-26NOV01KCBUF-KC")  # the alert
     assert label is not None
     assert label.title.endswith("Kansas City")
     lookup.prefetch("KXNFLGAME-26NOV01KCBUF-KC")  # cached: nothing is asked
