@@ -546,7 +546,7 @@ class TitleLookup:
             log.info(
                 "title_skipped_paused",
                 ticker=ticker,
-                hint="title lookups are paused: posts use the ticker; stats count them (titles_skipped_breaker)",
+                hint="posts use the ticker until lookups resume (titles_skipped_breaker)",
             )
 
     def _start(self, rest: KalshiRest, ticker: str) -> asyncio.Task[MarketLabel | None]:
