@@ -546,7 +546,7 @@ class TitleLookup:
             log.info(
                 "title_skipped_paused",
                 ticker=ticker,
-                hint="posts use the ticker until lookups resume (titles_skipped_breaker)",
+                hint="posts use the ticker until lookups resume",
             )
 
     def _start(self, rest: KalshiRest, ticker: str) -> asyncio.Task[MarketLabel | None]:
