@@ -141,3 +141,43 @@ async def test_a_dry_run_refuses_a_state_directory_that_posts(tmp_path: Path) ->
     store = await Store.open(db_path(tmp_path / "dry"))
     assert await store.get_checkpoint("outbox_mode") == "dry_run"
     await store.close()
+
+
+async def test_title_counters_reach_the_stop_line_and_a_pause_is_logged_once(
+    kalshi_keys: KeyPair,  # noqa: F811
+) -> None:
+    """Kalshi REST failing: the stop line counts the failed lookups, the breaker's opening and the posts that went
+    out untitled while it was open; of those posts only the first has a line of its own."""
+    second_batch = asyncio.Event()
+    ts_ms = wall_ms() - 30_000
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades([m for k in range(3) for m in whale_sweep(ts_ms + k * 1000, f"KXBAD-{k}")])
+        await second_batch.wait()
+        await session.send_trades([m for k in range(3) for m in whale_sweep(ts_ms + 5000 + k * 1000, f"KXLATE-{k}")])
+        await session.wait_closed()
+
+    async with (
+        FakeKalshi(public_key=kalshi_keys.public_key, key_id=kalshi_keys.key_id, attempts=[script]) as kalshi,
+        FakeKalshiRest() as rest,
+    ):
+        rest.script("event", 503, 503, 503)  # the first three look-ups fail: the breaker opens
+        settings = settings_for(kalshi, rest, kalshi_keys, SWEEP_WINDOW_MS="200")
+        daemon = Daemon(settings, RunOptions(dry_run=True), signer=signer_for(settings), tuning=FAST_STREAM)
+        with structlog.testing.capture_logs() as logs:
+            run = asyncio.create_task(daemon.run())
+            await wait_until(lambda: sum(e["event"] == "would_post" for e in logs) >= 3)
+            second_batch.set()
+            await wait_until(lambda: sum(e["event"] == "would_post" for e in logs) >= 6)
+            daemon.stop.set()
+            await run
+
+    assert rest.counts["event"] == 3  # nothing asked while the breaker is open
+    stopped = next(e for e in logs if e["event"] == "daemon_stopped")
+    titles = {k: v for k, v in stopped.items() if "title" in k}
+    # An alert whose prefetched lookup was still failing waited for it rather than skipping: 0 to 3 of those.
+    assert titles.pop("titles_skipped_recent_failure") in range(4)
+    assert titles == {"title_lookups_failed": 3, "titles_skipped_breaker": 3, "title_breaker_opened": 1}
+    (paused,) = [e for e in logs if e["event"] == "title_skipped_paused"]
+    assert paused["ticker"].startswith("KXLATE-")

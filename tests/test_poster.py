@@ -615,7 +615,7 @@ async def test_no_post_waits_longer_than_the_title_budget_when_kalshi_fails(
         finally:
             waits[ticker] = loop.time() - started
 
-    rig = await open_rig(None, time, None, lookup_label=lookup)  # the poster's own budget: TITLE_BUDGET_S
+    rig = await open_rig(None, time, None, lookup_label=lookup)  # the poster's budget: TITLE_BUDGET_S
     for n, ticker in enumerate(tickers):
         await rig.poster.submit(whale(n, value=400_000 - n * 1000, ticker=ticker))
     with capture_logs() as logs:
@@ -641,6 +641,53 @@ async def test_no_post_waits_longer_than_the_title_budget_when_kalshi_fails(
     (text,) = [e["text"] for e in logs if e["event"] == "would_post"]
     assert "Title of KXA?" in text
     assert waits["KXA-1"] < TITLE_BUDGET_S
+    await titles.aclose()
+    await rig.close()
+
+
+async def test_a_post_waits_half_a_second_for_its_title_by_default(
+    time: FakeTime, fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    fake.add_event("KXA", "Title of KXA?", series_ticker="KXA")
+    fake.add_market("KXA-1", "KXA")
+    fake.script("event", Fault(delay_s=40 * UNIT_S))  # the answer takes 2 s
+    titles = TitleLookup(KalshiRest(session, fake.base_url))
+    rig = await open_rig(None, time, None, lookup_label=titles.label_for)
+    await rig.poster.submit(whale(1, ticker="KXA-1"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with capture_logs() as logs:
+        await drive(rig, time)
+    # Generous slack for a busy machine; the point is "about half a second", not the 2 s the answer takes.
+    assert loop.time() - started < TITLE_BUDGET_S + 10 * UNIT_S
+    assert TITLE_BUDGET_S == 0.5
+    late = [(e["ticker"], e["budget_s"]) for e in logs if e["event"] == "title_lookup_late"]
+    assert late == [("KXA-1", 0.5)]
+    await titles.aclose()
+    await rig.close()
+
+
+async def test_the_posts_budget_is_the_only_title_wait(
+    time: FakeTime, fake: FakeKalshiRest, session: aiohttp.ClientSession
+) -> None:
+    """No second timer inside the lookup: a title within the poster's budget makes the post, and a late one is
+    logged once, with the budget that applied."""
+    for event in ("KXA", "KXB"):
+        fake.add_event(event, f"Title of {event}?", series_ticker=event)
+        fake.add_market(f"{event}-1", event)
+    # A answers after 0.65 s: past TITLE_BUDGET_S but within this poster's budget; B after 2 s, past both.
+    fake.script("event", Fault(delay_s=TITLE_BUDGET_S + 3 * UNIT_S), Fault(delay_s=40 * UNIT_S))
+    titles = TitleLookup(KalshiRest(session, fake.base_url))
+    budget_s = TITLE_BUDGET_S + 10 * UNIT_S
+    rig = await open_rig(None, time, None, lookup_label=titles.label_for, title_budget_s=budget_s)
+    await rig.poster.submit(whale(1, value=400_000, ticker="KXA-1"))
+    await rig.poster.submit(whale(2, value=300_000, ticker="KXB-1"))
+    with capture_logs() as logs:
+        await drive(rig, time)
+    texts = [e["text"] for e in logs if e["event"] == "would_post"]
+    assert [t.split(" on ")[1].split(" (")[0] for t in texts] == ["Title of KXA?", "KXB-1"]
+    late = [(e["ticker"], e["budget_s"]) for e in logs if e["event"] == "title_lookup_late"]
+    assert late == [("KXB-1", budget_s)]
     await titles.aclose()
     await rig.close()
 

@@ -144,6 +144,7 @@ class Daemon:
         self.recorder = Recorder(options.record_path) if options.record_path else None
         self.stream: TradeStream | None = None
         self.poster: Poster | None = None
+        self.titles: TitleLookup | None = None  # made in `run`, with the REST client it asks
         self.store: Store | None = None
         self.backfiller: Backfiller | None = None
         self.notifier = Notifier.from_env(self._env)
@@ -200,7 +201,7 @@ class Daemon:
                     pause_initial_s=tuning.rest_pause_initial_s,
                     pause_max_s=tuning.rest_pause_max_s,
                 )
-            titles = TitleLookup(rest if lookup_titles else None)
+            self.titles = titles = TitleLookup(rest if lookup_titles else None)
             resources.push_async_callback(titles.aclose)
             if lookup_titles:
                 # A sweep at half the threshold starts its title lookup, so the post rarely waits for one.
@@ -647,6 +648,7 @@ class Daemon:
             last_frame_age_s=last_frame_age_s,
             uptime_s=round(self._monotonic() - self.started_at, 1),
             **backfill,
+            **(self.titles.stats_fields() if self.titles is not None else {}),
         )
 
 

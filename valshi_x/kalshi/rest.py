@@ -7,8 +7,8 @@ not_found, http_error) and the caller decides whether and when to try again (the
 valshi_x/backoff.py's arithmetic; one retry layer, not two nested ones). A 429 also pauses the shared bucket
 (Kalshi sends no Retry-After: a jittered, doubling pause), so no other request goes out meanwhile.
 
-`TitleLookup` wraps the title lookup for the poster: it answers within half a second or gives up (None), so a
-slow or failing Kalshi never holds a post back; the post falls back to the ticker. Titles are never retried:
+`TitleLookup` wraps the title lookup for the poster, which waits half a second at most (`TITLE_BUDGET_S`) and
+then posts with the ticker, so a slow or failing Kalshi never holds a post back. Titles are never retried:
 lookups make one attempt per request (usually one request: the market's event, which lists its markets), and a
 circuit breaker pauses them while Kalshi keeps failing.
 """
@@ -46,8 +46,8 @@ _TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
 # the title breaker. The others (404, malformed answers, other 4xx) are answers.
 TRANSIENT_REASONS: Final = frozenset({"timeout", "connection_error", "server_error", "rate_limited"})
 # What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
-# The poster bounds its wait with it too (any lookup it is given), and TitleLookup its own; a lookup cut off goes
-# on in the background, so the next alert of that market has the title.
+# The poster's wait is the only one (TitleLookup has no timer of its own); a lookup cut off goes on in the
+# background, so the next alert of that market has the title.
 TITLE_BUDGET_S: Final = 0.5
 # Labels cached from one event answer at most: a big event must not push every other label out of the cache.
 _SIBLINGS_CACHED: Final = 50
@@ -462,33 +462,47 @@ class TitleLookup:
     """Market labels for the poster: an answer within a short budget, or None and the post uses the ticker.
 
     Lookups run as background tasks, at most `max_running` started by `prefetch` at a time (an alert's own
-    lookup always starts). A lookup that outlasts the budget goes on, so its answer is cached for the next
-    alert of that market; `prefetch` starts one early (when a sweep nears the threshold) so the alert finds
-    the title at once. Nothing is retried: a market whose lookup just failed is not asked about again for
-    `retry_after_s` (its alert goes out with the ticker at once), and a `TitleBreaker` stops all lookups while
-    Kalshi keeps failing. `aclose` cancels what is still running. Built with `rest=None` it never looks
-    anything up (replays without network).
+    lookup always starts). The caller bounds its wait (the poster: `TITLE_BUDGET_S`); a lookup it stops waiting
+    for goes on, so its answer is cached for the next alert of that market; `prefetch` starts one early (when
+    a sweep nears the threshold) so the alert finds the title at once. Nothing is retried: a market whose
+    lookup just failed is not asked about again for `retry_after_s` (its alert goes out with the ticker at
+    once), and a `TitleBreaker` stops all lookups while Kalshi keeps failing; the first alert posted without
+    a title during a pause is logged (`title_skipped_paused`), the others only counted. `aclose` cancels what
+    is still running. Built with `rest=None` it never looks anything up (replays without network).
     """
 
     def __init__(
         self,
         rest: KalshiRest | None,
         *,
-        budget_s: float = TITLE_BUDGET_S,
         max_running: int = 8,
         retry_after_s: float = 10.0,
         breaker: TitleBreaker | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._rest = rest
-        self.budget_s = budget_s
         self.max_running = max_running
         self.retry_after_s = retry_after_s
         self.breaker = breaker or TitleBreaker(clock=clock)
         self._running: dict[str, asyncio.Task[MarketLabel | None]] = {}
         self._failed_lately: TTLCache[str, str] = TTLCache(1000, clock)  # ticker -> reason
         self.failures = 0  # lookups that failed
-        self.skipped = 0  # alerts that got no lookup at all (breaker open, or failed a moment ago)
+        # Alerts that got no lookup at all, so went out with the ticker: the breaker was open, or the market's
+        # lookup failed a moment ago.
+        self.skipped_breaker = 0
+        self.skipped_recent_failure = 0
+        self._skip_logged_opening = 0  # the breaker opening whose first skipped alert was logged
+
+    def stats_fields(self) -> dict[str, int]:
+        """The counters for the stats and stop lines; none when titles are not looked up at all."""
+        if self._rest is None:
+            return {}
+        return {
+            "title_lookups_failed": self.failures,
+            "titles_skipped_breaker": self.skipped_breaker,
+            "titles_skipped_recent_failure": self.skipped_recent_failure,
+            "title_breaker_opened": self.breaker.opened,
+        }
 
     def prefetch(self, ticker: str) -> None:
         """Start looking `ticker` up in the background unless it is cached, running, paused or too many run."""
@@ -500,8 +514,11 @@ class TitleLookup:
             return
         self._start(self._rest, ticker)
 
-    async def label_for(self, ticker: str, budget_s: float | None = None) -> MarketLabel | None:
-        """The label, waiting at most `budget_s` (default: the lookup's budget); None when there is none yet."""
+    async def label_for(self, ticker: str) -> MarketLabel | None:
+        """The label, or None when there is none to be had; the caller bounds the wait (the poster's budget).
+
+        The lookup is shielded: a caller that stops waiting (a timeout) leaves it running, and its answer cached.
+        """
         rest = self._rest
         if rest is None:
             return None
@@ -512,16 +529,25 @@ class TitleLookup:
                     return await rest.market_label(ticker)  # from the cache: no request, no wait
                 except KalshiRestError:
                     return None  # a market that failed for good lately: already logged
-            if self._failed_lately.get(ticker) is not None or not self.breaker.allow():
-                self.skipped += 1
+            if self._failed_lately.get(ticker) is not None:
+                self.skipped_recent_failure += 1
+                return None
+            if not self.breaker.allow():
+                self._skipped_by_breaker(ticker)
                 return None
             task = self._start(rest, ticker)
-        wait_s = self.budget_s if budget_s is None else budget_s
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), wait_s)
-        except TimeoutError:
-            log.info("title_lookup_late", ticker=ticker, budget_s=wait_s)
-            return None
+        return await asyncio.shield(task)
+
+    def _skipped_by_breaker(self, ticker: str) -> None:
+        """Count an alert that goes out untitled while lookups are paused; log only the first of each pause."""
+        self.skipped_breaker += 1
+        if self._skip_logged_opening != self.breaker.opened:
+            self._skip_logged_opening = self.breaker.opened
+            log.info(
+                "title_skipped_paused",
+                ticker=ticker,
+                hint="posts use the ticker until lookups resume",
+            )
 
     def _start(self, rest: KalshiRest, ticker: str) -> asyncio.Task[MarketLabel | None]:
         task = asyncio.create_task(self._lookup(rest, ticker), name=f"title_lookup:{ticker}")

@@ -431,8 +431,9 @@ class Poster:
     """Posts the outbox to X, one alert at a time; see the module docstring for the rules.
 
     `render(alert, label)` makes the text; `lookup_label(ticker)` finds the market's title (None: the text
-    uses the ticker) and gets `title_budget_s` at most. `now_ms`, `sleep` and `rand` are injectable so tests can check
-    the waits chosen without waiting.
+    uses the ticker) and gets `title_budget_s` at most: this wait is the only one (TitleLookup has no timer of
+    its own), so a late title is logged once (`title_lookup_late`). `now_ms`, `sleep` and `rand` are injectable
+    so tests can check the waits chosen without waiting.
     """
 
     def __init__(
