@@ -361,18 +361,25 @@ def read_env_file(path: Path, *, missing_ok: bool = False) -> str | None:
     The text keeps its line endings as written, as both parsers see them.
     """
     try:
-        # O_NONBLOCK: opening a FIFO without a writer would wait forever; O_NOCTTY: a terminal must not become ours.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        # Judged before opening it: opening some devices acts (a watchdog arms, a tape rewinds).
+        regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError as exc:
         if missing_ok and exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
-        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
+        raise _unreadable(path, exc) from None
+    if not regular:
+        raise ConfigError([f"{path}: not a regular file"])
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        # O_NONBLOCK: opening a FIFO without a writer would wait forever; O_NOCTTY: a terminal must not become ours.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else since the stat
             raise ConfigError([f"{path}: not a regular file"])
         data = _read_at_most(fd, ENV_FILE_MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
+        raise _unreadable(path, exc) from None
     finally:
         os.close(fd)
     if len(data) > ENV_FILE_MAX_BYTES:
@@ -392,6 +399,10 @@ def read_env_file(path: Path, *, missing_ok: bool = False) -> str | None:
     if _dotenv_rescan_chars(text) > _DOTENV_RESCAN_MAX_CHARS:
         raise ConfigError([f"{path}: too many '${{' without a closing '}}' for python-dotenv to read it"])
     return text
+
+
+def _unreadable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"])
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
