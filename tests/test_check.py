@@ -251,3 +251,30 @@ def test_version_comes_from_the_package_metadata() -> None:
     from importlib.metadata import version
 
     assert (done.returncode, done.stdout.strip()) == (0, f"valshi-x {version('valshi-x')}")
+
+
+def test_check_judges_the_env_file_with_its_line_endings_as_written(tmp_path: Path) -> None:
+    # check re-read the file with read_text(), whose newline translation turned `# note \` + CRLF into a comment
+    # ending in a backslash: a false "systemd before v254 reads it as part of the comment" warning. systemd's
+    # comment state lets that backslash escape the \r, and the \n still ends the comment, so both parsers read
+    # WHALE_THRESHOLD_DOLLARS. check now judges the very text the settings came from, read once.
+    env_file = tmp_path / ".env"
+    port = closed_port()
+    env_file.write_bytes(
+        b"# note \\\r\nWHALE_THRESHOLD_DOLLARS=5000\r\n"
+        b"POST_TEMPLATE={value}\\n{time}\r\n"  # a real difference on line 3, still found
+        + f"KALSHI_WS_URL=ws://127.0.0.1:{port}{WS_PATH}\r\nKALSHI_API_URL=http://127.0.0.1:{port}{REST_PATH}\r\n".encode()
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "valshi_x", "check"],
+        env=child_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (1, "")
+    warned = [line for line in done.stdout.splitlines() if line.startswith("WARN  env file")]
+    assert warned == [f"WARN  env file: .env line 3, POST_TEMPLATE: {UNQUOTED_BACKSLASH}"]
+    assert verdicts(done.stdout)["settings"][1].startswith("threshold $5000,")  # the key after the comment counts

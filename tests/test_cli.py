@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,10 @@ SAMPLE = ROOT / "examples" / "sample.jsonl"
 CONFIG_ERROR = "valshi-x: configuration error: "
 
 
-def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, prefix: Sequence[str] = (), **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m valshi_x ARGS` in `cwd`; `prefix`: a command to run it under (setpriv). Never waits forever."""
     return subprocess.run(
-        [sys.executable, "-m", "valshi_x", *args],
+        [*prefix, sys.executable, "-m", "valshi_x", *args],
         env=clean_env(PYTHONPATH=str(ROOT), **env),
         cwd=cwd,
         capture_output=True,
@@ -189,6 +193,88 @@ def test_an_env_file_python_dotenv_would_stall_on_is_one_config_error(tmp_path: 
 def test_an_env_file_that_is_not_utf8_is_one_config_error(tmp_path: Path, command: str) -> None:
     (tmp_path / ".env").write_bytes(b"# Latin-1, not UTF-8\nPOST_TEMPLATE=\xa3{value}\n")  # was a traceback, exit 1
     assert config_error(run_cli(command, cwd=tmp_path)) == ".env: not UTF-8 text (line 2); save it as UTF-8"
+
+
+ALL_COMMANDS = [("check",), ("status",), ("run",), ("--dry-run",)]
+LONG_NAME = "a" * 300  # ENAMETOOLONG, for root too
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "/dev/urandom"])
+def test_a_default_env_file_that_is_not_a_regular_file_is_one_config_error(
+    tmp_path: Path, command: tuple[str, ...], kind: str
+) -> None:
+    # Was ignored by run and status, and made `check` hang (a FIFO) or run out of memory (/dev/zero): it read the
+    # file a second time, unbounded. Opened without blocking now, judged by fstat, read once.
+    env = tmp_path / ".env"
+    if kind == "fifo":
+        os.mkfifo(env)
+    elif kind == "directory":
+        env.mkdir()
+    else:
+        env.symlink_to(kind)
+    assert config_error(run_cli(*command, cwd=tmp_path)) == ".env: not a regular file"
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_an_env_file_that_cannot_be_opened_is_one_config_error(tmp_path: Path, command: tuple[str, ...]) -> None:
+    # Path.is_file() raised on ENAMETOOLONG (a traceback, exit 1) and said only "not a readable file" on the rest.
+    line = config_error(run_cli(*command, "--env-file", LONG_NAME, cwd=tmp_path))
+    assert line == f"{LONG_NAME}: cannot be read (File name too long)"
+    fifo = tmp_path / "named.env"
+    os.mkfifo(fifo)
+    assert config_error(run_cli(*command, "--env-file", str(fifo), cwd=tmp_path)) == f"{fifo}: not a regular file"
+    missing = tmp_path / "missing.env"  # named on the command line: missing is an error, unlike the default
+    line = config_error(run_cli(*command, "--env-file", str(missing), cwd=tmp_path))
+    assert line == f"{missing}: cannot be read (No such file or directory)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_a_default_env_file_in_a_folder_the_user_cannot_read_is_one_config_error(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    # Any command run from such a folder (root's home, as another user) was a PermissionError traceback, exit 1.
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if run_cli("--version", cwd=tmp_path, prefix=nobody).returncode != 0:
+        pytest.skip("the user nobody cannot run this checkout's Python")
+    line = config_error(run_cli(*command, cwd=folder, prefix=nobody))
+    assert line == ".env: cannot be read (Permission denied)"
+    (folder / "valshi-x.env").write_text("A=1\n")
+    line = config_error(run_cli(*command, "--env-file", str(folder / "valshi-x.env"), cwd=tmp_path, prefix=nobody))
+    assert line == f"{folder / 'valshi-x.env'}: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_an_env_file_with_a_nul_byte_or_a_byte_order_mark_is_one_config_error(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    env = tmp_path / ".env"
+    # systemd refuses a file with a NUL byte; python-dotenv kept it in the value. The line, never the byte's value.
+    env.write_bytes(b"A=1\r\nX_API_SECRET=sec\0ret\r\n")
+    done = run_cli(*command, cwd=tmp_path)
+    assert config_error(done) == ".env: a NUL byte on line 2; an env file holds text"
+    assert "sec" not in done.stderr
+    # python-dotenv skips a byte-order mark; systemd keeps it in the first key, which the service would lose.
+    env.write_bytes("\ufeffWHALE_THRESHOLD_DOLLARS=5000\n".encode())
+    assert config_error(run_cli(*command, cwd=tmp_path)) == (
+        ".env: a byte-order mark on line 1, read by systemd as part of the key; save without it"
+    )
+
+
+@pytest.mark.parametrize("replay", [LONG_NAME, "fifo", "directory"])
+def test_a_replay_path_that_is_not_a_regular_file_is_one_config_error(tmp_path: Path, replay: str) -> None:
+    if replay == "fifo":
+        os.mkfifo(tmp_path / replay)
+    elif replay == "directory":
+        (tmp_path / replay).mkdir()
+    line = config_error(run_cli("--replay", replay, cwd=tmp_path))
+    if replay == LONG_NAME:  # was a traceback, exit 1
+        assert line == f"--replay: cannot read {LONG_NAME}: File name too long"
+    else:
+        assert line == f"--replay: {replay} is not a regular file"
 
 
 # --- a dry run says "would post" ------------------------------------------------------------------------------

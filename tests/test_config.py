@@ -24,6 +24,7 @@ from valshi_x.config import (
     Settings,
     env_file_differences,
     load_settings,
+    readable_by_others,
     secret_files,
 )
 from valshi_x.errors import ConfigError
@@ -299,3 +300,14 @@ def test_no_warning_at_start_for_the_key_systemd_hands_over(tmp_path: Path) -> N
     assert (under_systemd.returncode, by_hand.returncode) == (0, 0)
     assert "secret_file_readable" not in under_systemd.stdout + under_systemd.stderr
     assert "secret_file_readable" in by_hand.stdout + by_hand.stderr  # the same file as an operator's own key
+
+
+def test_only_a_regular_files_permission_bits_are_judged(tmp_path: Path) -> None:
+    # /dev/zero is 0666: a hint to `chmod 600 /dev/zero` would be wrong advice (and a default ./.env that is a
+    # device is refused outright now, see test_cli).
+    shared = tmp_path / "valshi-x.env"
+    shared.write_text("A=1\n")
+    shared.chmod(0o644)
+    link = tmp_path / "zero.env"
+    link.symlink_to("/dev/zero")
+    assert readable_by_others([shared, link, Path("/dev/zero"), tmp_path]) == [(shared, 0o644)]

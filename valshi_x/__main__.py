@@ -12,6 +12,7 @@ import importlib.metadata
 import io
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,14 +92,16 @@ def _version() -> str:
         return "unknown"
 
 
-def read_environment(env_file: Path | None) -> dict[str, str]:
-    """The process environment over the .env file: a value set in the environment wins."""
+def read_environment(env_file: Path | None) -> tuple[dict[str, str], Path | None, str]:
+    """The process environment over the env file (a value set in the environment wins), the file read (None when
+    the default ./.env is not there) and its text, read once: `check` judges that text and never reopens the file.
+    """
     path = env_file if env_file is not None else Path(".env")
-    if env_file is not None and not env_file.is_file():
-        raise ConfigError([f"--env-file: {env_file} is not a readable file"])
-    text = read_env_file(path) if path.is_file() else ""
+    text = read_env_file(path, missing_ok=env_file is None)
+    if text is None:
+        return dict(os.environ), None, ""
     from_file = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
-    return {**from_file, **os.environ}
+    return {**from_file, **os.environ}, path, text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,13 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, env=os.environ)
     env: dict[str, str] = {}
     try:
-        env = read_environment(args.env_file)
+        env, env_file, env_text = read_environment(args.env_file)
         if args.key_file is not None:
             # The service gets its key at a path only it can see; by hand, name the file itself.
             env = {**env, "KALSHI_PRIVATE_KEY_PATH": str(args.key_file), "KALSHI_PRIVATE_KEY": ""}
         settings = load_settings(env, need_x=args.command == "run" and not args.dry_run)
-        if args.replay is not None and not args.replay.is_file():
-            raise ConfigError([f"--replay: {args.replay} is not a readable file"])
         _check_capture_options(args.replay, args.record)
         signer = None
         key_text: tuple[str, ...] = ()
@@ -138,13 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from valshi_x.check import show_status  # noqa: PLC0415  (lazy: see the imports)
 
         return show_status(args.state_dir or settings.state_dir)
-    env_file = args.env_file or Path(".env")
     files = secret_files(settings.kalshi_private_key_path, env_file, os.environ)
     if args.command == "check":
         from valshi_x.check import run_checks  # noqa: PLC0415
 
         return asyncio.run(
-            run_checks(settings, signer, secret_files=files, unknown_keys=unknown_keys, env_file=env_file)
+            run_checks(
+                settings,
+                signer,
+                secret_files=files,
+                unknown_keys=unknown_keys,
+                env_file=env_file,
+                env_text=env_text,
+            )
         )
     for path, mode in readable_by_others(files):
         log.warning("secret_file_readable", path=str(path), mode=f"{mode:04o}", hint=f"chmod 600 {path}")
@@ -180,6 +187,9 @@ def _check_capture_options(replay: Path | None, record: Path | None) -> None:
         raise ConfigError(["--record: cannot be combined with --replay (a replay receives no frames to record)"])
     if replay is not None:
         try:
+            # A stat, not Path.is_file(), which raised on some errors (EACCES, ENAMETOOLONG) and hid others.
+            if not stat.S_ISREG(replay.stat().st_mode):
+                raise ConfigError([f"--replay: {replay} is not a regular file"])
             problem = capture_problem(replay)
         except OSError as exc:
             raise ConfigError([f"--replay: cannot read {replay}: {exc.strerror or exc}"]) from None

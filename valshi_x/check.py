@@ -50,17 +50,6 @@ class CheckReport:
         print(f"{verdict:4}  {item}: {detail}", file=self.out, flush=True)
 
 
-def _env_file_differences(path: Path | None) -> list[tuple[int, str, str]]:
-    """`config.env_file_differences` of the file at `path`; nothing when there is none or it cannot be read."""
-    if path is None:
-        return []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    return env_file_differences(text)
-
-
 def describe_failure(exc: BaseException, url: str, timeout_s: float) -> str:
     """What went wrong reaching `url`, as an operator can act on it: DNS, refused, timeout, TLS, HTTP status."""
     host = urlsplit(url).hostname or url
@@ -104,18 +93,20 @@ async def run_checks(
     secret_files: Sequence[Path | None] = (),
     unknown_keys: Sequence[tuple[str, str]] = (),
     env_file: Path | None = None,
+    env_text: str = "",
     timeout_s: float = TIMEOUT_S,
 ) -> int:
     """Run every check; 0 when none failed, 1 otherwise.
 
     `secret_files`: the key and env files, for their modes; `unknown_keys`: (key, closest setting) pairs from
-    `config.unknown_settings`, each a WARN, since a misspelled setting silently keeps its default; `env_file`: the
-    file read for the settings, whose lines systemd would read otherwise than python-dotenv are each a WARN.
+    `config.unknown_settings`, each a WARN, since a misspelled setting silently keeps its default; `env_file` and
+    `env_text`: the file read for the settings and its text as read then (never reopened: it may have become a FIFO),
+    whose lines systemd would read otherwise than python-dotenv are each a WARN.
     """
     report = CheckReport(out)
     for key, closest in unknown_keys:
         report.line("WARN", "unknown setting", f"{key} is not a setting and is ignored (did you mean {closest}?)")
-    for line_no, key, why in _env_file_differences(env_file):
+    for line_no, key, why in env_file_differences(env_text) if env_file is not None else ():
         report.line("WARN", "env file", f"{env_file} line {line_no}, {key}: {why}")
     for path, mode in readable_by_others(secret_files):
         report.line("WARN", "file permissions", f"{path} is mode {mode:04o}, readable by others: chmod 600 {path}")

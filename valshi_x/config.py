@@ -8,6 +8,8 @@ one line per bad key and raises `ConfigError` with all of them.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -282,7 +284,7 @@ def load_settings(env: Mapping[str, str], *, need_x: bool) -> Settings:
     return Settings(**values)
 
 
-def secret_files(key_path: Path | None, env_file: Path, env: Mapping[str, str]) -> tuple[Path, ...]:
+def secret_files(key_path: Path | None, env_file: Path | None, env: Mapping[str, str]) -> tuple[Path, ...]:
     """The key and env files whose permission bits are ours to judge (see `readable_by_others`).
 
     A key under $CREDENTIALS_DIRECTORY is systemd's private copy (`LoadCredential=`), not the operator's file,
@@ -323,7 +325,7 @@ def _resolved(path: Path) -> Path:
 
 
 def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
-    """The files among `paths` (a key, an env file) that group or others may read, with their permission bits.
+    """The regular files among `paths` (a key, an env file) that group or others may read, with their permission bits.
 
     A file that cannot be looked at is left to whoever reads it next: this only warns.
     """
@@ -332,11 +334,12 @@ def readable_by_others(paths: Iterable[Path | None]) -> list[tuple[Path, int]]:
         if path is None:
             continue
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            st_mode = path.stat().st_mode
         except OSError:
             continue
-        if mode & 0o044:
-            found.append((path, mode))
+        # Only a regular file's bits are the operator's to fix: never "chmod 600 /dev/zero".
+        if stat.S_ISREG(st_mode) and stat.S_IMODE(st_mode) & 0o044:
+            found.append((path, stat.S_IMODE(st_mode)))
     return found
 
 
@@ -348,26 +351,71 @@ ENV_FILE_MAX_BYTES = 64 * 1024
 _DOTENV_RESCAN_MAX_CHARS = 2_000_000
 
 
-def read_env_file(path: Path) -> str:
-    """The text of the env file at `path`; `ConfigError` naming the file when it cannot be read as one: unreadable,
-    not UTF-8 (python-dotenv's reading, whose UnicodeDecodeError was a traceback), or one python-dotenv would stall on.
+def read_env_file(path: Path, *, missing_ok: bool = False) -> str | None:
+    """The text of the env file at `path`, read once (the caller hands it on: `check` never opens it again).
+
+    `ConfigError`, one line naming the file, when it cannot be read as one: not a regular file (a FIFO would block
+    the reader, /dev/zero would never end), unreadable, over the size cap, not UTF-8 (python-dotenv's reading, whose
+    UnicodeDecodeError was a traceback), a NUL byte or a byte-order mark (see below), or one python-dotenv would
+    stall on. With `missing_ok` (the default ./.env) a file that is not there (ENOENT, ENOTDIR) gives None.
+    The text keeps its line endings as written, as both parsers see them.
     """
     try:
-        with path.open("rb") as file:
-            data = file.read(ENV_FILE_MAX_BYTES + 1)
+        # Judged before opening it: opening some devices acts (a watchdog arms, a tape rewinds).
+        regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"]) from None
+        if missing_ok and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise _unreadable(path, exc) from None
+    if not regular:
+        raise ConfigError([f"{path}: not a regular file"])
+    try:
+        # O_NONBLOCK: opening a FIFO without a writer would wait forever; O_NOCTTY: a terminal must not become ours.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else since the stat
+            raise ConfigError([f"{path}: not a regular file"])
+        data = _read_at_most(fd, ENV_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    finally:
+        os.close(fd)
     if len(data) > ENV_FILE_MAX_BYTES:
         raise ConfigError([f"{path}: larger than {ENV_FILE_MAX_BYTES // 1024} KiB; an env file holds KEY=value lines"])
+    # Each problem names the line, never the byte: it may be part of a secret.
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_no = data.count(b"\n", 0, exc.start) + 1
-        # The line, not the byte: it may be part of a secret.
-        raise ConfigError([f"{path}: not UTF-8 text (line {line_no}); save it as UTF-8"]) from None
+        raise ConfigError([f"{path}: not UTF-8 text (line {_line_of(data, exc.start)}); save it as UTF-8"]) from None
+    if (nul := data.find(b"\0")) >= 0:
+        # systemd refuses the whole file (the service does not start); python-dotenv would keep the byte in a value.
+        raise ConfigError([f"{path}: a NUL byte on line {_line_of(data, nul)}; an env file holds text"])
+    if text.startswith("\ufeff"):
+        # python-dotenv skips a UTF-8 byte-order mark, systemd reads it as part of the first key, so the service
+        # would silently lose that setting: refused rather than warned, since no editor shows the mark.
+        raise ConfigError([f"{path}: a byte-order mark on line 1, read by systemd as part of the key; save without it"])
     if _dotenv_rescan_chars(text) > _DOTENV_RESCAN_MAX_CHARS:
         raise ConfigError([f"{path}: too many '${{' without a closing '}}' for python-dotenv to read it"])
     return text
+
+
+def _unreadable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError([f"{path}: cannot be read ({exc.strerror or exc})"])
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`: a regular file's reads stop at its end, so this never waits."""
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _line_of(data: bytes, index: int) -> int:
+    return data.count(b"\n", 0, index) + 1
 
 
 def _dotenv_rescan_chars(text: str) -> int:
