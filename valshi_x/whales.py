@@ -267,8 +267,9 @@ class WhaleDetector:
         # the oldest; a group slightly out of order merely closes a little late. Cheaper than a heap per trade.
         self._opened: deque[_OpenGroup] = deque()
         # Groups opened by a trade stamped ahead of the caller's wall clock (live, clock skew): kept apart, so that
-        # one such group cannot hold up the groups opened after it until the wall clock passes it. Almost always none.
-        self._ahead: list[_OpenGroup] = []
+        # one such group cannot hold up the groups opened after it until the wall clock passes it. None while the
+        # host clock keeps step with Kalshi's; most new groups when it runs a little behind (closed from the front).
+        self._ahead: deque[_OpenGroup] = deque()
         # Groups due to close that the gate holds open; asked again when the gate's version changes.
         self._held: list[_OpenGroup] = []
         self._held_version = -1
@@ -492,7 +493,7 @@ class WhaleDetector:
             group = self._opened.popleft()
             if not group.closed:
                 self._finish(group, alerts)
-        ahead, self._ahead = self._ahead, []
+        ahead, self._ahead = self._ahead, deque()
         for group in ahead:
             if not group.closed:
                 self._finish(group, alerts)
@@ -530,7 +531,8 @@ class WhaleDetector:
 
     def _close_until(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
         opened, gate, window = self._opened, self.gate, self.sweep_window_ms
-        if self._ahead:
+        ahead = self._ahead
+        if ahead and ahead[0].first_ts_ms <= first_ts_ms_at_most:
             self._close_ahead(first_ts_ms_at_most, alerts)
         open_groups = self._open
         clearly_below_f = self._clearly_below_f
@@ -559,19 +561,20 @@ class WhaleDetector:
             self.groups_closed += quietly_closed
 
     def _close_ahead(self, first_ts_ms_at_most: int, alerts: list[Alert]) -> None:
-        """`_close_until` for the groups opened ahead of the wall clock (`_ahead`)."""
-        gate, window = self.gate, self.sweep_window_ms
-        still: list[_OpenGroup] = []
-        for group in self._ahead:
+        """`_close_until` for the groups opened ahead of the wall clock (`_ahead`), from the front as `_opened` is.
+
+        A host clock a little behind Kalshi's puts most new groups here, so this runs per closing trade and must
+        not scan them all; one slightly out of order merely closes a little late, as in `_opened`.
+        """
+        ahead, gate, window = self._ahead, self.gate, self.sweep_window_ms
+        while ahead and ahead[0].first_ts_ms <= first_ts_ms_at_most:
+            group = ahead.popleft()
             if group.closed:
                 continue
-            if group.first_ts_ms > first_ts_ms_at_most:
-                still.append(group)
-            elif gate is not None and not gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
+            if gate is not None and not gate.may_close(group.first_ts_ms - window, group.first_ts_ms + window):
                 self._held.append(group)
             else:
                 self._finish(group, alerts)
-        self._ahead = still
 
     def _finish(self, group: _OpenGroup, alerts: list[Alert]) -> None:
         group.closed = True
