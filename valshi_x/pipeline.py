@@ -5,8 +5,9 @@ No asyncio and no I/O besides log lines, so live streams, replays and tests driv
 The trade clock (`valshi_x.trades.check_trade_time`: nothing more than FUTURE_TOLERANCE_MS ahead):
 - live (`now_ms` given): the reference is this host's wall clock; a trade stamped further ahead is malformed
   `future_time` at once, stream and REST alike. One within the tolerance is taken, but sweeps never close past
-  the wall clock (`stream_now_ms`, `WhaleDetector.add`): a skewed trade must not cut short a sweep still taking
-  fills. So with the host clock d (<= the tolerance) behind Kalshi's, sweeps close d late.
+  the wall clock (`stream_now_ms`, and `WhaleDetector.add_batch(now_ms=...)` on arrival): a skewed trade must
+  not cut short a sweep still taking fills. So with the host clock d (<= the tolerance) behind Kalshi's, sweeps
+  close d late.
 - replay (`replay=True`): there is no wall clock, the capture's own trade time is the clock. A trade that leaps
   more than the tolerance ahead of it is held back, not believed: the next trade confirms the leap (it lies at
   or after the held one, less the tolerance: the capture really jumps, e.g. a recording resumed later) and both
@@ -240,7 +241,7 @@ class Pipeline:
         replay's clock is its trade time alone (this host's clock says nothing about a capture's pace).
 
         Live, it never passes the host's wall clock: a trade stamped up to FUTURE_TOLERANCE_MS ahead of it is
-        taken, but must not close a sweep still taking fills (on arrival, `WhaleDetector.add` keeps the same
+        taken, but must not close a sweep still taking fills (on arrival, `WhaleDetector.add_batch` keeps the same
         bound). The price: when the host clock is behind Kalshi's by d (at most the tolerance, or trades would be
         refused), sweeps close d later than they could. It holds back by at most the tolerance: a host clock
         stepped back (an NTP step, a restored VM) must not stop sweeps from closing until it catches up.

@@ -319,10 +319,10 @@ class WhaleDetector:
             through = min(through, oldest_held - 1)
         return through
 
-    def add(self, trade: Trade, now_ms: int = NO_CLOCK_MS) -> list[Alert]:
+    def add(self, trade: Trade) -> list[Alert]:
         """Take one trade; return the alerts of any groups this closes (possibly its own). See `add_batch`."""
         alerts: list[Alert] = []
-        self.add_batch((trade,), alerts, now_ms=now_ms)
+        self.add_batch((trade,), alerts)
         return alerts
 
     def add_batch(
