@@ -523,11 +523,8 @@ class TradeStream:
                     continue
                 seq = typed.seq
                 if sid is not None:
-                    if seq is not None and last_seq.get(sid) == seq - 1:
-                        last_seq[sid] = seq
-                    else:
-                        self._track_seq(sid, seq)  # a gap delivers the batch before this frame
-                        take = self._batch.append
+                    self._track_seq(sid, seq)  # a gap delivers the batch before this frame
+                    take = self._batch.append
                     last = last_seq.get(sid)
                     if last is not None:
                         sid_now, want = sid, last + 1
