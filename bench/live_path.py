@@ -48,22 +48,6 @@ def generate(frames: int, seed: int) -> list[str]:
     return [line for _, line, trade_id in gen_capture.CaptureGenerator(spec).frames(first_seq=1) if trade_id]
 
 
-def floor_us(lines: list[bytes]) -> float:
-    """Reading and typing each frame with msgspec, nothing else: the least a frame can cost (µs, CPU)."""
-    import msgspec  # noqa: PLC0415
-
-    from valshi_x.trades import TradeFrame  # noqa: PLC0415
-
-    decode = msgspec.json.Decoder(TradeFrame).decode
-    started = time.process_time()
-    for line in lines:
-        try:  # noqa: SIM105  (a context manager per frame would be part of the measured floor)
-            decode(line)
-        except msgspec.DecodeError:
-            pass
-    return (time.process_time() - started) / len(lines) * 1e6
-
-
 async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, Any]:
     from websockets.client import ClientProtocol  # noqa: PLC0415
     from websockets.protocol import State  # noqa: PLC0415
@@ -172,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     lines = generate(args.frames, args.seed)
-    encoded = [line.encode() for line in lines]
+    from live_latency import typed_decode_floor_us  # noqa: PLC0415
+
     import valshi_x  # noqa: PLC0415
 
     print(f"{Path(valshi_x.__file__).parent.parent}: {len(lines):,} frames, reads of {args.read_bytes:,} bytes")
     for _ in range(args.rounds):
-        floor = floor_us(encoded)
+        floor = typed_decode_floor_us(lines, args.repo.resolve(), rounds=1)
         with tempfile.TemporaryDirectory(prefix="valshi-path-") as tmp:
             result = asyncio.run(run(lines, args.read_bytes, Path(tmp)))
         print(
