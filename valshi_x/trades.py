@@ -67,15 +67,8 @@ class MalformedTrade(ValueError):
         self.detail = detail
 
 
-class Trade(msgspec.Struct, frozen=True, gc=False):
-    """One maker fill, in the shape of Kalshi's REST trade schema; prices and count are exact `Decimal`s on demand.
-
-    A frozen msgspec Struct: immutable, cheap to build, and decodable straight from today's wire format (the
-    encoded names are the WebSocket's: `market_ticker`, `yes_price_dollars`, `taker_outcome_side`), which is the
-    replay's hot path. The fixed-point fields are kept as their canonical decimal text (`*_text`): `Decimal(text)`
-    is exact, and `float(text)` is what the whale screen sums. The constraints below are checked when decoding
-    (the fast path); the careful path checks the same and more by hand.
-    """
+class _TradeFields(msgspec.Struct, frozen=True, gc=False):
+    """The fields every typed trade shares, under their wire names; `Trade` and `_SecondsTrade` add the time."""
 
     trade_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)]
     ticker: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)] = msgspec.field(name="market_ticker")
@@ -84,6 +77,18 @@ class Trade(msgspec.Struct, frozen=True, gc=False):
     count_text: str = msgspec.field(name="count_fp")
     taker_side: Side = msgspec.field(name="taker_outcome_side")
     is_block_trade: bool
+
+
+class Trade(_TradeFields, frozen=True, gc=False):
+    """One maker fill, in the shape of Kalshi's REST trade schema; prices and count are exact `Decimal`s on demand.
+
+    A frozen msgspec Struct: immutable, cheap to build, and decodable straight from today's wire format (the
+    encoded names are the WebSocket's: `market_ticker`, `yes_price_dollars`, `taker_outcome_side`), which is the
+    replay's hot path. The fixed-point fields are kept as their canonical decimal text (`*_text`): `Decimal(text)`
+    is exact, and `float(text)` is what the whale screen sums. The constraints on the fields (here and in
+    `_TradeFields`) are checked when decoding (the fast path); the careful path checks the same and more by hand.
+    """
+
     ts_ms: Annotated[int, msgspec.Meta(ge=_MIN_TS_MS, lt=_MAX_TS_MS)]  # trade time, Unix ms; see `created_time`
 
     @property
@@ -373,20 +378,13 @@ class TradeFrame(msgspec.Struct, gc=False, omit_defaults=True):
     seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class _SecondsTrade(msgspec.Struct, gc=False):
+class _SecondsTrade(_TradeFields, frozen=True, gc=False):
     """A trade stamped in whole seconds only (`ts`, no `ts_ms`), as in older captures: `trade_time_ms`'s second case.
 
     About one frame in fifty of a capture; typed here, it costs a second decode instead of the careful path's dict,
     three Decimals and a dozen checks.
     """
 
-    trade_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)]
-    ticker: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_LEN)] = msgspec.field(name="market_ticker")
-    yes_price_text: str = msgspec.field(name="yes_price_dollars")
-    no_price_text: str = msgspec.field(name="no_price_dollars")
-    count_text: str = msgspec.field(name="count_fp")
-    taker_side: Side = msgspec.field(name="taker_outcome_side")
-    is_block_trade: bool
     ts: Annotated[int, msgspec.Meta(ge=_MIN_TS_MS // 1000, lt=_MAX_TS_MS // 1000)]  # both bounds are whole seconds
     ts_ms: None = None  # absent or null: `trade_time_ms` reads `ts` then
 
