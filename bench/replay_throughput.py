@@ -164,6 +164,19 @@ def with_future_frame(capture: Path, manifest: dict[str, Any]) -> Path:
     return out
 
 
+def summarise_runs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians, best rate and peak RSS of one tree's (or capture's) CLI runs, with the runs themselves."""
+    summary: dict[str, Any] = {
+        "median_wall_s": statistics.median(r["wall_s"] for r in rows),
+        "median_cpu_s": statistics.median(r["cpu_s"] for r in rows),
+    }
+    if all("frames_per_s" in r for r in rows):
+        summary["best_frames_per_s"] = max(r["frames_per_s"] for r in rows)
+    summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+    summary["runs"] = rows
+    return summary
+
+
 def compare_future_frame(capture: Path, manifest: dict[str, Any], runs: int) -> tuple[bool, dict[str, Any]]:
     """Plain capture and the one-future-frame copy, alternately; median wall time and peak RSS of each."""
     future = with_future_frame(capture, manifest)
@@ -181,14 +194,7 @@ def compare_future_frame(capture: Path, manifest: dict[str, Any], runs: int) -> 
                 f"{name:>6} run {i + 1}: {result['wall_s']:.2f} s wall, {result['cpu_s']:.2f} s cpu, "
                 f"peak RSS {result['peak_rss_mb']:.1f} MB" + (f"  PROBLEMS: {problems}" if problems else "")
             )
-    summary: dict[str, Any] = {}
-    for name, rows in results.items():
-        summary[name] = {
-            "median_wall_s": statistics.median(r["wall_s"] for r in rows),
-            "median_cpu_s": statistics.median(r["cpu_s"] for r in rows),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-            "runs": rows,
-        }
+    summary = {name: summarise_runs(rows) for name, rows in results.items()}
     plain, ahead = summary["plain"], summary["future"]
     # The target is judged on CPU time: the replay is one busy thread, and CPU time is what a loaded machine
     # (other processes on the same cores) disturbs least. Wall time is shown beside it.
@@ -341,15 +347,7 @@ def compare_trees(capture: Path, manifest: dict[str, Any], base: Path, runs: int
                 f"{len(posted[name])} would_post, exit {result['exit_code']}"
             )
         same = same and posted["base"] == posted["this"] and bool(posted["this"])
-    summary: dict[str, Any] = {}
-    for name, rows in results.items():
-        summary[name] = {
-            "median_wall_s": statistics.median(r["wall_s"] for r in rows),
-            "median_cpu_s": statistics.median(r["cpu_s"] for r in rows),
-            "best_frames_per_s": max(r["frames_per_s"] for r in rows),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-            "runs": rows,
-        }
+    summary = {name: summarise_runs(rows) for name, rows in results.items()}
     wall_ratio = summary["base"]["median_wall_s"] / summary["this"]["median_wall_s"]
     cpu_ratio = summary["base"]["median_cpu_s"] / summary["this"]["median_cpu_s"]
     meets = same and wall_ratio >= TARGET_COMPARE_RATIO
