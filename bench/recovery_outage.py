@@ -42,7 +42,7 @@ def per_call_ns(call: Callable[[], object], calls: int, repeats: int = 7) -> flo
 
 def measure(windows: int, trades: int) -> dict[str, float]:
     # Imported here: `--tree` chooses which valshi_x.
-    from valshi_x.recovery import RecoveryPlanner  # noqa: PLC0415
+    from valshi_x.recovery.planner import RecoveryPlanner  # noqa: PLC0415
     from valshi_x.trades import Trade  # noqa: PLC0415
     from valshi_x.whales import WhaleDetector  # noqa: PLC0415
 

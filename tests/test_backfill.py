@@ -15,11 +15,11 @@ import structlog
 from structlog.testing import capture_logs
 
 from tests.fake_kalshi_rest import FakeKalshiRest, Fault, rest_trade
-from valshi_x import backfill as backfill_module
-from valshi_x.backfill import Backfiller, trade_time_ms
 from valshi_x.kalshi.rest import KalshiRest
 from valshi_x.pipeline import Pipeline
-from valshi_x.recovery import RecoveryPlanner, Window
+from valshi_x.recovery import fetcher as backfill_module
+from valshi_x.recovery.fetcher import Backfiller, trade_time_ms
+from valshi_x.recovery.planner import RecoveryPlanner, Window
 from valshi_x.trades import trade_from_fields
 from valshi_x.whales import Alert, WhaleDetector
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from valshi_x.config import load_settings
 from valshi_x.daemon import MAX_FRAMES_PER_TURN, Daemon, RunOptions
-from valshi_x.gapwatch import GapWatch
 from valshi_x.pipeline import Pipeline
+from valshi_x.recovery.gapwatch import GapWatch
 from valshi_x.trades import FUTURE_TOLERANCE_MS, TradeFrame, trade_from_fields
 from valshi_x.whales import WhaleDetector
 

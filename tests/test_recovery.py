@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from valshi_x.gapwatch import GapWatch
-from valshi_x.recovery import CLOCK_SLACK_MS, RecoveryPlanner
+from valshi_x.recovery.gapwatch import GapWatch
+from valshi_x.recovery.planner import CLOCK_SLACK_MS, RecoveryPlanner
 
 T = 1_800_000_000_000  # trade time origin
 N = T + 50  # the host's clock, a little behind Kalshi's

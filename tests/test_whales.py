@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from valshi_x.recovery import RecoveryPlanner
+from valshi_x.recovery.planner import RecoveryPlanner
 from valshi_x.store import Store
 from valshi_x.trades import Side, Trade
 from valshi_x.whales import SeenTradeIds, WhaleDetector, alert_log_fields

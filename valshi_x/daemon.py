@@ -8,7 +8,7 @@ replay is decided once (`ModeProfile`, valshi_x/runmode.py); health and the stat
 snapshot (valshi_x/health.py).
 
 Gaps are recovered here too: a sequence gap, a reconnect, dropped frames or a restart are told to the
-`RecoveryPlanner` (valshi_x/recovery.py) with the trade times that bound them; it plans the windows the
+`RecoveryPlanner` (valshi_x/recovery/planner.py) with the trade times that bound them; it plans the windows the
 `Backfiller` fetches from Kalshi REST and holds only the sweeps a window could still complete, each for at most
 `HOLD_MAX_S`, so a sweep split by a gap is still one alert and a live whale is never kept waiting on REST.
 """
@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from valshi_x.backfill import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
 from valshi_x.capture import Recorder, read_chunks
 from valshi_x.config import Settings
 from valshi_x.errors import ConfigError
-from valshi_x.gapwatch import GapWatch
 from valshi_x.health import Snapshot, Today, TradeRate, healthy, status_line
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.pipeline import Pipeline
-from valshi_x.recovery import RecoveryPlanner
+from valshi_x.recovery.fetcher import UNREADABLE_TIME_MS, Backfiller, trade_time_ms
+from valshi_x.recovery.gapwatch import GapWatch
+from valshi_x.recovery.planner import RecoveryPlanner
 from valshi_x.runmode import ModeProfile, Tuning
 from valshi_x.store import MODE_CHECKPOINT, Store, db_path, wall_ms
 from valshi_x.supervisor import Stages, Supervisor

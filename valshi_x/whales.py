@@ -100,7 +100,7 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
 
 
 class RecoveryGate(Protocol):
-    """What the detector asks the recovery planner (valshi_x/recovery.py) before a sweep closes."""
+    """What the detector asks the recovery planner (valshi_x/recovery/planner.py) before a sweep closes."""
 
     version: int  # changes whenever a hold may have ended: held sweeps are asked again
 

@@ -1,6 +1,6 @@
 """Backfill: fetch the windows the recovery planner asks for from Kalshi REST, and feed them through the live path.
 
-The planner (valshi_x/recovery.py) decides which spans of trade time may hold missed trades and when each can be
+The planner (valshi_x/recovery/planner.py) decides which spans of trade time may hold missed trades and when each can be
 fetched; `run` asks it every tick for the windows due and fetches up to `max_concurrent` of them at once (the REST
 client's token bucket keeps the whole within Kalshi's budget). A window is fetched in ascending time slices;
 within a slice every page is collected (Kalshi answers newest first), sorted by trade time and handed to `feed`,
@@ -28,7 +28,7 @@ import structlog
 from valshi_x import trades
 from valshi_x.backoff import capped_step_s, equal_jitter
 from valshi_x.kalshi.rest import KalshiRest, KalshiRestError
-from valshi_x.recovery import RecoveryPlanner, Window
+from valshi_x.recovery.planner import RecoveryPlanner, Window
 from valshi_x.store import wall_ms
 from valshi_x.trades import MalformedTrade, utc_from_ms
 

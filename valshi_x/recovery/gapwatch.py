@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from valshi_x.recovery import CLOCK_SLACK_MS, RecoveryPlanner
+from valshi_x.recovery.planner import CLOCK_SLACK_MS, RecoveryPlanner
 from valshi_x.trades import FUTURE_TOLERANCE_MS
 
 
