@@ -100,7 +100,7 @@ async def test_the_stall_watch_resubscribes_then_reconnects_and_a_queued_batch_c
     recovery = recovery_for([T + 10_000], monotonic)
     stream = FakeStream()
     with structlog.testing.capture_logs() as logs:
-        watch = asyncio.create_task(recovery._stall_watch(stream))
+        watch = asyncio.create_task(recovery.stall_watch(stream))
         try:
             clock[0] = STALL_S * 0.75
             recovery.queued(T + 9_000, T + 9_000)  # a trade just now: the quiet span starts again
@@ -128,7 +128,7 @@ async def test_fed_trades_skip_what_the_socket_brought_and_a_whale_only_rest_had
     # The socket brought t1 ($60,000 of a sweep); REST lists t1 again and t2, the fill the socket lost.
     recovery.pipeline.on_rest_trade(rest_trade("t1", T + 1_000, "120000.00"))
     fed = [rest_trade("t1", T + 1_000, "120000.00"), rest_trade("t2", T + 1_200, "100000.00")]
-    assert await recovery._feed(sink, fed) == 0  # the sweep is still open
+    assert await recovery.feed(sink, fed) == 0  # the sweep is still open
     assert recovery.trades_already_seen == 1
     (whale,) = recovery.pipeline.flush()
     assert whale.trade_ids == ("t1", "t2")

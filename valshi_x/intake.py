@@ -1,10 +1,11 @@
 """Frames into the pipeline: the bounded queue between the socket reader and the pipeline, or a capture replayed.
 
 Live, the reader hands each batch of trade frames to `Intake.enqueue`, which never waits: the queue is bounded in
-frames (`FRAME_QUEUE_SIZE`), what does not fit is dropped and counted, and recovery hears of the drop (an
-overflow window) as of every batch queued (the trade times that bound gaps). `Intake.run` works the queue off in
-turns of at most `MAX_FRAMES_PER_TURN` frames, so a backlog never holds up the socket's reads or Kalshi's pings;
-`close_on_stream_clock` closes sweeps whose window has passed. The alerts go to the sink (valshi_x/sink.py).
+frames (`FRAME_QUEUE_SIZE`), what does not fit is dropped and counted, and recovery hears of every batch queued
+and every drop (`QueueWatch`: the trade times that bound a gap, a reconnect or an overflow). `Intake.run` works
+the queue off in turns of at most `MAX_FRAMES_PER_TURN` frames, so a backlog never holds up the socket's reads or
+Kalshi's pings; `close_on_stream_clock` closes sweeps whose window has passed.
+The alerts go to the sink (valshi_x/sink.py).
 
 A replay has no socket and no queue: `replay` feeds the capture to the pipeline chunk by chunk, and `IdleStream`
 stands in for the stream (never connected, nothing missed), so health and the stats line read the same fields.

@@ -5,7 +5,7 @@ hears them (the stream's callbacks and the intake's queue watch, through `GapWat
 around them) and tells the `RecoveryPlanner`, which plans the window to fetch and holds only the sweeps that
 window could still complete, each for at most `HOLD_MAX_S`. `start` makes the `Backfiller` on the run's REST
 client; its loop is the one loop that ticks the planner: it fetches the windows as they come due and feeds their
-trades through the same pipeline as the socket's (`_feed`: a trade the socket brought is skipped), into the sink.
+trades through the same pipeline as the socket's (`feed`: a trade the socket brought is skipped), into the sink.
 A window fetched, or given up, releases its holds. The checkpoint never passes a window not fetched yet, an open
 group or an alert on its way into the outbox, so a restart fetches from there again. The stall watch turns a
 socket that looks alive but brings no trades into a window, then a resubscribe, then a reconnect.
@@ -179,7 +179,7 @@ class Recovery:
         settings, tuning = self._settings, self._tuning
         fetcher = Backfiller(
             rest,
-            feed=functools.partial(self._feed, sink),
+            feed=functools.partial(self.feed, sink),
             planner=self.planner,
             clock_ms=self._now_ms,
             max_span_s=settings.backfill_max_s,
@@ -190,7 +190,7 @@ class Recovery:
         await self._plan_startup(store)
         return {
             "checkpoint": self._checkpoint_loop(store, sink),
-            "stall-watch": self._stall_watch(stream),
+            "stall-watch": self.stall_watch(stream),
             "backfill": fetcher.run(),
         }
 
@@ -208,7 +208,7 @@ class Recovery:
         # the connect and subscribe in between are fetched too.
         self.planner.on_startup(int(saved), now_ms)
 
-    async def _feed(self, sink: AlertSink, trades: list[dict[str, Any]]) -> int:
+    async def feed(self, sink: AlertSink, trades: list[dict[str, Any]]) -> int:
         """REST trades (sorted by trade time) through the live path; the number of whales they made."""
         seen = self.pipeline.detector.seen
         alerts: list[Alert] = []
@@ -284,7 +284,7 @@ class Recovery:
 
     # --- the stall watch ------------------------------------------------------------------------------------
 
-    async def _stall_watch(self, stream: StallTarget) -> None:
+    async def stall_watch(self, stream: StallTarget) -> None:
         """No trade for STALL_RESUBSCRIBE_S while the socket looks alive: resubscribe, then reconnect."""
         limit_s = self._settings.stall_resubscribe_s
         resubscribed_at: float | None = None
