@@ -3,7 +3,7 @@
 The loopback bench (`live_latency.py`) measures what matters, frames per second with the sender in another
 process, but on a shared 2-core VM its figures swing with the neighbours' load. This one feeds generated trade
 frames, already framed as a server sends them (unmasked text frames), to the daemon's real connection object in
-reads of `--read-bytes`, and lets the daemon's real queue consumer (`Daemon._process_queue`, the pipeline, the
+reads of `--read-bytes`, and lets the daemon's real queue consumer (`Intake.run`, the pipeline, the
 detector) run between reads, as the event loop does. It reports CPU µs per frame, split into the reader's share
 (cutting, decoding, seq checks, queueing) and the consumer's, each against the floor of reading and typing the
 same frames with msgspec. `--repo` points it at another checkout, to compare two trees in one session:
@@ -87,18 +87,21 @@ async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, A
     pipeline.on_trades = timed_on_trades  # type: ignore[method-assign]
     alerts: list[Any] = []
 
-    async def submit(found: list[Any]) -> None:  # no outbox or poster here: the alerts are only counted
-        alerts.extend(found)
+    class CountingSink:  # no outbox or poster here: the alerts are only counted
+        async def submit(self, found: list[Any]) -> None:
+            alerts.extend(found)
 
-    daemon._submit = submit  # type: ignore[method-assign, assignment]
+    intake = getattr(daemon, "intake", None)
+    if intake is not None:  # the queue in a module of its own (valshi_x/intake.py)
+        deliver, on_bad_frame, on_gap = intake.enqueue, intake.on_bad_frame, daemon.recovery.on_gap
+        consume, end = (lambda: intake.run(CountingSink())), intake.end
+    else:  # a tree from before (the queue and the sink inside the daemon)
+        daemon._submit = CountingSink().submit  # type: ignore[attr-defined]
+        deliver, on_bad_frame, on_gap = daemon._enqueue, daemon._on_bad_frame, daemon._on_gap  # type: ignore[attr-defined]
+        consume, end = daemon._process_queue, (lambda: daemon.queue.put(None))  # type: ignore[attr-defined]
     stream = TradeStream(
-        url="ws://127.0.0.1/trade-api/ws/v2",
-        signer=None,
-        deliver=daemon._enqueue,
-        on_bad_frame=daemon._on_bad_frame,
-        on_gap=daemon._on_gap,
+        url="ws://127.0.0.1/trade-api/ws/v2", signer=None, deliver=deliver, on_bad_frame=on_bad_frame, on_gap=on_gap
     )
-    daemon.stream = stream
     protocol = ClientProtocol(parse_uri(stream.url))
     protocol.state = State.OPEN
     connection = ObservedConnection(protocol)
@@ -116,7 +119,7 @@ async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, A
 
     wire = b"".join(ws_text_frame(line.encode()) for line in lines)
     reads = [wire[at : at + read_bytes] for at in range(0, len(wire), read_bytes)]
-    consumer = asyncio.get_running_loop().create_task(daemon._process_queue())
+    consumer = asyncio.get_running_loop().create_task(consume())
     data_received = connection.data_received
     await asyncio.sleep(0)
     started = time.process_time()
@@ -125,7 +128,7 @@ async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, A
         await asyncio.sleep(0)  # the consumer takes what the read queued, as the event loop would
     await asyncio.sleep(0)
     total_s = time.process_time() - started
-    await daemon.queue.put(None)
+    await end()
     await consumer
     counts = pipeline.counts
     return {
@@ -135,7 +138,7 @@ async def run(lines: list[str], read_bytes: int, state_dir: Path) -> dict[str, A
         "malformed": counts.malformed,
         "gaps": stream.gaps,
         "alerts": len(alerts),
-        "dropped": daemon.frames_dropped,
+        "dropped": (intake or daemon).frames_dropped,
         "reads": len(reads),
         "total_us": total_s / len(lines) * 1e6,
         "reader_us": (total_s - consumer_s) / len(lines) * 1e6,

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
-from valshi_x.config import load_settings
-from valshi_x.daemon import MAX_FRAMES_PER_TURN, Daemon, RunOptions
+from valshi_x.intake import MAX_FRAMES_PER_TURN, Intake
 from valshi_x.pipeline import Pipeline
 from valshi_x.recovery.gapwatch import GapWatch
 from valshi_x.trades import FUTURE_TOLERANCE_MS, TradeFrame, trade_from_fields
@@ -56,61 +54,67 @@ class SpyPlanner:
         self.wants_first_trade = False
 
 
-def live_daemon(tmp_path: Path, queue_frames: int) -> tuple[Daemon, SpyPlanner]:
-    settings = load_settings(
-        {"STATE_DIR": str(tmp_path / "state"), "FRAME_QUEUE_SIZE": str(queue_frames)}, need_x=False
-    )
-    daemon = Daemon(settings, RunOptions(dry_run=True), now_ms=lambda: NOW_MS)
+class NoAlerts:
+    """The sink of these tests: the small trades make no alert."""
+
+    async def submit(self, alerts: list[Any]) -> None:
+        raise AssertionError(f"no alert expected: {alerts}")
+
+
+def live_intake(queue_frames: int) -> tuple[Intake, GapWatch, SpyPlanner]:
+    """The live queue, its gap watch telling a spy planner, and a live pipeline (as the daemon wires them)."""
     spy = SpyPlanner()
-    daemon.gap_watch = GapWatch(spy, now_ms=lambda: NOW_MS, started_ms=T, wake=lambda: None)  # type: ignore[arg-type]
-    return daemon, spy
+    watch = GapWatch(spy, now_ms=lambda: NOW_MS, started_ms=T, wake=lambda: None)  # type: ignore[arg-type]
+    detector = WhaleDetector(Decimal(100_000), 1_000, dedup_horizon_ms=60_000)
+    intake = Intake(Pipeline(detector, now_ms=lambda: NOW_MS), max_frames=queue_frames, watch=watch)
+    return intake, watch, spy
 
 
-async def test_a_batch_that_does_not_fit_is_cut_and_the_planner_hears_one_overflow(tmp_path: Path) -> None:
-    daemon, spy = live_daemon(tmp_path, queue_frames=5)
-    daemon._enqueue([frame(T + 1_000 + i, seq=1 + i) for i in range(3)])
-    daemon._enqueue([frame(T + 1_010 + i, seq=4 + i) for i in range(4)])  # two fit, two are dropped
-    assert (daemon.frames_queued, daemon.frames_dropped) == (5, 2)
-    assert [[f.seq for f in daemon.queue.get_nowait()] for _ in range(2)] == [[1, 2, 3], [4, 5]]
-    daemon.frames_queued = 0  # (the pipeline's share of the work, done by hand here)
-    daemon._enqueue([frame(T + 1_020, seq=8)])  # room again: queued, and its time ends the overflow
+async def test_a_batch_that_does_not_fit_is_cut_and_the_planner_hears_one_overflow() -> None:
+    intake, _, spy = live_intake(queue_frames=5)
+    intake.enqueue([frame(T + 1_000 + i, seq=1 + i) for i in range(3)])
+    intake.enqueue([frame(T + 1_010 + i, seq=4 + i) for i in range(4)])  # two fit, two are dropped
+    assert (intake.frames_queued, intake.frames_dropped) == (5, 2)
+    assert [[f.seq for f in intake.queue.get_nowait()] for _ in range(2)] == [[1, 2, 3], [4, 5]]
+    intake.frames_queued = 0  # (the pipeline's share of the work, done by hand here)
+    intake.enqueue([frame(T + 1_020, seq=8)])  # room again: queued, and its time ends the overflow
     assert spy.calls == [("overflow", 1_011), ("first_trade", 1_020)]  # as when frames were queued one by one
 
 
-async def test_a_batch_with_no_room_at_all_is_dropped_whole(tmp_path: Path) -> None:
-    daemon, spy = live_daemon(tmp_path, queue_frames=2)
-    daemon._enqueue([frame(T + 1_000, seq=1), frame(T + 1_001, seq=2)])
-    daemon._enqueue([frame(T + 1_002, seq=3)])
-    daemon._enqueue([frame(T + 1_003, seq=4)])
-    assert (daemon.frames_queued, daemon.frames_dropped, daemon.queue.qsize()) == (2, 2, 1)
+async def test_a_batch_with_no_room_at_all_is_dropped_whole() -> None:
+    intake, _, spy = live_intake(queue_frames=2)
+    intake.enqueue([frame(T + 1_000, seq=1), frame(T + 1_001, seq=2)])
+    intake.enqueue([frame(T + 1_002, seq=3)])
+    intake.enqueue([frame(T + 1_003, seq=4)])
+    assert (intake.frames_queued, intake.frames_dropped, intake.queue.qsize()) == (2, 2, 1)
     assert spy.calls == [("overflow", 1_001), ("overflow", 1_001)]  # the planner keeps one window open
 
 
-async def test_after_a_seq_gap_the_next_batch_bounds_the_gap(tmp_path: Path) -> None:
-    daemon, spy = live_daemon(tmp_path, queue_frames=100)
-    daemon._enqueue([frame(T + 1_000, seq=1), frame(T + 1_005, seq=2)])
-    assert daemon.gap_watch is not None
-    daemon.gap_watch.on_gap()  # the stream cuts its batch at the gap and calls this before the next one
-    daemon._enqueue([frame(T + 1_500, seq=9), frame(T + 1_600, seq=10)])
+async def test_after_a_seq_gap_the_next_batch_bounds_the_gap() -> None:
+    intake, gap_watch, spy = live_intake(queue_frames=100)
+    intake.enqueue([frame(T + 1_000, seq=1), frame(T + 1_005, seq=2)])
+    assert gap_watch is not None
+    gap_watch.on_gap()  # the stream cuts its batch at the gap and calls this before the next one
+    intake.enqueue([frame(T + 1_500, seq=9), frame(T + 1_600, seq=10)])
     assert spy.calls == [("gap", (1_005, 1_500))]
 
 
-async def test_a_backlog_is_worked_off_in_turns_with_the_event_loop_running_between(tmp_path: Path) -> None:
+async def test_a_backlog_is_worked_off_in_turns_with_the_event_loop_running_between() -> None:
     """The pipeline takes what waits in the queue in one go, but never much more than MAX_FRAMES_PER_TURN: a
     backlog of seconds must not keep the socket unread and Kalshi's pings unanswered until it is all done."""
-    daemon, _ = live_daemon(tmp_path, queue_frames=100_000)
+    intake, _, _ = live_intake(queue_frames=100_000)
     per_batch, batches = 1_000, 5
     for b in range(batches):
         seqs = range(1 + b * per_batch, 1 + (b + 1) * per_batch)
-        daemon._enqueue([frame(T + 1_000 + seq, seq=seq) for seq in seqs])
+        intake.enqueue([frame(T + 1_000 + seq, seq=seq) for seq in seqs])
     events: list[int | str] = []  # frames per pipeline call, "loop" whenever another task got to run
-    on_trades = daemon.pipeline.on_trades
+    on_trades = intake.pipeline.on_trades
 
     def counted(batch: list[TradeFrame]) -> list[Any]:
         events.append(len(batch))
         return on_trades(batch)
 
-    daemon.pipeline.on_trades = counted  # type: ignore[method-assign]
+    intake.pipeline.on_trades = counted  # type: ignore[method-assign]
 
     async def other_task() -> None:
         while True:
@@ -118,10 +122,10 @@ async def test_a_backlog_is_worked_off_in_turns_with_the_event_loop_running_betw
             await asyncio.sleep(0)
 
     other = asyncio.get_running_loop().create_task(other_task())
-    await daemon.queue.put(None)
-    await daemon._process_queue()
+    await intake.queue.put(None)
+    await intake.run(NoAlerts())
     other.cancel()
-    assert daemon.pipeline.counts.frames == per_batch * batches
+    assert intake.pipeline.counts.frames == per_batch * batches
     most = run = 0
     for event in events:
         run = 0 if event == "loop" else run + int(event)

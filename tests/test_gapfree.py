@@ -144,8 +144,7 @@ class Run:
         """Wait until every expected whale was posted and no backfill is pending."""
 
         def done() -> bool:
-            backfiller = self.daemon.backfiller if self.daemon is not None else None
-            pending = backfiller.pending if backfiller is not None else 0
+            pending = self.daemon.recovery.pending if self.daemon is not None else 0
             return set(expected) <= set(self.posted()) and pending == 0
 
         try:

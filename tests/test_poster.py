@@ -38,6 +38,7 @@ from valshi_x.config import Settings
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.store import RateLimitWindow, Store, db_path
 from valshi_x.whales import Alert, alert_log_fields
+from valshi_x.wiring import poster_from_settings
 from valshi_x.x.poster import (
     GATE_CHECKPOINT,
     RATE_LIMIT_BACKOFF,
@@ -734,7 +735,7 @@ async def _posted(rig: Rig, count: int) -> bool:
 
 def test_settings_give_the_caps_and_the_age_limit() -> None:
     settings = Settings(x_posts_per_15min=7, x_posts_per_24h=5, max_alert_age_s=120)
-    poster = Poster.from_settings(settings, store=None, transport=DryRunTransport(), render=render)  # type: ignore[arg-type]
+    poster = poster_from_settings(settings, store=None, transport=DryRunTransport(), render=render)  # type: ignore[arg-type]
     assert (poster._per_15min, poster._per_24h, poster._max_age_ms) == (7, 5, 120_000)
 
 

@@ -9,6 +9,9 @@ Formats:
   exactly the warnings and errors. No timestamp: journald records one.
 - `json`: one JSON object per line (default when stdout is neither a terminal nor the journal).
 - `console`: short lines for a person at a terminal (default on a TTY); a whale shows as its post text.
+
+`WarningBudget` keeps per-frame warnings to a few lines a minute; it lives here, beside the set-up, so the stream
+and the pipeline can both use it without knowing each other.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TextIO
 
@@ -35,6 +39,39 @@ _REDACTED = "[redacted]"
 _MIN_SECRET_LEN = 6
 # A PEM body line (64 base64 characters) is itself secret: a traceback or repr may show one line alone.
 _MIN_SECRET_LINE_LEN = 16
+
+# Lines about one kind of per-frame condition a minute at most (`WarningBudget`), the rest counted.
+WARNINGS_PER_MIN = 20
+
+
+class WarningBudget:
+    """Rate limit for warnings about per-frame conditions: `per_min` lines per key per minute, the rest counted.
+
+    One line per frame would let a misbehaving peer drown the journal; one line per minute per kind says the
+    same. `suppressed` counts what was held back (the stats line shows the totals it belongs to).
+    """
+
+    def __init__(self, per_min: int = WARNINGS_PER_MIN, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.per_min = per_min
+        self.suppressed = 0
+        self._monotonic = monotonic
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str) -> bool:
+        """True when a line about `key` may be logged now."""
+        now = self._monotonic()
+        started, logged = self._windows.get(key, (now, 0))
+        if now - started >= 60.0:
+            started, logged = now, 0
+        allowed = logged < self.per_min
+        if allowed:
+            logged += 1
+        else:
+            self.suppressed += 1
+        if allowed or key in self._windows:
+            self._windows[key] = (started, logged)
+        return allowed
+
 
 # syslog priorities as journald reads them from a `<N>` line prefix (sd-daemon.h: SD_ERR, SD_WARNING, ...).
 _PRIORITY = {

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from valshi_x.logs import WarningBudget
 from valshi_x.trades import (
     FUTURE_TOLERANCE_MS,
     MalformedTrade,
@@ -50,37 +51,6 @@ _CONTROL_TYPES = frozenset({"subscribed", "unsubscribed", "ok", "error", "list_s
 _MALFORMED_WARNINGS_PER_MIN = 20
 # Frame types named in a log line at most; a peer inventing a new type per frame must not grow a set forever.
 MAX_NOTED_TYPES = 64
-
-
-class WarningBudget:
-    """Rate limit for warnings about per-frame conditions: `per_min` lines per key per minute, the rest counted.
-
-    One line per frame would let a misbehaving peer drown the journal; one line per minute per kind says the
-    same. `suppressed` counts what was held back (the stats line shows the totals it belongs to).
-    """
-
-    def __init__(
-        self, per_min: int = _MALFORMED_WARNINGS_PER_MIN, *, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.per_min = per_min
-        self.suppressed = 0
-        self._monotonic = monotonic
-        self._windows: dict[str, tuple[float, int]] = {}
-
-    def allow(self, key: str) -> bool:
-        """True when a line about `key` may be logged now."""
-        now = self._monotonic()
-        started, logged = self._windows.get(key, (now, 0))
-        if now - started >= 60.0:
-            started, logged = now, 0
-        allowed = logged < self.per_min
-        if allowed:
-            logged += 1
-        else:
-            self.suppressed += 1
-        if allowed or key in self._windows:
-            self._windows[key] = (started, logged)
-        return allowed
 
 
 @dataclass(slots=True)

@@ -45,10 +45,6 @@ _TICKER_RE = re.compile(r"[A-Za-z0-9._-]+")
 # Failures that say Kalshi is struggling rather than that the request was wrong: retryable, and what opens
 # the title breaker. The others (404, malformed answers, other 4xx) are answers.
 TRANSIENT_REASONS: Final = frozenset({"timeout", "connection_error", "server_error", "rate_limited"})
-# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
-# The poster's wait is the only one (TitleLookup has no timer of its own); a lookup cut off goes on in the
-# background, so the next alert of that market has the title.
-TITLE_BUDGET_S: Final = 0.5
 # Labels cached from one event answer at most: a big event must not push every other label out of the cache.
 _SIBLINGS_CACHED: Final = 50
 _K = TypeVar("_K")

@@ -40,7 +40,7 @@ from websockets.protocol import Event, State
 
 from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
-from valshi_x.pipeline import WarningBudget
+from valshi_x.logs import WarningBudget
 from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, fast_trade_frame, parse_frame
 
 log = structlog.get_logger(__name__)

@@ -31,15 +31,13 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 import structlog
 
 from valshi_x.backoff import capped_step_s
-from valshi_x.config import Settings
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
-from valshi_x.kalshi.rest import TITLE_BUDGET_S
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
@@ -54,6 +52,10 @@ Render = Callable[[Alert, MarketLabel | None], str]
 LookupLabel = Callable[[str], Awaitable[MarketLabel | None]]
 Sleep = Callable[[float], Awaitable[None]]
 
+# What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
+# This wait is the only one (the title lookup has no timer of its own); a lookup cut off goes on in the
+# background, so the next alert of that market has the title.
+TITLE_BUDGET_S: Final = 0.5
 _MINUTE_MS = 60 * 1000
 _WINDOW_15MIN_MS = 15 * _MINUTE_MS
 _WINDOW_24H_MS = 24 * 60 * _MINUTE_MS
@@ -369,22 +371,6 @@ class DryRunTransport:
         return None
 
 
-async def open_transport(
-    settings: Settings, *, dry_run: bool, middlewares: Sequence[ClientMiddlewareType] = ()
-) -> Transport:
-    """The transport the settings ask for; close it at shutdown."""
-    if dry_run:
-        return DryRunTransport()
-    return await XTransport.open(
-        consumer_key=settings.x_api_key,
-        consumer_secret=settings.x_api_secret,
-        access_token=settings.x_access_token,
-        access_token_secret=settings.x_access_token_secret,
-        timeout_s=settings.x_timeout_s,
-        middlewares=middlewares,
-    )
-
-
 @dataclass(slots=True)
 class PosterStats:
     """Counts since start, for the periodic stats line."""
@@ -478,28 +464,6 @@ class Poster:
         self._stopping = False
         self._loaded = False
         self._reset_capped_logged = False
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        store: Store,
-        transport: Transport,
-        *,
-        render: Render | None = None,
-        lookup_label: LookupLabel | None = None,
-        **overrides: Any,
-    ) -> Poster:
-        """A poster with the caps, the age limit and the text settings of `settings`; `overrides` win (replay)."""
-        kwargs: dict[str, Any] = {
-            "posts_per_15min": settings.x_posts_per_15min,
-            "posts_per_24h": settings.x_posts_per_24h,
-            "max_alert_age_s": settings.max_alert_age_s,
-            **overrides,
-        }
-        if render is None:
-            render = post_renderer(settings.post_template, post_links=settings.post_links)
-        return cls(store, transport, render=render, lookup_label=lookup_label, **kwargs)
 
     # --- the daemon's side --------------------------------------------------------------------------------------
 
