@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from tests.fake_kalshi import (
     FakeSession,
     KeyPair,
     accept_then_drop,
+    deflate_bomb,
     dumps,
     kalshi_keys,  # noqa: F401  # fixture
     rsa_private_key,  # noqa: F401  # fixture
@@ -1203,6 +1205,62 @@ async def test_a_frame_over_the_size_limit_ends_the_connection_and_nothing_of_it
     assert len(client.delivered) == 1
     assert client.bad == []
     assert kalshi.sessions[0].ws.close_code == 1009  # message too big, as websockets always answered
+
+
+@pytest.mark.parametrize("oversize", ["deflate_bomb", "announced_length"])
+async def test_an_oversized_message_is_refused_and_its_close_names_the_cause(
+    kalshi_keys: KeyPair,  # noqa: F811
+    oversize: str,
+) -> None:
+    # Issue 17: a decompression bomb's close was logged as a bare `code=1006 reason=null`.
+    bomb = deflate_bomb(64)  # 64 MiB once decompressed, about 64 KB on the wire
+    first = msgs(1)
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(first)
+        if oversize == "deflate_bomb":
+            await session.send_raw_frame(bomb, compressed=True)
+        else:
+            await session.send_raw_frame(b'{"type":"trade"', length=2**40)  # a header announcing a terabyte
+        await session.send_trade()  # never delivered: the connection ends at the frame before
+
+    tracemalloc.start()
+    try:
+        with logs() as captured:
+            async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+                client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+                client.start()
+                await client.wait_for(lambda: client.disconnects == 1)
+                await kalshi.wait_for(lambda: len(kalshi.handshakes) == 2)  # and the stream connects again
+                await client.stop()
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == typed(first)
+    assert client.bad == []
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["code"] == 1006  # what the socket says: the server's close frame is no longer read
+    if oversize == "deflate_bomb" and _compression[0] is None:
+        # Without permessage-deflate a compressed frame is a protocol error (RSV1 set), named as one.
+        assert (disconnected["cause"], disconnected["reason"], disconnected["sent_code"]) == (
+            "protocol_error",
+            "ProtocolError",
+            1002,
+        )
+    else:
+        assert disconnected["cause"] == "message_too_large"
+        assert (disconnected["reason"], disconnected["sent_code"], disconnected["limit_bytes"]) == (
+            "message_too_large",
+            1009,
+            2**20,
+        )
+        # A bomb's size is never known: decompression stops at the limit, which is what bounds the memory.
+        assert disconnected["size_bytes"] == (None if oversize == "deflate_bomb" else 2**40)
+        assert disconnected["compressed"] is (_compression[0] is not None)
+    assert kalshi.sessions[0].ws.close_code == disconnected["sent_code"]
+    assert peak_bytes < 16 * 2**20, peak_bytes  # a quarter of the bomb: it was never decompressed whole
 
 
 async def test_text_frames_split_anywhere_across_reads_are_cut_whole() -> None:
