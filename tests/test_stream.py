@@ -925,16 +925,17 @@ async def test_error_6_already_subscribed_is_ignored(kalshi_keys: KeyPair) -> No
 
 
 async def test_other_error_frames_are_logged_and_a_refused_subscribe_reconnects(kalshi_keys: KeyPair) -> None:  # noqa: F811
-    attempts = [
-        send_errors([(17, "Internal error")]),  # unrelated to our command: logged, connection kept
-    ]
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_error(17, "Internal error")  # unrelated to our command: logged, connection kept
+        await session.send_trades(msgs(1))  # delivered after it: the error frame was handled by then
+
     with logs() as captured:
-        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
             client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
             client.start()
-            await kalshi.wait_for(lambda: len(kalshi.sessions[0].sent) == 2 if kalshi.sessions else False)
-            await asyncio.sleep(2 * UNIT)
-            assert len(kalshi.handshakes) == 1
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            assert len(kalshi.handshakes) == 1 and client.disconnects == 0
             await client.stop()
     (error,) = events(captured, "ws_error_frame")
     assert (error["code"], error["msg"], error["log_level"]) == (17, "Internal error", "warning")
