@@ -1118,6 +1118,7 @@ async def test_a_repeated_or_late_seq_is_no_gap_and_is_counted(kalshi_keys: KeyP
     assert [frame["seq"] for frame in client.delivered] == [1, 2, 3, 2, 5, 4, 6]  # all delivered: dedup is downstream
     assert client.gaps == [SeqGap(sid=1, expected=4, got=5)]  # the one real gap, once
     assert (client.stream.gaps, client.stream.frames_missing, client.stream.seq_repeated) == (1, 1, 2)
+    assert client.stream.stats_fields() == {"seq_repeated": 2, "subscribes_unacknowledged": 0}
     repeated = events(captured, "ws_seq_repeated")
     assert [(e["seq"], e["last_seq"]) for e in repeated] == [(2, 3), (4, 5)]
 

@@ -793,6 +793,10 @@ class TradeStream:
 
     # ------------------------------------------------------------------ control for the daemon / watchdog
 
+    def stats_fields(self) -> dict[str, int]:
+        """This stream's counters for the periodic stats line (beside `reconnects`, `gaps`, `frames_missing`)."""
+        return {"seq_repeated": self.seq_repeated, "subscribes_unacknowledged": self.subscribes_unacknowledged}
+
     @property
     def last_heard_monotonic(self) -> float | None:
         """When (event-loop time) the server last sent a frame or a ping on the current connection; None if none."""
