@@ -570,6 +570,7 @@ async def test_an_unacknowledged_subscribe_is_sent_again_then_the_connection_rep
             timer.on_wait = client._notify
             client.start()
             await client.wait_for(lambda: len(timer.waits) == 1)
+            await kalshi.wait_for(lambda: len(kalshi.sessions) == 1)
             session = kalshi.sessions[0]
             await session.wait_command("subscribe")
             await kalshi.wait_for(lambda: session.pings_sent >= 3)
