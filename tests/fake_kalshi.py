@@ -25,6 +25,7 @@ import contextlib
 import functools
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -206,12 +207,15 @@ class Attempt:
 
     reject_status: answer the handshake with this HTTP status instead of upgrading.
     subscribe_error: answer `subscribe` with this (code, text) error frame instead of `subscribed`.
+    ignore_subscribes: leave the first this many `subscribe` commands unanswered (a script may still answer
+        them: `open_subscription` and `send_subscribed`).
     script: runs once the connection is open (concurrently with command handling).
     """
 
     script: Script | None = None
     reject_status: int | None = None
     subscribe_error: tuple[int, str] | None = None
+    ignore_subscribes: int = 0
 
 
 @dataclass
@@ -294,6 +298,41 @@ class FakeSession:
             frame["seq"] = self._take_seq()
         frame["msg"] = {"code": code, "msg": text}
         await self.send(frame)
+
+    def open_subscription(self) -> int:
+        """Start a subscription without acknowledging it (yet): trades can be sent on its sid from now on."""
+        self.sid = self.server.next_sid
+        self.server.next_sid += 1
+        self.next_seq = 1
+        return self.sid
+
+    async def send_subscribed(self, command_id: int) -> None:
+        """Acknowledge the subscription opened (as Kalshi does: the sid inside `msg`)."""
+        assert self.sid is not None, "open_subscription() first"
+        await self.send({"id": command_id, "type": "subscribed", "msg": {"channel": "trade", "sid": self.sid}})
+        self.subscribed.set()
+
+    async def wait_command(self, cmd: str, count: int = 1) -> dict[str, Any]:
+        """Wait until the client sent `count` commands `cmd`; returns the last of them."""
+        await self.server.wait_for(lambda: len([c for c in self.commands if c.get("cmd") == cmd]) >= count)
+        return [c for c in self.commands if c.get("cmd") == cmd][count - 1]
+
+    async def send_raw_frame(self, payload: bytes, *, compressed: bool = False, length: int | None = None) -> None:
+        """Write one unmasked text frame straight to the socket, past websockets' checks and its compression.
+
+        `compressed` sets RSV1 (the payload is then permessage-deflate data, e.g. `deflate_bomb`); `length` puts
+        another payload length in the header than the payload's own.
+        """
+        size = len(payload) if length is None else length
+        first = 0xC1 if compressed else 0x81  # FIN, (RSV1,) text
+        if size < 126:
+            head = bytes((first, size))
+        elif size < 1 << 16:
+            head = bytes((first, 126)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((first, 127)) + size.to_bytes(8, "big")
+        self.ws.transport.write(head + payload)
+        self.server.notify()
 
     async def drop(self) -> None:
         """Cut the TCP connection without a close frame: the client sees 1006."""
@@ -506,6 +545,9 @@ class FakeKalshi:
         command_id = command.get("id")
         cmd = command.get("cmd")
         if cmd == "subscribe":
+            subscribes = sum(1 for c in session.commands if c.get("cmd") == "subscribe")  # this one included
+            if subscribes <= session.behaviour.ignore_subscribes:
+                return  # left unanswered (the script may answer it)
             if session.behaviour.subscribe_error is not None:
                 code, text = session.behaviour.subscribe_error
                 await session.send_error(code, text, command_id=command_id)
@@ -532,6 +574,22 @@ class FakeKalshi:
 
 
 # ---------------------------------------------------------------------------------------------- scripts
+
+
+@functools.cache
+def deflate_bomb(decompressed_mib: int) -> bytes:
+    """A permessage-deflate message of a few dozen KB that decompresses to this many MiB of "0" characters.
+
+    Raw deflate, sync-flushed, with the final 00 00 ff ff cut off, as RFC 7692 frames a message; it refers to
+    nothing before it, so it decodes on a connection whatever was compressed on it before.
+    """
+    compressor = zlib.compressobj(wbits=-15)
+    chunk = b"0" * (1 << 20)
+    data = b"".join(
+        [compressor.compress(chunk) for _ in range(decompressed_mib)] + [compressor.flush(zlib.Z_SYNC_FLUSH)]
+    )
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
 
 
 def accept_then_drop() -> Script:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.fake_kalshi import (
     FakeSession,
     KeyPair,
     accept_then_drop,
+    deflate_bomb,
     dumps,
     kalshi_keys,  # noqa: F401  # fixture
     rsa_private_key,  # noqa: F401  # fixture
@@ -65,6 +67,8 @@ class Client:
         idle_timeout_s: float = 40 * UNIT,
         backoff: RetryDelays | None = None,
         slow_backoff: RetryDelays | None = None,
+        subscribe_timeout_s: float = 100 * UNIT,
+        ack_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.delivered: list[dict[str, Any]] = []
         self.batches: list[int] = []  # the size of each batch delivered
@@ -91,6 +95,8 @@ class Client:
             open_timeout_s=20 * UNIT,
             close_timeout_s=4 * UNIT,
             sleep=self._sleep,
+            subscribe_timeout_s=subscribe_timeout_s,
+            ack_sleep=ack_sleep,
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -279,6 +285,7 @@ async def test_first_connect_subscribes_signed_and_delivers_trades(kalshi_keys: 
     assert events(captured, "ws_subscribed")[0]["sid"] == 1
     assert events(captured, "ws_stopping")
     assert not events(captured, "ws_disconnected")
+    assert not events(captured, "subscribe_unacknowledged")
     assert client.delays == []
 
 
@@ -530,6 +537,111 @@ async def test_server_pings_alone_keep_a_quiet_connection(kalshi_keys: KeyPair) 
     assert not events(captured, "ws_idle_timeout")
 
 
+# ------------------------------------------------------------------------------------------------ subscribe timeout
+
+
+class AckTimer:
+    """Stands in for the stream's wait for a `subscribed`: each wait is over when the test calls `fire()`."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.on_wait: Callable[[], None] = lambda: None
+        self._fired = asyncio.Semaphore(0)
+
+    async def sleep(self, delay_s: float) -> None:
+        self.waits.append(delay_s)
+        self.on_wait()
+        await self._fired.acquire()
+
+    def fire(self) -> None:
+        self._fired.release()
+
+
+SUBSCRIBE = {"cmd": "subscribe", "params": {"channels": ["trade"]}}
+
+
+async def test_an_unacknowledged_subscribe_is_sent_again_then_the_connection_replaced(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    # Kalshi-style pings keep the connection alive all along: only the subscribe's own timeout can act.
+    timer = AckTimer()
+    attempts = [Attempt(ignore_subscribes=2)]
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=attempts, ping_interval_s=UNIT) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), subscribe_timeout_s=5.0, ack_sleep=timer.sleep)
+            timer.on_wait = client._notify
+            client.start()
+            await client.wait_for(lambda: len(timer.waits) == 1)
+            await kalshi.wait_for(lambda: len(kalshi.sessions) == 1)
+            session = kalshi.sessions[0]
+            await session.wait_command("subscribe")
+            await kalshi.wait_for(lambda: session.pings_sent >= 3)
+            assert len(session.commands) == 1  # pings and time alone change nothing
+
+            timer.fire()  # no ack within the timeout: subscribe again
+            await session.wait_command("subscribe", 2)
+            await client.wait_for(lambda: len(timer.waits) == 2)
+            assert len(kalshi.handshakes) == 1
+
+            timer.fire()  # still none: a new connection
+            await client.wait_for(lambda: len(client.sids) == 1)
+            await client.stop()
+
+    assert session.commands == [{"id": 1, **SUBSCRIBE}, {"id": 2, **SUBSCRIBE}]
+    unacknowledged = events(captured, "subscribe_unacknowledged")
+    assert [(e["action"], e["timeout_s"], e["log_level"]) for e in unacknowledged] == [
+        ("resubscribe", 5.0, "warning"),
+        ("reconnect", 5.0, "warning"),
+    ]
+    assert timer.waits[:2] == [5.0, 5.0]
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert (disconnected["cause"], disconnected["code"]) == ("subscribe_timeout", 1000)
+    assert not events(captured, "ws_idle_timeout")
+    assert client.stream.subscribes_unacknowledged == 2
+    assert client.delays == [UNIT]  # the normal backoff
+    assert len(kalshi.sessions) == 2 and kalshi.sessions[1].sid == 1  # the second connection subscribed
+
+
+async def test_a_resubscribe_that_is_acknowledged_keeps_the_connection(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    timer = AckTimer()
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[Attempt(ignore_subscribes=1)]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), ack_sleep=timer.sleep)
+            timer.on_wait = client._notify
+            client.start()
+            await client.wait_for(lambda: len(timer.waits) == 1)
+            timer.fire()
+            await client.wait_for(lambda: client.sids == [1])
+            watch = client.stream._ack_watch
+            assert watch is not None
+            timer.fire()  # the second wait: over, and the ack is in
+            await asyncio.wait_for(watch, 100 * UNIT)
+            assert len(kalshi.handshakes) == 1
+            await client.stop()
+
+    assert kalshi.sessions[0].commands == [{"id": 1, **SUBSCRIBE}, {"id": 2, **SUBSCRIBE}]
+    assert [e["action"] for e in events(captured, "subscribe_unacknowledged")] == ["resubscribe"]
+    assert not events(captured, "ws_disconnected")
+    assert client.stream.subscribes_unacknowledged == 1
+
+
+async def test_a_subscribe_never_acknowledged_is_left_within_twice_its_timeout(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    # The same in real time, with pings every unit: the connection is replaced after two timeouts, not after the
+    # minutes the stall watch would take.
+    timeout_s = 4 * UNIT
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[Attempt(ignore_subscribes=2)], ping_interval_s=UNIT) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys), subscribe_timeout_s=timeout_s)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 1)
+            await client.stop()
+
+    first, second = kalshi.handshakes[:2]
+    waited_s = second.received_monotonic - first.received_monotonic
+    assert 2 * timeout_s <= waited_s <= 2 * timeout_s + 30 * UNIT, waited_s
+    assert [e["action"] for e in events(captured, "subscribe_unacknowledged")] == ["resubscribe", "reconnect"]
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "subscribe_timeout"
+
+
 # ------------------------------------------------------------------------------------------------ auth
 
 
@@ -626,18 +738,153 @@ async def refused_subscription(
     return client, captured, kalshi
 
 
-async def test_error_9_auth_required_reconnects_on_the_slow_backoff(kalshi_keys: KeyPair) -> None:  # noqa: F811
+async def test_error_9_on_an_unsigned_connection_asks_for_a_key_and_backs_off_slowly() -> None:
     attempts = [Attempt(subscribe_error=(9, "Authentication required"))]
+    with logs() as captured:
+        async with FakeKalshi(attempts=attempts, compression=_compression[0]) as kalshi:  # unsigned accepted
+            client = Client(kalshi.url, None, real_sleep=False)
+            client.start()
+            await client.wait_for(lambda: len(client.sids) == 1)
+            await client.stop()
+
+    (error,) = events(captured, "ws_error_frame")
+    assert (error["code"], error["msg"], error["log_level"], error["signed"]) == (
+        9,
+        "Authentication required",
+        "error",
+        False,
+    )
+    assert "set KALSHI_API_KEY_ID" in error["hint"]
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["cause"] == "auth_required"
+    assert client.delays == [40 * UNIT]  # the slow backoff: retrying sooner cannot help
+    assert client.stream.error_frames == 1
+    assert len(kalshi.sessions) == 2
+
+
+@pytest.mark.parametrize("code_json", ["9", "9.0"])
+async def test_error_9_on_a_signed_connection_points_at_the_key_and_clock(
+    kalshi_keys: KeyPair,  # noqa: F811
+    code_json: str,
+) -> None:
+    # Issue 17: `code: 9.0` after a signed, accepted handshake got the unsigned hint and a minute's pause.
+    async def script(session: FakeSession) -> None:
+        command = await session.wait_command("subscribe")
+        await session.send(
+            f'{{"id":{command["id"]},"type":"error","msg":{{"code":{code_json},"msg":"Authentication required"}}}}'
+        )
+
+    attempts = [Attempt(script=script, ignore_subscribes=1)]
     client, captured, kalshi = await refused_subscription(kalshi_keys, attempts)
 
     (error,) = events(captured, "ws_error_frame")
-    assert (error["code"], error["msg"], error["log_level"]) == (9, "Authentication required", "error")
-    assert "KALSHI_API_KEY_ID" in error["hint"]
+    assert (error["code"], error["log_level"], error["signed"]) == (9, "error", True)
+    assert "set KALSHI_API_KEY_ID" not in error["hint"]
+    assert "clock" in error["hint"] and "belongs to this private key" in error["hint"]
     (disconnected,) = events(captured, "ws_disconnected")
     assert disconnected["cause"] == "auth_required"
-    assert client.delays == [40 * UNIT]
-    assert client.stream.error_frames == 1
-    assert len(kalshi.sessions) == 2
+    assert client.delays == [UNIT]  # the normal backoff: a fresh signature may well be taken
+    assert kalshi.handshakes[0].signature_ok and len(kalshi.sessions) == 2
+
+
+def offline_stream(signer: KalshiSigner | None = None) -> TradeStream:
+    """A stream that is never connected: frames are fed to `_handle` as if read from a socket."""
+    return TradeStream(
+        url="ws://127.0.0.1/trade-api/ws/v2", signer=signer, deliver=lambda batch: None, on_bad_frame=lambda r, e: None
+    )
+
+
+# The code of an error frame in each JSON form: the code it is read as (None: none), and how it is logged then.
+ERROR_CODE_FORMS: list[tuple[str, int | None, str | None]] = [
+    ("9", 9, None),
+    ("9.0", 9, None),
+    ("9e0", 9, None),
+    ("9E+0", 9, None),
+    ("0.9e1", 9, None),
+    ("900e-2", 9, None),
+    ("9.000", 9, None),
+    ("25.0", 25, None),
+    ("6e0", 6, None),
+    ("17", 17, None),
+    ("9.5", None, "9.5"),
+    ("9.000000000000001", None, "9.000000000000001"),
+    ("8.99999999999999999999", None, "8.99999999999999999999"),  # 9.0 as a float: exactness decides
+    ("1e-999999", None, "1E-999999"),  # 0.0 as a float
+    ("true", None, "true"),
+    ("false", None, "false"),
+    ('"9"', None, '"9"'),
+    ("-9", None, "-9"),
+    ("2147483648", None, "2147483648"),
+    ("9" * 400, None, "9" * 40 + "…[+360 chars]"),
+    ("null", None, "null"),
+    ("[9]", None, "[9]"),
+    ('{"code":9}', None, '{"code":9}'),
+    ('"\\u202e9\\n"', None, '"\\u202e9\\n"'),  # a bidi control and a newline: shown as escapes
+]
+
+
+@pytest.mark.parametrize(("code_json", "code", "code_raw"), ERROR_CODE_FORMS)
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_error_codes_are_read_by_their_exact_value(
+    kalshi_keys: KeyPair,  # noqa: F811
+    code_json: str,
+    code: int | None,
+    code_raw: str | None,
+    signed: bool,
+) -> None:
+    stream = offline_stream(signer_for(kalshi_keys) if signed else None)
+    with logs() as captured:
+        stream._handle(f'{{"type":"error","id":7,"msg":{{"code":{code_json},"msg":"odd\u2028text"}}}}')
+    (error,) = events(captured, "ws_error_frame")
+    assert error["code"] == code
+    assert error.get("code_raw") == code_raw
+    assert error["msg"] == "odd\\u2028text"  # the line separator shown as an escape
+    assert error["id"] == 7
+    expected_end = {9: "auth_required", 25: "buffer_overflow"}.get(code) if code is not None else None
+    assert stream._end == expected_end
+    if code == 9:
+        assert error["log_level"] == "error"
+        assert ("set KALSHI_API_KEY_ID" in error["hint"]) is not signed
+    elif code is None:
+        assert (error["log_level"], error["hint"]) == ("warning", "unknown error code: not taken for any known error")
+    assert stream.error_frames == 1
+
+
+def test_an_error_code_too_large_for_a_float_refuses_the_frame() -> None:
+    refused: list[str] = []
+    stream = TradeStream(
+        url="ws://127.0.0.1/trade-api/ws/v2",
+        signer=None,
+        deliver=lambda batch: None,
+        on_bad_frame=lambda raw, exc: refused.append(exc.reason),
+    )
+    with logs() as captured:
+        stream._handle('{"type":"error","msg":{"code":9e999,"msg":"x"}}')
+    assert refused == ["not_json"]  # the frame decoder's own rule
+    assert not events(captured, "ws_error_frame") and stream._end is None
+
+
+async def test_error_frames_with_odd_codes_are_logged_and_the_connection_kept(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    good = msgs(1)
+    odd = ["9.5", "true", '"9"', "9.000000000000001", "-9", "1" * 30]
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        for code_json in odd:
+            await session.send(f'{{"type":"error","msg":{{"code":{code_json},"msg":"Authentication required"}}}}')
+        await session.send_trades(good)
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            await client.stop()
+
+    errors = events(captured, "ws_error_frame")
+    assert [(e["code"], e["code_raw"], e["log_level"]) for e in errors] == [(None, c, "warning") for c in odd]
+    assert not events(captured, "ws_disconnected") and len(kalshi.handshakes) == 1
+    assert [frame["msg"] for frame in client.delivered] == typed(good)
 
 
 async def test_error_25_buffer_overflow_warns_and_reconnects(kalshi_keys: KeyPair) -> None:  # noqa: F811
@@ -679,16 +926,17 @@ async def test_error_6_already_subscribed_is_ignored(kalshi_keys: KeyPair) -> No
 
 
 async def test_other_error_frames_are_logged_and_a_refused_subscribe_reconnects(kalshi_keys: KeyPair) -> None:  # noqa: F811
-    attempts = [
-        send_errors([(17, "Internal error")]),  # unrelated to our command: logged, connection kept
-    ]
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_error(17, "Internal error")  # unrelated to our command: logged, connection kept
+        await session.send_trades(msgs(1))  # delivered after it: the error frame was handled by then
+
     with logs() as captured:
-        async with server_for(kalshi_keys, attempts=attempts) as kalshi:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
             client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
             client.start()
-            await kalshi.wait_for(lambda: len(kalshi.sessions[0].sent) == 2 if kalshi.sessions else False)
-            await asyncio.sleep(2 * UNIT)
-            assert len(kalshi.handshakes) == 1
+            await client.wait_for(lambda: len(client.delivered) == 1)
+            assert len(kalshi.handshakes) == 1 and client.disconnects == 0
             await client.stop()
     (error,) = events(captured, "ws_error_frame")
     assert (error["code"], error["msg"], error["log_level"]) == (17, "Internal error", "warning")
@@ -804,6 +1052,78 @@ async def test_frames_without_a_readable_seq_are_skipped_and_gaps_after_them_sti
     assert client.stream.gaps == 1
 
 
+async def test_trades_before_the_subscribed_ack_are_taken_and_are_no_gap(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    # Kalshi's race: the first trades of a new subscription can arrive before its `subscribed`.
+    before, after = msgs(2), msgs(2)
+
+    async def script(session: FakeSession) -> None:
+        command = await session.wait_command("subscribe")
+        session.open_subscription()
+        await session.send_trades(before)  # seq 1, 2
+        await session.send_subscribed(command["id"])
+        await session.send_trades(after)  # seq 3, 4
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[Attempt(script=script, ignore_subscribes=1)]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 4)
+            assert client.stream.last_seq == {1: 4}
+            await client.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == typed(before + after)
+    assert (client.gaps, client.stream.gaps, client.stream.seq_repeated) == ([], 0, 0)
+    assert not events(captured, "ws_seq_gap")
+    assert client.sids == [1]
+
+
+async def test_a_second_ack_for_the_same_sid_starts_nothing_over(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(msgs(2))  # seq 1, 2
+        await session.send_subscribed(1)  # the same ack once more
+        await session.send_trades(msgs(2))  # seq 3, 4
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 4)
+            assert client.stream.last_seq == {1: 4}
+            await client.stop()
+
+    assert (client.gaps, client.stream.gaps) == ([], 0)
+    assert client.sids == [1]  # `on_subscribed` once: nothing new began
+    assert len(events(captured, "ws_subscribed")) == 1
+    assert len(kalshi.handshakes) == 1
+
+
+async def test_a_repeated_or_late_seq_is_no_gap_and_is_counted(kalshi_keys: KeyPair) -> None:  # noqa: F811
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        frames = await session.send_trades(msgs(3))  # seq 1, 2, 3
+        await session.send(frames[1])  # seq 2 delivered twice
+        session.skip_seq(1)  # seq 4 is late...
+        await session.send_trade()  # ... so 5 shows a gap
+        await session.send(trade_frame(trade_msg(), sid=session.sid, seq=4))  # and here it comes
+        await session.send_trade()  # seq 6
+
+    with logs() as captured:
+        async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+            client = Client(kalshi.url, signer_for(kalshi_keys))
+            client.start()
+            await client.wait_for(lambda: len(client.delivered) == 7)
+            assert client.stream.last_seq == {1: 6}
+            await client.stop()
+
+    assert [frame["seq"] for frame in client.delivered] == [1, 2, 3, 2, 5, 4, 6]  # all delivered: dedup is downstream
+    assert client.gaps == [SeqGap(sid=1, expected=4, got=5)]  # the one real gap, once
+    assert (client.stream.gaps, client.stream.frames_missing, client.stream.seq_repeated) == (1, 1, 2)
+    assert client.stream.stats_fields() == {"seq_repeated": 2, "subscribes_unacknowledged": 0}
+    repeated = events(captured, "ws_seq_repeated")
+    assert [(e["seq"], e["last_seq"]) for e in repeated] == [(2, 3), (4, 5)]
+
+
 # ------------------------------------------------------------------------------------------------ control
 
 
@@ -888,6 +1208,62 @@ async def test_a_frame_over_the_size_limit_ends_the_connection_and_nothing_of_it
     assert len(client.delivered) == 1
     assert client.bad == []
     assert kalshi.sessions[0].ws.close_code == 1009  # message too big, as websockets always answered
+
+
+@pytest.mark.parametrize("oversize", ["deflate_bomb", "announced_length"])
+async def test_an_oversized_message_is_refused_and_its_close_names_the_cause(
+    kalshi_keys: KeyPair,  # noqa: F811
+    oversize: str,
+) -> None:
+    # Issue 17: a decompression bomb's close was logged as a bare `code=1006 reason=null`.
+    bomb = deflate_bomb(64)  # 64 MiB once decompressed, about 64 KB on the wire
+    first = msgs(1)
+
+    async def script(session: FakeSession) -> None:
+        await session.wait_subscribed()
+        await session.send_trades(first)
+        if oversize == "deflate_bomb":
+            await session.send_raw_frame(bomb, compressed=True)
+        else:
+            await session.send_raw_frame(b'{"type":"trade"', length=2**40)  # a header announcing a terabyte
+        await session.send_trade()  # never delivered: the connection ends at the frame before
+
+    tracemalloc.start()
+    try:
+        with logs() as captured:
+            async with server_for(kalshi_keys, attempts=[script]) as kalshi:
+                client = Client(kalshi.url, signer_for(kalshi_keys), real_sleep=False)
+                client.start()
+                await client.wait_for(lambda: client.disconnects == 1)
+                await kalshi.wait_for(lambda: len(kalshi.handshakes) == 2)  # and the stream connects again
+                await client.stop()
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert [frame["msg"] for frame in client.delivered] == typed(first)
+    assert client.bad == []
+    (disconnected,) = events(captured, "ws_disconnected")
+    assert disconnected["code"] == 1006  # what the socket says: the server's close frame is no longer read
+    if oversize == "deflate_bomb" and _compression[0] is None:
+        # Without permessage-deflate a compressed frame is a protocol error (RSV1 set), named as one.
+        assert (disconnected["cause"], disconnected["reason"], disconnected["sent_code"]) == (
+            "protocol_error",
+            "ProtocolError",
+            1002,
+        )
+    else:
+        assert disconnected["cause"] == "message_too_large"
+        assert (disconnected["reason"], disconnected["sent_code"], disconnected["limit_bytes"]) == (
+            "message_too_large",
+            1009,
+            2**20,
+        )
+        # A bomb's size is never known: decompression stops at the limit, which is what bounds the memory.
+        assert disconnected["size_bytes"] == (None if oversize == "deflate_bomb" else 2**40)
+        assert disconnected["compressed"] is (_compression[0] is not None)
+    assert kalshi.sessions[0].ws.close_code == disconnected["sent_code"]
+    assert peak_bytes < 16 * 2**20, peak_bytes  # a quarter of the bomb: it was never decompressed whole
 
 
 async def test_text_frames_split_anywhere_across_reads_are_cut_whole() -> None:

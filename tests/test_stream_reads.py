@@ -3,9 +3,9 @@ same frames handled one by one (`TradeStream._handle`, the path of frames websoc
 
 The per-read loop keeps the common case inline (today's trade frame, next in its subscription's seq) and leaves
 everything else to the per-frame code; whatever the mix of reads, gaps, repeats, frames without a usable seq,
-second subscriptions, error frames, legacy or malformed frames and non-ASCII text, both must deliver the same
-frames, see the same gaps with the same frames delivered before each, refuse the same frames, record the same
-text and count the same, and no batch may exceed MAX_BATCH_FRAMES.
+second subscriptions, repeated acks, unsubscriptions, error frames (odd codes too), legacy or malformed frames
+and non-ASCII text, both must deliver the same frames, see the same gaps with the same frames delivered before
+each, refuse the same frames, record the same text and count the same, and no batch may exceed MAX_BATCH_FRAMES.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def frame_texts(draw: st.DrawFn) -> list[str]:
     last: dict[int, int] = {1: 0}
     texts = [dumps({"id": 1, "type": "subscribed", "msg": {"channel": "trade", "sid": 1}})]
     for index in range(draw(st.integers(min_value=0, max_value=40))):
-        kind = draw(st.sampled_from(["trade"] * 12 + ["subscribed", "error", "ok", "garbage", "malformed"]))
+        kind = draw(
+            st.sampled_from(["trade"] * 12 + ["subscribed", "error", "ok", "unsubscribed", "garbage", "malformed"])
+        )
         sid = draw(st.sampled_from([1, 1, 1, 2]))
         how = draw(step)
         seq: Any = {
@@ -57,8 +59,11 @@ def frame_texts(draw: st.DrawFn) -> list[str]:
         envelope: dict[str, Any] = {"type": kind, "sid": sid}
         if seq is not None:
             envelope["seq"] = seq
-        if kind == "error":
-            envelope["msg"] = {"code": draw(st.sampled_from([6, 8])), "msg": "no"}
+        if kind == "unsubscribed":
+            envelope["id"] = 3
+            last[sid] = 0  # the sid's tracking ends; the generator may use it again from 1
+        elif kind == "error":
+            envelope["msg"] = {"code": draw(st.sampled_from([6, 8, 6.0, 8.5, True])), "msg": "no"}
             envelope["id"] = 99
         elif kind in ("trade", "malformed"):
             envelope["type"] = "trade"
@@ -116,6 +121,7 @@ def counts(stream: TradeStream) -> tuple[Any, ...]:
         stream.gaps,
         stream.frames_missing,
         stream.seq_unreadable,
+        stream.seq_repeated,
         stream.error_frames,
         dict(stream.last_seq),
         stream.sid,

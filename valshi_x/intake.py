@@ -170,6 +170,9 @@ class IdleStream:
     async def run(self) -> None:
         """Nothing to read: a replay's frames come from its capture (`replay`)."""
 
+    def stats_fields(self) -> dict[str, int]:
+        return {}
+
     async def resubscribe(self) -> bool:
         return False
 

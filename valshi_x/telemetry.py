@@ -27,7 +27,8 @@ _ORDER = (
     *("frames", "trades", "malformed", "duplicates", "groups", "open_groups", "alerts", "alerts_refused"),
     *("posted", "would_have_posted", "alerts_stale", "alerts_failed", "reconnects", "gaps"),
     *("late_fills_rejoined", "late_fills_after_alert", "sweeps_forgotten_early", "stall_resubscribes"),
-    *("frames_missing", "queue_depth", "frames_dropped", "last_frame_age_s", "uptime_s"),
+    *("frames_missing", "seq_repeated", "subscribes_unacknowledged"),
+    *("queue_depth", "frames_dropped", "last_frame_age_s", "uptime_s"),
     *("backfill_windows", "backfill_pending", "backfill_merged", "backfill_pages", "trades_backfilled"),
     *("backfill_s", "whales_from_backfill", "backfill_failures", "backfill_retries", "backfill_uncovered_s"),
     *("trades_already_seen", "held_groups", "holds_expired", "alerts_unconfirmed"),
@@ -56,6 +57,7 @@ class StreamView(Protocol):
     def gaps(self) -> int: ...
     @property
     def frames_missing(self) -> int: ...
+    def stats_fields(self) -> Mapping[str, int]: ...
 
 
 class QueueDepth(Protocol):
@@ -111,6 +113,7 @@ class StreamStats:
             "gaps": stream.gaps,
             "frames_missing": stream.frames_missing,
             "last_frame_age_s": round(self._monotonic() - last, 1) if last is not None else None,
+            **stream.stats_fields(),  # the stream's own counters (repeated seqs, unacknowledged subscribes)
         }
 
 

@@ -13,11 +13,21 @@ Liveness: Kalshi pings every 10 s. A connection that delivers neither a frame no
 `idle_timeout_s` is treated as stalled and replaced. Our own keepalive pings (`ping_interval_s`) notice a dead
 TCP link from our side.
 
+Subscribing: a `subscribe` that no `subscribed` answers within `subscribe_timeout_s` is sent once more, and if
+that is not answered either the connection is replaced (`subscribe_unacknowledged`). Server pings keep a
+connection alive whether or not it is subscribed, so nothing else would notice.
+
 Sequence numbers: Kalshi numbers the frames of each subscription (`sid`) 1, 2, 3... The stream tracks the last
 `seq` per `sid` for the current connection, logs and counts jumps, and calls `on_gap` so a backfill can fill
 them. Only a plain positive integer is a `seq`: a frame without one (or with `"seq": "2"`, `2.0`, `true`) is
 not checked and not counted as a step, and the frames around it still are, so one odd frame can never turn
-gap detection off. Warnings about single frames go through a `WarningBudget` (a few per minute per kind).
+gap detection off. What is not a gap: a trade on a sid before its `subscribed` (it is taken and starts that
+sid's tracking), a second `subscribed` for a sid already tracked (tracking goes on), and a seq at or below the
+last one seen on its sid (a repeat: counted as `seq_repeated`, delivered, left to the trade-id dedup).
+Warnings about single frames go through a `WarningBudget` (a few per minute per kind).
+
+Error frames are classified by the exact value of their `code` (9, 9.0 and 9e0 alike; 9.5, true, "9" or a
+number out of range are no code at all), and only an unsigned client is told to configure a key.
 """
 
 from __future__ import annotations
@@ -28,19 +38,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from valshi_x.backoff import Backoff, OutageBackoff, RetryDelays
 from valshi_x.kalshi.auth import KalshiSigner
 from valshi_x.logs import WarningBudget
+from valshi_x.sanitize import clean_log_text
 from valshi_x.trades import MalformedTrade, TradeFrame, careful_trade_frame, fast_trade_frame, parse_frame
 
 log = structlog.get_logger(__name__)
@@ -49,6 +61,13 @@ log = structlog.get_logger(__name__)
 ERR_ALREADY_SUBSCRIBED: Final = 6
 ERR_AUTH_REQUIRED: Final = 9
 ERR_BUFFER_OVERFLOW: Final = 25
+# An error code is a whole number in this range; anything else in `code` is unreadable, never a known error.
+_MAX_ERROR_CODE: Final = 2**31 - 1
+# For an error frame whose `code` decoded as a float: decoded again with numbers exact (9.000000000000001 is no 9).
+_EXACT_JSON: Final = msgspec.json.Decoder(float_hook=Decimal)
+
+# How long a `subscribe` may go unanswered before it is sent again (once), then the connection replaced.
+SUBSCRIBE_TIMEOUT_S: Final = 5.0
 
 # Frames that prove the server is alive: data, and the server's own pings. Pongs only answer our pings.
 _ALIVE_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING})
@@ -64,6 +83,10 @@ _REJECTED_HINT = (
     "check that KALSHI_API_KEY_ID belongs to this private key and to this environment (demo or production), "
     "and that the system clock is right"
 )
+_SIGNED_AUTH_HINT = (
+    "the handshake was signed and accepted, yet Kalshi asked for authentication; reconnecting with a fresh "
+    "signature. If this repeats, " + _REJECTED_HINT
+)
 
 # Why a session ended; decides the log level, the backoff used and the fields logged.
 Cause = Literal[
@@ -72,6 +95,9 @@ Cause = Literal[
     "auth_required",  # error frame 9
     "buffer_overflow",  # error frame 25
     "subscribe_failed",  # our subscribe command was refused
+    "subscribe_timeout",  # our subscribe, sent twice, was never acknowledged
+    "message_too_large",  # a frame (or what it decompresses to) over websockets' max_size: we closed with 1009
+    "protocol_error",  # a frame websockets could not parse (bad framing, bad deflate data, invalid UTF-8)
     "requested",  # reconnect() was called
 ]
 
@@ -88,6 +114,36 @@ def reconnect_backoff(rand: Callable[[], float] = random.random) -> OutageBackof
 def rejected_backoff(rand: Callable[[], float] = random.random) -> Backoff:
     """For refused credentials: at least 30 s, doubling, at most 10 min (retrying sooner cannot help)."""
     return Backoff(initial_s=60.0, factor=2.0, cap_s=600.0, rand=rand)
+
+
+def error_code(value: object) -> int | None:
+    """The whole-number value of an error frame's `code`, whatever its JSON number form; None when it has none.
+
+    `value` comes from a decode that keeps numbers exact (an int, or a Decimal for a number with a fraction or
+    exponent part): 9, 9.0 and 9e0 are code 9; 9.5, 9.000000000000001, true, "9", a negative or a huge number
+    are not codes at all, so they can never take the path of a known error.
+    """
+    if type(value) is int:
+        return value if 0 <= value <= _MAX_ERROR_CODE else None
+    # The range first: it bounds the work of the rest (Decimal("9e999999999") is cheap to compare, not to int).
+    if isinstance(value, Decimal) and value.is_finite() and 0 <= value <= _MAX_ERROR_CODE:
+        return int(value) if value == value.to_integral_value() else None
+    return None
+
+
+def _json_excerpt(value: object, max_len: int = 40) -> str:
+    """A short, log-safe text of a JSON value as it came (a Decimal as its digits)."""
+    text = str(value) if isinstance(value, Decimal) else msgspec.json.encode(value).decode()
+    return clean_log_text(text, max_len=max_len)
+
+
+def _error_text(value: object) -> str | None:
+    """An error frame's text for a log line: cleaned and cut short (any other JSON value as an excerpt)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return clean_log_text(value, max_len=200)
+    return _json_excerpt(value, 200)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +272,40 @@ class ObservedConnection(ClientConnection):
             sink(payloads)
 
 
+def _closed_cause(ws: ObservedConnection) -> Cause:
+    """Why a connection closed that nobody here asked to close: a frame websockets refused, or just closed."""
+    failure = ws.protocol.parser_exc
+    if isinstance(failure, PayloadTooBig):
+        return "message_too_large"
+    if isinstance(failure, ProtocolError | UnicodeDecodeError):
+        return "protocol_error"
+    return "closed"
+
+
+def _parser_failure(ws: ObservedConnection) -> dict[str, Any]:
+    """Log fields naming the frame websockets refused (the close it sent for it, the limit it hit), if any.
+
+    Our close frame is all the trace such a close leaves: the peer's answer is not read any more, so `code` shows
+    1006 (no close frame received). With permessage-deflate the size cannot be known: websockets stops
+    decompressing at the limit, which is what keeps a decompression bomb from taking the memory.
+    """
+    failure = ws.protocol.parser_exc
+    if failure is None or isinstance(failure, EOFError):  # EOF: the TCP connection ended, nothing was refused
+        return {}
+    sent = ws.protocol.close_sent
+    fields: dict[str, Any] = {"sent_code": sent.code if sent is not None else None}
+    if isinstance(failure, PayloadTooBig):
+        fields.update(
+            reason="message_too_large",
+            limit_bytes=failure.max_size,
+            size_bytes=failure.size,  # None when compressed: the size is unknown
+            compressed=bool(ws.protocol.extensions),
+        )
+    else:
+        fields.update(reason=type(failure).__name__, error=clean_log_text(str(failure), max_len=200))
+    return fields
+
+
 def public_url(url: str) -> str:
     """The URL without query or fragment, safe to log."""
     parts = urlsplit(url)
@@ -245,6 +335,8 @@ class TradeStream:
         close_timeout_s: float = 3.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        subscribe_timeout_s: float = SUBSCRIBE_TIMEOUT_S,
+        ack_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.url = url
         self._path = urlsplit(url).path or "/"
@@ -266,6 +358,8 @@ class TradeStream:
         self._close_timeout_s = close_timeout_s
         self._sleep = sleep
         self._clock = clock
+        self.subscribe_timeout_s = subscribe_timeout_s
+        self._ack_sleep = ack_sleep  # the wait for a `subscribed` (tests decide when it is over)
 
         # Counters for the stats line (never reset).
         self.attempts = 0
@@ -281,6 +375,8 @@ class TradeStream:
         self.gaps = 0
         self.frames_missing = 0
         self.seq_unreadable = 0  # frames on a sid whose seq was absent or not a plain positive integer
+        self.seq_repeated = 0  # frames whose seq was at or below the last one seen on their sid: not gaps
+        self.subscribes_unacknowledged = 0  # subscribe timeouts (each resubscribe and each reconnect they caused)
         self._warnings = WarningBudget(monotonic=clock)
 
         # State of the current connection (reset on each connect).
@@ -289,6 +385,8 @@ class TradeStream:
         self._seq_missing_noted: set[int] = set()
         self._next_id = 1
         self._pending_subscribes: set[int] = set()
+        self._acks = 0  # `subscribed` frames with a sid on this connection
+        self._ack_watch: asyncio.Task[None] | None = None
         self._ws: ObservedConnection | None = None
         self._end: Cause | None = None
 
@@ -318,7 +416,7 @@ class TradeStream:
                 self._begin_session(ws)
                 cause = await self._read(ws)
             except ConnectionClosed:
-                cause = self._end or "closed"
+                cause = self._end or _closed_cause(ws)
             except asyncio.CancelledError:
                 log.info("ws_stopping", uptime_s=round(self._clock() - started, 3))
                 raise
@@ -369,6 +467,8 @@ class TradeStream:
         self._seq_missing_noted = set()
         self._next_id = 1
         self._pending_subscribes = set()
+        self._acks = 0
+        self._ack_watch = None
         self._closing = None
         self._deliver = self._first_trade
         log.info("ws_connected", url=self._public_url, attempt=self.attempts, signed=self._signer is not None)
@@ -380,11 +480,14 @@ class TradeStream:
         # Text frames are handled as they arrive, a read's worth at a time (the recv loop below then sees only
         # what websockets keeps: binary or fragmented frames). Before subscribing, so no trade comes in between.
         ws.take_text_frames(self._take_read)
-        await self._subscribe(ws)
         try:
+            await self._subscribe(ws)
             return await self._read_frames(ws, loop, opened)
         finally:
             self._flush()  # what was read before the end is delivered before `on_disconnect`
+            watch = self._ack_watch
+            if watch is not None and not watch.done():
+                watch.cancel()
 
     async def _read_frames(self, ws: ObservedConnection, loop: asyncio.AbstractEventLoop, opened: float) -> Cause:
         handle, flush, recv, ready = self._handle, self._flush, ws.recv, ws.frames_ready
@@ -413,10 +516,48 @@ class TradeStream:
                 continue
 
     async def _subscribe(self, ws: ObservedConnection) -> None:
+        """Send `subscribe`, and watch that it is acknowledged (unless a watch of this connection still runs)."""
+        watch = self._ack_watch
+        if watch is None or watch.done():
+            self._ack_watch = asyncio.get_running_loop().create_task(self._watch_subscribe(ws, self._acks))
+        await self._send_subscribe(ws)
+
+    async def _send_subscribe(self, ws: ObservedConnection) -> None:
         command_id = self._command_id()
         self._pending_subscribes.add(command_id)
         command = {"id": command_id, "cmd": "subscribe", "params": {"channels": ["trade"]}}
         await ws.send(msgspec.json.encode(command).decode())
+
+    async def _watch_subscribe(self, ws: ObservedConnection, acks_before: int) -> None:
+        """No `subscribed` within `subscribe_timeout_s`: subscribe once more; still none after as long: reconnect.
+
+        Server pings keep the connection alive, so without this an unanswered subscribe would sit quiet until the
+        daemon's stall watch (minutes). A trade before the ack does not count as one: only `subscribed` tells
+        which sid is ours.
+        """
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        for action in ("resubscribe", "reconnect"):
+            await self._ack_sleep(self.subscribe_timeout_s)
+            if self._acks != acks_before or self._ws is not ws or self._end is not None:
+                return
+            self.subscribes_unacknowledged += 1
+            log.warning(
+                "subscribe_unacknowledged",
+                action=action,
+                timeout_s=self.subscribe_timeout_s,
+                waited_s=round(loop.time() - sent_at, 3),
+                pings_received=ws.pings_received,
+            )
+            if action == "resubscribe":
+                try:
+                    await self._send_subscribe(ws)
+                except ConnectionClosed:
+                    return  # the connection is going anyway
+            else:
+                # The read loop waits in `recv()`: closing ends it (ConnectionClosed; `run` reads `_end`).
+                self._end = "subscribe_timeout"
+                self._closing = loop.create_task(ws.close(1000, "subscribe unacknowledged"))
 
     def _command_id(self) -> int:
         command_id = self._next_id
@@ -473,11 +614,14 @@ class TradeStream:
         if kind == "subscribed":
             self._handle_subscribed(frame)
         elif kind == "error":
-            self._handle_error(frame)
+            self._handle_error(frame, text)
         elif kind in ("ok", "unsubscribed"):
             if "seq" in frame:
                 self._track_frame_seq(frame)
-            log.debug("ws_control_frame", type=kind, id=frame.get("id"), sid=frame.get("sid"))
+            sid = frame.get("sid")
+            if kind == "unsubscribed" and type(sid) is int:
+                self.last_seq.pop(sid, None)  # that subscription is over: a sid used again starts afresh
+            log.debug("ws_control_frame", type=kind, id=frame.get("id"), sid=sid)
         else:
             name = kind if isinstance(kind, str) else repr(kind)[:40]
             if name not in self._unknown_types and len(self._unknown_types) < _MAX_LOGGED_TYPES:
@@ -558,39 +702,58 @@ class TradeStream:
             if self._warnings.allow("ws_subscribed_without_sid"):
                 log.warning("ws_subscribed_without_sid", id=frame.get("id"), channel=channel)
             return
+        self._acks += 1
+        if sid == self.sid:
+            log.debug("ws_subscribed_again", sid=sid, channel=channel)  # already ours: nothing starts over
+            return
         self.sid = sid
-        self.last_seq[sid] = 0  # Kalshi numbers a new subscription's frames from 1
+        # Kalshi numbers a new subscription's frames from 1; trades that came before the ack were tracked already.
+        self.last_seq.setdefault(sid, 0)
         log.info("ws_subscribed", sid=sid, channel=channel)
         if self._on_subscribed is not None:
             self._on_subscribed(sid)
 
-    def _handle_error(self, frame: dict[str, Any]) -> None:
+    def _handle_error(self, frame: dict[str, Any], text: str) -> None:
+        """An error frame, classified by the value of its code (`error_code`); only a known code acts as one."""
         self.error_frames += 1
         if "seq" in frame:
             self._track_frame_seq(frame)  # error frames on a sid use up sequence numbers too
         msg = frame.get("msg")
-        code = msg.get("code") if isinstance(msg, dict) else None
-        text = msg.get("msg") if isinstance(msg, dict) else None
+        raw_code = msg.get("code") if isinstance(msg, dict) else None
+        if type(raw_code) is float:  # a fraction or exponent part: read the number again, exactly
+            exact = _EXACT_JSON.decode(text)  # the same text decoded once already: it cannot fail now
+            raw_code = exact["msg"]["code"]
+        code = error_code(raw_code)
         command_id = frame.get("id")
+        command_is_int = type(command_id) is int  # a peer's id may be a list, a bool, anything
+        fields: dict[str, Any] = {
+            "code": code,
+            "msg": _error_text(msg.get("msg") if isinstance(msg, dict) else None),
+            "id": command_id if command_is_int or command_id is None else _json_excerpt(command_id),
+        }
+        if code is None:
+            fields["code_raw"] = _json_excerpt(raw_code)
         if code == ERR_ALREADY_SUBSCRIBED:
-            log.debug("ws_error_frame", code=code, msg=text, id=command_id)
+            log.debug("ws_error_frame", **fields)
         elif code == ERR_AUTH_REQUIRED:
-            log.error("ws_error_frame", code=code, msg=text, id=command_id, hint=_UNSIGNED_HINT)
+            signed = self._signer is not None
+            hint = _SIGNED_AUTH_HINT if signed else _UNSIGNED_HINT
+            log.error("ws_error_frame", **fields, signed=signed, hint=hint)
             self._end = "auth_required"
         elif code == ERR_BUFFER_OVERFLOW:
             log.warning(
                 "ws_error_frame",
-                code=code,
-                msg=text,
-                id=command_id,
+                **fields,
                 hint="Kalshi dropped frames because this client read too slowly; reconnecting",
             )
             self._end = "buffer_overflow"
-        elif isinstance(command_id, int) and command_id in self._pending_subscribes:  # a peer's id may be a list
-            log.warning("ws_error_frame", code=code, msg=text, id=command_id, hint="subscribe refused; reconnecting")
+        elif command_is_int and command_id in self._pending_subscribes:
+            log.warning("ws_error_frame", **fields, hint="subscribe refused; reconnecting")
             self._end = "subscribe_failed"
         elif self._warnings.allow("ws_error_frame"):
-            log.warning("ws_error_frame", code=code, msg=text, id=command_id)
+            if code is None:
+                fields["hint"] = "unknown error code: not taken for any known error"
+            log.warning("ws_error_frame", **fields)
 
     def _track_frame_seq(self, frame: dict[str, Any]) -> None:
         sid = frame.get("sid")
@@ -606,24 +769,33 @@ class TradeStream:
                 log.warning("ws_seq_missing", sid=sid, seq=repr(seq)[:40], hint="this frame is not checked for gaps")
             return
         last = self.last_seq.get(sid)
-        self.last_seq[sid] = seq
         if last is None or seq == last + 1:
+            self.last_seq[sid] = seq  # a sid seen first here (before its ack) is tracked from this frame on
             return
+        if seq <= last:
+            # A repeat (a duplicate delivery) or a late frame: nothing is missing that was not counted already,
+            # and the last seq stays where it was, so the next frame is judged against the highest one seen.
+            self.seq_repeated += 1
+            if self._warnings.allow("ws_seq_repeated"):
+                log.warning("ws_seq_repeated", sid=sid, seq=seq, last_seq=last)
+            return
+        self.last_seq[sid] = seq
         expected = last + 1
-        if seq > expected:
-            gap = SeqGap(sid=sid, expected=expected, got=seq)
-            self.gaps += 1
-            self.frames_missing += gap.missing
-            if self._warnings.allow("ws_seq_gap"):
-                log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
-            if self._on_gap is not None:
-                # The frames before the gap are delivered first, so the frame after it starts the next batch.
-                self._flush()
-                self._on_gap(gap)
-        elif self._warnings.allow("ws_seq_out_of_order"):
-            log.warning("ws_seq_out_of_order", sid=sid, expected=expected, got=seq)
+        gap = SeqGap(sid=sid, expected=expected, got=seq)
+        self.gaps += 1
+        self.frames_missing += gap.missing
+        if self._warnings.allow("ws_seq_gap"):
+            log.warning("ws_seq_gap", sid=sid, expected=expected, got=seq, missing=gap.missing)
+        if self._on_gap is not None:
+            # The frames before the gap are delivered first, so the frame after it starts the next batch.
+            self._flush()
+            self._on_gap(gap)
 
     # ------------------------------------------------------------------ control for the daemon / watchdog
+
+    def stats_fields(self) -> dict[str, int]:
+        """This stream's counters for the periodic stats line (beside `reconnects`, `gaps`, `frames_missing`)."""
+        return {"seq_repeated": self.seq_repeated, "subscribes_unacknowledged": self.subscribes_unacknowledged}
 
     @property
     def last_heard_monotonic(self) -> float | None:
@@ -685,17 +857,19 @@ class TradeStream:
         return delay_s
 
     def _end_of_session(self, ws: ObservedConnection, cause: Cause, uptime_s: float) -> float:
-        backoff = self._slow_backoff if cause == "auth_required" else self._backoff
-        delay_s = backoff.next_delay()
+        # Only an unsigned client is refused for want of credentials; a signed one tries again with a fresh signature.
+        slow = cause == "auth_required" and self._signer is None
+        delay_s = (self._slow_backoff if slow else self._backoff).next_delay()
+        fields: dict[str, Any] = {
+            "cause": cause,
+            "code": ws.close_code,
+            "reason": ws.close_reason or None,
+            "uptime_s": round(uptime_s, 3),
+            "retry_in_s": round(delay_s, 3),
+        }
+        fields.update(_parser_failure(ws))  # a refused frame: its `reason` in place of the (absent) peer's one
         log_method = log.info if cause == "requested" else log.warning
-        log_method(
-            "ws_disconnected",
-            cause=cause,
-            code=ws.close_code,
-            reason=ws.close_reason or None,
-            uptime_s=round(uptime_s, 3),
-            retry_in_s=round(delay_s, 3),
-        )
+        log_method("ws_disconnected", **fields)
         return delay_s
 
     def _first_trade(self, batch: list[TradeFrame]) -> None:
