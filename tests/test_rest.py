@@ -24,8 +24,8 @@ from valshi_x.kalshi.rest import (
     _Event,
     label_from,
 )
+from valshi_x.markets import MarketLabel
 from valshi_x.trades import trade_from_fields
-from valshi_x.x.text import MarketLabel
 
 UNIT = 0.05  # seconds of real time; every real wait in these tests is a multiple of it
 

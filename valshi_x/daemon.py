@@ -215,7 +215,12 @@ class Daemon:
             if not mode.max_alert_age_applies:
                 overrides["max_alert_age_s"] = None
             self.poster = Poster.from_settings(
-                settings, self.store, transport, lookup_label=titles.label_for if lookup_titles else None, **overrides
+                settings,
+                self.store,
+                transport,
+                lookup_label=titles.label_for if lookup_titles else None,
+                peek_label=titles.cached_label if lookup_titles else None,  # issue 18: the filters' category
+                **overrides,
             )
             if self.planner is not None and rest is not None:
                 self.backfiller = Backfiller(
