@@ -176,7 +176,7 @@ def test_no_post_names_nos_price_and_the_yes_chance() -> None:
     assert text == (
         "🏦 Fed decision in Dec 2026? — Hike 0bps\n"
         "🐋 $115,000.00 on NO at 7.7¢ · 2 fills\n"
-        "NO 7¢\u20138¢ in 2 fills · now 92% YES\n"
+        "NO 7¢\u20138¢ in 2 fills · now 93% YES\n"
         "Pays $1,500,000 if NO wins"
     )
     assert "implied" not in text
@@ -261,7 +261,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 "🏦",
                 "Economics",
                 "$112,500.00",
-                "Market now 55% YES",
+                "",
                 "",
                 "",
                 "",

@@ -23,7 +23,8 @@ real newline). Each line is trimmed; a line that holds only placeholders which a
     {price_range}  lowest and highest fill price, joined by an en dash: 58¢ and 62¢ (62¢ alone when all fills had
                    one price)
     {move}         the side's price at the market's last trade before the sweep and at its last fill: "NO 45¢ →
-                   47¢"; on a NO buy followed by the market's YES chance after it ("· now 53% YES"); without a
+                   47¢"; on a NO buy followed by the market's YES chance after it ("· now 53% YES"); for a block
+                   trade, the book's last price before it ("NO last traded at 9¢ before the block"); without a
                    trade before the sweep, the fills' range ("NO 45¢ to 47¢ in 7 fills", with an en dash), or
                    nothing for one fill
     {odds_pct}     the chance the price gives the side bought (NO's chance on a NO buy), which is the average
@@ -344,6 +345,11 @@ def _side_price(yes_price: Decimal, side: str) -> Decimal:
 def _move(alert: Alert) -> str:
     """How the side's price moved: from the market's last trade before the sweep to the sweep's last fill."""
     side = alert.side.upper()
+    if alert.is_block_trade:
+        # Negotiated off the book: its price moved nothing, so the book's last price is what compares.
+        if alert.yes_before is None:
+            return ""
+        return f"{side} last traded at {_cents(_side_price(alert.yes_before, alert.side))}¢ before the block"
     if alert.yes_after is not None and alert.yes_before is not None:
         before = _cents(_side_price(alert.yes_before, alert.side))
         after = _cents(_side_price(alert.yes_after, alert.side))
@@ -353,7 +359,7 @@ def _move(alert: Alert) -> str:
         if low == high:
             return "" if alert.side == "yes" else f"Market now {_complement_cents(low)}% YES"
         moved = f"{side} {low}¢{_EN_DASH}{high}¢ in {alert.fills} fills"
-        after = high
+        after = _cents(_side_price(alert.yes_after, alert.side)) if alert.yes_after is not None else high
     if alert.side == "no":
         # A NO price leaves the reader to work out what the market now says about YES: say it.
         moved += f" · now {_complement_cents(after)}% YES"
