@@ -67,6 +67,8 @@ def is_combo(ticker: str) -> bool:
 # an unknown series falls back to its code.
 SERIES_NAMES: Final[dict[str, tuple[str, str]]] = {
     "KXNFLGAME": ("NFL game", "Sports"),
+    "KXNFLTOTAL": ("NFL total points", "Sports"),
+    "KXNFLSPREAD": ("NFL spread", "Sports"),
     "KXNFL": ("NFL", "Sports"),
     "KXNCAAFGAME": ("College football game", "Sports"),
     "KXNCAAF": ("College football", "Sports"),
@@ -91,6 +93,7 @@ SERIES_NAMES: Final[dict[str, tuple[str, str]]] = {
     "KXHIGHLAX": ("Los Angeles high temperature", "Climate and Weather"),
     "KXHIGHMIA": ("Miami high temperature", "Climate and Weather"),
     "KXHIGHAUS": ("Austin high temperature", "Climate and Weather"),
+    "KXHIGHHOU": ("Houston high temperature", "Climate and Weather"),
     "KXHIGHDEN": ("Denver high temperature", "Climate and Weather"),
     "KXHIGHPHIL": ("Philadelphia high temperature", "Climate and Weather"),
     "KXHIGH": ("High temperature", "Climate and Weather"),

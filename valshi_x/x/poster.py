@@ -411,8 +411,13 @@ class PosterStats:
 
     def lost_fields(self) -> dict[str, int]:
         """Whales that will not go out, for the stats and stop lines: too old when their turn came (`alerts_stale`),
-        refused by X or given up after retries (`alerts_failed`); each also has its own log line with the reason."""
-        return {"alerts_stale": self.skipped, "alerts_failed": self.rejected + self.failed}
+        refused by X or given up after retries (`alerts_failed`), left out by the filters (`alerts_filtered`); each
+        also has its own log line with the reason."""
+        return {
+            "alerts_stale": self.skipped,
+            "alerts_failed": self.rejected + self.failed,
+            "alerts_filtered": self.filtered,
+        }
 
 
 def _seconds(ms: int) -> float:
