@@ -47,15 +47,13 @@ PURE = (
     "valshi_x.sanitize",
     "valshi_x.pipeline",
     "valshi_x.x.text",
-    "valshi_x.markets",  # once it exists
+    "valshi_x.markets",
+    "valshi_x.x.filters",
 )
 IO_LIBRARIES = ("asyncio", "aiohttp", "websockets", "tweepy", "sqlite3", "socket", "subprocess", "threading")
 
 # (importer, imported) -> why it is allowed for now, and what removes it.
-KNOWN_EXCEPTIONS: Mapping[tuple[str, str], str] = {
-    # Issue 18 moves MarketLabel into a pure valshi_x/markets.py; then delete this line, and the edge is forbidden.
-    ("valshi_x.kalshi.rest", "valshi_x.x.text"): "MarketLabel still lives in x/text.py",
-}
+KNOWN_EXCEPTIONS: Mapping[tuple[str, str], str] = {}
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

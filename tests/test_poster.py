@@ -36,6 +36,7 @@ from tests.fake_x import (
 from valshi_x.check import show_status
 from valshi_x.config import Settings
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
+from valshi_x.markets import MarketLabel
 from valshi_x.store import RateLimitWindow, Store, db_path
 from valshi_x.whales import Alert, alert_log_fields
 from valshi_x.wiring import poster_from_settings
@@ -55,7 +56,6 @@ from valshi_x.x.poster import (
     parse_rate_limits,
     post_renderer,
 )
-from valshi_x.x.text import MarketLabel
 
 UNIT_S = 0.05
 X_TIMEOUT_S = 10 * UNIT_S  # generous: a loaded CI machine must not turn a normal answer into a timeout
@@ -752,7 +752,8 @@ def test_the_settings_renderer_uses_the_template_title_and_link_only_when_asked(
 ) -> None:
     text = post_renderer("{value} {title} {time}", post_links=post_links)(whale(1), label)
     assert text.startswith("$150,000 ")
-    assert (label.title if label else "KXBTC-26DEC31-T100000") in text
+    # No label: the readable stand-in from the ticker, never the ticker itself.
+    assert (label.title if label else "Bitcoin price range, Dec 31 2026: outcome T100000") in text
     assert ("https://" in text) is (link is not None)
     if link is not None:
         assert text.endswith(link)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -21,11 +23,12 @@ from valshi_x.kalshi.rest import (
     TitleBreaker,
     TitleLookup,
     TTLCache,
+    _category,
     _Event,
     label_from,
 )
+from valshi_x.markets import MarketLabel
 from valshi_x.trades import trade_from_fields
-from valshi_x.x.text import MarketLabel
 
 UNIT = 0.05  # seconds of real time; every real wait in these tests is a multiple of it
 
@@ -145,6 +148,49 @@ async def test_titles_from_market_and_event(
 )
 def test_label_rules(market: dict[str, Any], event: _Event | None, expected: str) -> None:
     assert label_from("KXA-1", market, event).title == expected
+
+
+async def test_context_comes_with_the_title_in_the_same_request(
+    fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    # Category (the event's), close times and 24 h volume (the market's) ride along: no request more.
+    fake.add_event(
+        "KXNFLGAME-26NOV01KCBUF", "Kansas City at Buffalo Winner?", series_ticker="KXNFLGAME", category="Sports"
+    )
+    fake.add_market(
+        "KXNFLGAME-26NOV01KCBUF-KC",
+        "KXNFLGAME-26NOV01KCBUF",
+        yes_sub_title="Kansas City",
+        close_time="2026-11-15T18:00:00Z",
+        expected_expiration_time="2026-11-02T00:30:00.000000Z",
+        volume_24h_fp="123456.78",
+        volume_24h=99,
+    )
+    fake.add_market("KXNFLGAME-26NOV01KCBUF-BUF", "KXNFLGAME-26NOV01KCBUF", yes_sub_title="Buffalo", volume_24h=4000)
+    rest = make_rest(session, fake, clock)
+    label = await rest.market_label("KXNFLGAME-26NOV01KCBUF-KC")
+    assert (label.category, label.volume_24h) == ("Sports", Decimal("123456.78"))
+    assert label.close_time == datetime(2026, 11, 15, 18, 0, tzinfo=UTC)
+    assert label.expected_expiration_time == datetime(2026, 11, 2, 0, 30, tzinfo=UTC)
+    sibling = await rest.market_label("KXNFLGAME-26NOV01KCBUF-BUF")
+    assert (sibling.category, sibling.volume_24h, sibling.close_time) == ("Sports", Decimal(4000), None)
+    assert fake.counts == {"event": 1}
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"volume_24h_fp": "1e9", "volume_24h": True, "close_time": "tomorrow", "category": "<b>Sports</b>"},
+        {"volume_24h_fp": "-5", "volume_24h": 10**20, "close_time": "2026-13-45T99:00:00Z", "category": "x" * 100},
+        {"volume_24h_fp": "9" * 400, "volume_24h": "NaN", "close_time": "2026-11-15T18:00:00+05:00", "category": 7},
+        {"volume_24h_fp": ["1"], "volume_24h": -1, "close_time": 1789319100, "category": "Sports\n@x"},
+    ],
+)
+def test_odd_context_fields_are_left_out(odd: dict[str, Any]) -> None:
+    label = label_from(
+        "KXA-1", {"yes_sub_title": "A", **odd}, _Event("Event?", "", "KXA", 2, _category(odd["category"]))
+    )
+    assert (label.title, label.category, label.close_time, label.volume_24h) == ("Event? — A", None, None, None)
 
 
 async def test_cache_hits_and_expiry(fake: FakeKalshiRest, session: aiohttp.ClientSession, clock: FakeClock) -> None:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from valshi_x.markets import MarketLabel, market_link, series_of
 from valshi_x.trades import Side, Trade
 from valshi_x.whales import Alert, WhaleDetector
 from valshi_x.x.text import (
@@ -21,10 +22,7 @@ from valshi_x.x.text import (
     MAX_WEIGHTED_LENGTH,
     MENTION_RE,
     TEMPLATE_FIELDS,
-    MarketLabel,
-    market_link,
     render_post,
-    series_of,
     validate_template,
     weighted_length,
 )
@@ -156,13 +154,14 @@ LONG_SHOT = alert_of(trade(0, "KXPRES-28-JDOE", "0.0025", "48000000.00"))
 
 
 def test_sweep_post_exactly() -> None:
+    # Title first (with the league's marker), the money, side and price once, the fills' range (no trade before
+    # the sweep was seen), what it pays; no trade time (X stamps the post) and whole contracts.
     text = render_post(SWEEP, title="Kansas City at Buffalo Winner? — Kansas City")
     assert text == (
-        "🐋 $118,800 on YES\n"
-        "Kansas City at Buffalo Winner? — Kansas City\n"
-        "Bought YES at 59.4¢ · market says 59.4% YES\n"
-        "200,000 contracts · 3 fills\n"
-        "Pays $200,000 if YES wins · 14:03:27 UTC"
+        "🏈 Kansas City at Buffalo Winner? — Kansas City\n"
+        "🐋 $118,800.00 on YES at 59.4¢ · 3 fills\n"
+        "YES 58¢\u201362¢ in 3 fills\n"
+        "Pays $200,000 if YES wins"
     )
 
 
@@ -175,11 +174,10 @@ def test_no_post_names_nos_price_and_the_yes_chance() -> None:
     )
     text = render_post(long_no, title="Fed decision in Dec 2026? — Hike 0bps")
     assert text == (
-        "🐋 $115,000 on NO\n"
-        "Fed decision in Dec 2026? — Hike 0bps\n"
-        "Bought NO at 7.7¢ · market says 92.3% YES\n"
-        "1,500,000 contracts · 2 fills\n"
-        "Pays $1,500,000 if NO wins · 14:03:27 UTC"
+        "🏦 Fed decision in Dec 2026? — Hike 0bps\n"
+        "🐋 $115,000.00 on NO at 7.7¢ · 2 fills\n"
+        "NO 7¢\u20138¢ in 2 fills · now 93% YES\n"
+        "Pays $1,500,000 if NO wins"
     )
     assert "implied" not in text
 
@@ -232,6 +230,15 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 NFL,
                 LINK,
                 "59.4%",
+                "🏈",
+                "Sports",
+                "$118,800.00",
+                "YES 58¢\u201362¢ in 3 fills",
+                "",
+                "",
+                "",
+                "",
+                "t0",
             ],
         ),
         (
@@ -251,6 +258,15 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 "KXFED-26DEC-T4.00",
                 LINK,
                 "55%",
+                "🏦",
+                "Economics",
+                "$112,500.00",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "t0",
             ],
         ),
         (
@@ -262,7 +278,7 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 "71¢",
                 "71¢",
                 "71%",
-                "147,000.53",
+                "147,001",
                 "$147,001",
                 "1",
                 "",
@@ -270,6 +286,15 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 "KXBTCD-26SEP0117-T110000",
                 LINK,
                 "71%",
+                "🪙",
+                "Crypto",
+                "$104,370.38",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "t0",
             ],
         ),
         (
@@ -289,6 +314,15 @@ _COMMON = ["14:03:27 UTC", "2026-09-01"]
                 "KXPRES-28-JDOE",
                 LINK,
                 "0.25%",
+                "🗳️",
+                "Elections",
+                "$120,000.00",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "t0",
             ],
         ),
     ],
@@ -316,10 +350,15 @@ def test_sub_penny_and_rounding() -> None:
     assert render_post(lock, title=None, template="{price_cents} {time}") == "99.96¢ 14:03:27 UTC"
 
 
-def test_no_title_falls_back_to_ticker() -> None:
+def test_no_title_falls_back_to_a_readable_name() -> None:
+    # A ticker is never the headline: the series' name, the event's date and the outcome code stand in.
     text = render_post(BLOCK_NO, title=None)
-    assert text.splitlines()[1] == "KXFED-26DEC-T4.00"
+    assert text.splitlines()[0] == "🏦 Fed funds rate, Dec 2026: outcome T4.00"
     assert render_post(BLOCK_NO, title="   ") == text
+    nfl = render_post(SWEEP, title=None).splitlines()[0]
+    assert nfl == "🏈 NFL game, Nov 1 2026: KCBUF, outcome KC"
+    unknown = render_post(alert_of(trade(0, "KXODDTHING-26SEP13-A", "0.5", "300000.00")), title=None)
+    assert unknown.splitlines()[0] == "Kalshi market KXODDTHING, Sep 13 2026: outcome A"
 
 
 def test_default_posts_fit_and_agree_with_x() -> None:
@@ -334,7 +373,7 @@ def test_default_posts_fit_and_agree_with_x() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Length: the title gives way, numbers never do
 
-NUMBER_LINES = render_post(SWEEP, title="x").splitlines()[2:]
+NUMBER_LINES = render_post(SWEEP, title="x").splitlines()[1:]
 
 
 @pytest.mark.parametrize(
@@ -354,10 +393,10 @@ def test_long_titles_are_cut_to_fit(title: str, at_least: int) -> None:
     assert at_least <= weighted_length(text) <= MAX_WEIGHTED_LENGTH
     if ORACLE is not None:
         assert x_length(text) <= MAX_WEIGHTED_LENGTH
-    assert lines[0] == "🐋 $118,800 on YES"
-    assert lines[2:] == NUMBER_LINES
-    assert lines[1].endswith("…")
-    assert title.startswith(lines[1].removesuffix("…"))
+    assert lines[1:] == NUMBER_LINES
+    assert lines[0].startswith("🏈 ")
+    assert lines[0].endswith("…")
+    assert title.startswith(lines[0].removeprefix("🏈 ").removesuffix("…"))
     assert "\u200d…" not in text  # an emoji sequence is never cut in half
 
 
@@ -384,7 +423,7 @@ def test_template_that_cannot_fit_is_refused() -> None:
 )
 def test_no_mention_survives(title: str, shown: str) -> None:
     text = render_post(SWEEP, title=title)
-    assert text.splitlines()[1] == shown
+    assert text.splitlines()[0] == "🏈 " + shown
     assert "@" not in text
     assert "\uff20" not in text
     assert MENTION_RE.search(text) is None
@@ -392,9 +431,9 @@ def test_no_mention_survives(title: str, shown: str) -> None:
 
 def test_cashtags_in_titles_are_neutralised() -> None:
     text = render_post(SWEEP, title="Will $BTC beat $ETH and $SOL above $125,000?")
-    assert text.splitlines()[1] == "Will BTC beat ETH and SOL above $125,000?"
+    assert text.splitlines()[0] == "🏈 Will BTC beat ETH and SOL above $125,000?"
     assert re.search(r"\$[A-Za-z]", text) is None
-    assert "$118,800" in text  # dollar amounts stay
+    assert "$118,800.00" in text  # dollar amounts stay
 
 
 def test_template_may_hold_one_cashtag_but_not_two() -> None:
@@ -413,7 +452,7 @@ def test_ticker_glued_to_a_dollar_sign_counts_as_cashtag() -> None:
 
 def test_domains_in_titles_are_not_links() -> None:
     text = render_post(SWEEP, title="Will Kalshi.com, x.com or U.S.Sa go down?")
-    assert text.splitlines()[1] == "Will Kalshi\u2024com, x\u2024com or U.S\u2024Sa go down?"
+    assert text.splitlines()[0] == "🏈 Will Kalshi\u2024com, x\u2024com or U.S\u2024Sa go down?"
     if ORACLE is not None:
         assert x_urls(text) == []
         assert x_length(text) == weighted_length(text)
@@ -450,10 +489,12 @@ def test_market_link_and_series() -> None:
 # Uniqueness and templates
 
 
-def test_time_keeps_texts_unique() -> None:
-    later = dataclasses.replace(SWEEP, first_ts_ms=SWEEP.first_ts_ms + 1000)
-    assert render_post(later, title="t") != render_post(SWEEP, title="t")
-    assert render_post(later, title="t").replace("14:03:28", "14:03:27") == render_post(SWEEP, title="t")
+def test_exact_value_keeps_texts_unique_and_time_is_not_shown() -> None:
+    # Two whales a cent apart read differently; the trade time (which read as a settlement time) is gone.
+    cent_more = dataclasses.replace(SWEEP, value_usd=SWEEP.value_usd + Decimal("0.01"))
+    assert render_post(cent_more, title="t") != render_post(SWEEP, title="t")
+    assert "$118,800.01" in render_post(cent_more, title="t")
+    assert "UTC" not in render_post(SWEEP, title="t")
 
 
 def test_default_template_is_valid_and_used_for_empty() -> None:
@@ -480,7 +521,7 @@ def test_custom_template_with_escaped_newlines_and_braces() -> None:
         ("{value:>12} {time}", "takes no format"),
         ("{value!r} {time}", "takes no format"),
         ("{value.real} {time}", "unknown placeholder"),
-        ("{value} on {side}", r"must contain \{time\}"),
+        ("{value} on {side}", r"must contain \{value_exact\}, \{time\} or \{ref\}"),
         ("hey @kalshi {value} {time}", "must not contain '@'"),
         ("x" * 300 + "{time}", "too long"),
     ],
@@ -492,7 +533,7 @@ def test_bad_templates_are_explained(template: str, message: str) -> None:
 
 def test_titles_become_one_line() -> None:
     text = render_post(SWEEP, title="Line one\nLine two\t\r end  ")
-    assert text.splitlines()[1] == "Line one Line two end"
+    assert text.splitlines()[0] == "🏈 Line one Line two end"
 
 
 _TITLE_ALPHABET = [*"aZ09 .,:/@$#-_?", "\uff20", "\uff04", "com", "io", "https://", "漢", "🐋", FAMILY, "é", "BTC"]
@@ -506,7 +547,7 @@ def test_any_title_gives_a_post_within_the_rules(title: str) -> None:
     assert MENTION_RE.search(text) is None
     assert "@" not in text
     assert re.search(r"\$[A-Za-z]", text) is None
-    assert text.splitlines()[2:] == NUMBER_LINES
+    assert text.splitlines()[1:] == NUMBER_LINES
     if ORACLE is not None:
         assert x_length(text) <= MAX_WEIGHTED_LENGTH
         assert x_urls(text) == []

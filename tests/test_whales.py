@@ -435,3 +435,39 @@ async def test_a_dedup_miss_when_the_cap_bites_is_caught_by_the_durable_outbox()
         assert not await store.enqueue(alerts[1])  # never posted twice
     finally:
         await store.close()
+
+
+def test_the_price_before_a_sweep_comes_from_the_tape() -> None:
+    # The market's last trade before the sweep (any side; a block trade does not count: it says nothing of the
+    # book), and the sweep's last fill after it: the move a post shows (issue 18).
+    d = detector()
+    ticker = "KXNFLGAME-26SEP13CHIJAC-CHI"
+    d.add_many(
+        [
+            fill("10.00", "0.4400", at=0, ticker=ticker, side="no"),  # YES 0.56
+            fill("10.00", "0.5500", at=1000, ticker=ticker),  # YES 0.55: the last price before the sweep
+            fill("10.00", "0.2000", at=2000, ticker=ticker, block=True),  # off the book
+        ]
+    )
+    alerts = (
+        d.add_many(
+            [
+                fill("150000.00", "0.4500", at=5000, ticker=ticker, side="no"),
+                fill("150000.00", "0.4700", at=5100, ticker=ticker, side="no"),
+            ]
+        )
+        + d.flush()
+    )
+    assert len(alerts) == 1
+    assert (alerts[0].yes_before, alerts[0].yes_after) == (Decimal("0.5500"), Decimal("0.53"))
+    first = detector()
+    alone = first.add_many([fill("300000.00", "0.5000", ticker="KXNEW-1")]) + first.flush()
+    assert alone[0].yes_before is None  # nothing seen before it since start
+
+
+def test_the_last_price_map_is_bounded() -> None:
+    d = WhaleDetector(Decimal(100000), 1000, max_priced_markets=10)
+    for n in range(200):
+        d.add(fill("1.00", "0.5000", at=n * 1000, ticker=f"KXM-{n}"))  # a new market every second
+        assert len(d.last_yes) <= 11  # the cap is checked once per trade second, before the second's trades
+    assert "KXM-199" in d.last_yes  # the newest stay

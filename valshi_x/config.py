@@ -99,6 +99,29 @@ def _template(raw: str) -> str:
     return raw
 
 
+_MAX_LIST_ITEMS = 100
+
+
+def _names(pattern: str, what: str) -> Callable[[str], tuple[str, ...]]:
+    """A comma-separated list of names (categories, series prefixes); empty means none."""
+    item = re.compile(pattern)
+
+    def parse(raw: str) -> tuple[str, ...]:
+        items = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if len(items) > _MAX_LIST_ITEMS:
+            raise ValueError(f"at most {_MAX_LIST_ITEMS} {what}s, got {len(items)}")
+        for name in items:
+            if not item.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not a {what} (comma-separated list)")
+        return items
+
+    return parse
+
+
+_categories = _names(r"[A-Za-z][A-Za-z &/-]{0,39}", "category")
+_series_prefixes = _names(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "series prefix")
+
+
 def _url(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         parts = urlsplit(raw)
@@ -167,6 +190,23 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "The post's text template, in double quotes (see README); empty means the built-in one.",
         _template,
     ),
+    SettingSpec(
+        "POST_CATEGORIES",
+        "",
+        "Post only whales of these Kalshi categories (comma-separated, e.g. Sports,Crypto); empty means all.",
+        _categories,
+    ),
+    SettingSpec("SKIP_CATEGORIES", "", "Never post whales of these categories (comma-separated).", _categories),
+    SettingSpec(
+        "POST_SERIES",
+        "",
+        "Post only whales whose ticker starts with one of these series prefixes (e.g. KXNFL,KXHIGH); empty: all.",
+        _series_prefixes,
+    ),
+    SettingSpec(
+        "SKIP_SERIES", "", "Never post whales whose ticker starts with one of these prefixes.", _series_prefixes
+    ),
+    SettingSpec("POST_COMBOS", "true", "Post whales on combo (KXMVE...) markets too.", _bool),
     SettingSpec("X_TIMEOUT_S", "20", "Timeout of one request to X.", _seconds),
     SettingSpec(
         "BACKFILL_MAX_S", "1800", "At start-up, fetch missed trades from REST back at most this far.", _seconds
@@ -208,6 +248,11 @@ class Settings:
     max_alert_age_s: float = 900.0
     post_links: bool = False
     post_template: str = ""
+    post_categories: tuple[str, ...] = ()
+    skip_categories: tuple[str, ...] = ()
+    post_series: tuple[str, ...] = ()
+    skip_series: tuple[str, ...] = ()
+    post_combos: bool = True
     x_timeout_s: float = 20.0
     backfill_max_s: float = 1800.0
     hold_max_s: float = 5.0

@@ -148,6 +148,8 @@ def alert_to_json(alert: Alert) -> str:
             "is_block_trade": alert.is_block_trade,
             "first_ts_ms": alert.first_ts_ms,
             "last_ts_ms": alert.last_ts_ms,
+            "yes_before": None if alert.yes_before is None else str(alert.yes_before),
+            "yes_after": None if alert.yes_after is None else str(alert.yes_after),
         }
     ).decode()
 
@@ -167,7 +169,14 @@ def alert_from_json(raw: str) -> Alert:
         is_block_trade=bool(data["is_block_trade"]),
         first_ts_ms=int(data["first_ts_ms"]),
         last_ts_ms=int(data["last_ts_ms"]),
+        # Absent in rows written before the price move was kept.
+        yes_before=_optional_decimal(data.get("yes_before")),
+        yes_after=_optional_decimal(data.get("yes_after")),
     )
+
+
+def _optional_decimal(raw: object) -> Decimal | None:
+    return Decimal(raw) if isinstance(raw, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +554,8 @@ class Store:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             log.info("state_created", path=str(self.path or ":memory:"), schema_version=SCHEMA_VERSION)
+        # For "the Nth whale on this market in 24 h" (`whales_on_market`); added to older state directories too.
+        db.execute("CREATE INDEX IF NOT EXISTS outbox_ticker ON outbox (ticker, first_ts_ms)")
 
     def _recover(self) -> None:
         now_ms = self._clock_ms()
@@ -805,6 +816,22 @@ class Store:
             f"SELECT {_ITEM_COLUMNS} FROM outbox ORDER BY updated_ms DESC, rowid DESC LIMIT ?", (n,)
         ).fetchall()
         return [_item(r) for r in rows]
+
+    async def whales_on_market(self, alert: Alert, window_ms: int) -> int:
+        """Whales on the alert's market whose first fill lies in the `window_ms` up to its own, itself included.
+
+        Every outbox row counts, whatever became of it (posted, skipped, failed): each was a whale. Ties in time
+        go by alert id, so two alerts never get the same rank. Counted to 999 at most (an index range, bounded).
+        """
+        return await self._call(self._whales_on_market_sync, alert.ticker, alert.first_ts_ms, alert.alert_id, window_ms)
+
+    def _whales_on_market_sync(self, ticker: str, first_ts_ms: int, alert_id: str, window_ms: int) -> int:
+        row = self._db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE ticker = ? AND first_ts_ms > ? AND first_ts_ms <= ? "
+            "AND (first_ts_ms < ? OR alert_id <= ?) LIMIT 999)",
+            (ticker, first_ts_ms - window_ms, first_ts_ms, first_ts_ms, alert_id),
+        ).fetchone()
+        return int(row[0])
 
     async def trade_owner(self, trade_id: str) -> str | None:
         """The alert a trade id belongs to, if any."""

@@ -58,6 +58,12 @@ class Alert:
     is_block_trade: bool
     first_ts_ms: int
     last_ts_ms: int
+    # The market's YES price (dollars) at its last trade before the sweep (None: none seen since start) and at the
+    # sweep's last fill: the move a post shows.
+    yes_before: Decimal | None = None
+    yes_after: Decimal | None = None
+    # Whales on this market in the 24 h up to this one, itself included: set by the poster from the outbox.
+    market_whales_24h: int | None = None
 
     @property
     def alert_id(self) -> str:
@@ -91,6 +97,7 @@ class _OpenGroup(msgspec.Struct, gc=False, eq=False):
     first_ts_ms: int
     trades: list[Trade]
     count_f: float  # float sum of the fills' counts: bounds the value (module docstring); `exact_value` decides
+    yes_before: str | None  # the market's YES price (text) at its last trade before this group opened
     value_f: float = 0.0  # float sum of the values of the first `valued` fills (`WhaleDetector._value_f`)
     valued: int = 0
     closed: bool = False
@@ -130,7 +137,7 @@ def exact_value(trades: list[Trade]) -> Decimal:
     return sum(values[1:], values[0])
 
 
-def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
+def _alert_from(trades: list[Trade], value_usd: Decimal, yes_before: str | None) -> Alert:
     # Report fills in trade-time order; ids break ties so the alert id is stable across regrouping.
     fills = sorted(trades, key=lambda t: (t.ts_ms, t.trade_id))
     prices = [t.price_dollars for t in fills]
@@ -147,6 +154,8 @@ def _alert_from(trades: list[Trade], value_usd: Decimal) -> Alert:
         is_block_trade=first.is_block_trade,
         first_ts_ms=first.ts_ms,
         last_ts_ms=fills[-1].ts_ms,
+        yes_before=Decimal(yes_before) if yes_before is not None else None,
+        yes_after=fills[-1].yes_price_dollars,
     )
 
 
@@ -246,6 +255,7 @@ class WhaleDetector:
         dedup_max_ids: int = 200_000,
         late_fill_horizon_ms: int = 120_000,
         max_kept_trades: int = 50_000,
+        max_priced_markets: int = 20_000,
         gate: RecoveryGate | None = None,
         on_near_whale: Callable[[str], None] | None = None,
         on_grew_after_alert: GrewAfterAlert | None = None,
@@ -282,6 +292,11 @@ class WhaleDetector:
         self.late_fills_rejoined = 0
         self.late_fills_after_alert = 0
         self.watermark_ms = 0  # newest trade time seen
+        # Each market's YES price (text) at its latest trade taken in order (block trades and late fills leave it
+        # alone: they say nothing of the book now): a new sweep notes it, so its post can show the move. One dict
+        # store per trade; bounded by `max_priced_markets` (the oldest half goes when over).
+        self.last_yes: dict[str, str] = {}
+        self.max_priced_markets = max_priced_markets
         self.duplicates = 0
         self.groups_closed = 0
         self.alerts = 0
@@ -357,6 +372,7 @@ class WhaleDetector:
         window = self.sweep_window_ms
         near_below_f = self._near_below_f
         watermark = self.watermark_ms
+        last_yes = self.last_yes
         for trade in trades:
             ts_ms = trade.ts_ms
             if ts_ms - watermark > max_leap_ms:
@@ -370,6 +386,8 @@ class WhaleDetector:
             if second > newest_s:
                 remember_in_newest = seen._start_second(second, trade_id).append
                 newest_s = second
+                if len(last_yes) > self.max_priced_markets:
+                    self._forget_prices()
             else:
                 remember_in_newest(trade_id)  # same second, or an older trade: it leaves with the newest bucket
             if len(ids) > max_ids:
@@ -389,7 +407,8 @@ class WhaleDetector:
             if trade.is_block_trade or window <= 0:
                 self._add_alone(trade, alerts)
                 continue
-            key = (trade.ticker, side)
+            ticker = trade.ticker
+            key = (ticker, side)
             groups = open_groups.get(key)
             if groups is not None:
                 # Newest first: a fill belongs to the sweep whose window holds it; one a little early still belongs.
@@ -397,6 +416,7 @@ class WhaleDetector:
                 found = newest if -window <= ts_ms - newest.first_ts_ms <= window else self._older_open(groups, ts_ms)
                 if found is not None:
                     found.trades.append(trade)
+                    last_yes[ticker] = trade.yes_price_text
                     count_f = found.count_f = found.count_f + count_f
                     if count_f >= near_below_f and not found.near:
                         self._near_check(found)
@@ -407,7 +427,8 @@ class WhaleDetector:
                 if closed is not None:
                     self._late_fill(closed, trade, count_f)
                     continue
-            group = _OpenGroup(key, ts_ms, [trade], count_f)
+            group = _OpenGroup(key, ts_ms, [trade], count_f, last_yes.get(ticker))
+            last_yes[ticker] = trade.yes_price_text
             if count_f >= near_below_f:
                 self._near_check(group)
             if groups is None:
@@ -431,7 +452,13 @@ class WhaleDetector:
             and trade.value_usd >= self.threshold_usd
         ):
             self.on_near_whale(trade.ticker)
-        self._close_group([trade], value_f, alerts)
+        self._close_group([trade], value_f, alerts, self.last_yes.get(trade.ticker))
+
+    def _forget_prices(self) -> None:
+        """Over the cap of priced markets: the half noted first goes (a market still trading is noted again)."""
+        last_yes = self.last_yes
+        for ticker in list(last_yes)[: len(last_yes) // 2]:
+            del last_yes[ticker]
 
     def _late_fill(self, closed: _OpenGroup, trade: Trade, count_f: float) -> None:
         """A fill for a kept closed sweep: it joins silently if that was alerted, else the sweep reopens."""
@@ -589,7 +616,7 @@ class WhaleDetector:
                 self._open_count -= 1
         if group.count_f < self._clearly_below_f:  # the first screen, inline: the common case
             self.groups_closed += 1
-        elif self._close_group(group.trades, self._value_f(group), alerts):
+        elif self._close_group(group.trades, self._value_f(group), alerts, group.yes_before):
             group.alerted = True
             group.alert_id = alerts[-1].alert_id
         if self.late_fill_horizon_ms > 0:
@@ -648,7 +675,7 @@ class WhaleDetector:
         self.kept_trades -= len(group.trades)
         return True
 
-    def _close_group(self, trades: list[Trade], value_f: float, alerts: list[Alert]) -> bool:
+    def _close_group(self, trades: list[Trade], value_f: float, alerts: list[Alert], yes_before: str | None) -> bool:
         """Count the group closed; alert if it is a whale (decided exactly; module docstring). True when it was one."""
         self.groups_closed += 1
         if value_f < self._clearly_below_f:
@@ -657,7 +684,7 @@ class WhaleDetector:
         value_usd = exact_value(trades)
         if value_usd >= self.threshold_usd:
             self.alerts += 1
-            alerts.append(_alert_from(trades, value_usd))
+            alerts.append(_alert_from(trades, value_usd, yes_before))
             return True
         return False
 

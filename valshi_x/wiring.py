@@ -18,6 +18,7 @@ from valshi_x.errors import ConfigError
 from valshi_x.kalshi.rest import KalshiRest, TitleLookup
 from valshi_x.runmode import ModeProfile, Tuning
 from valshi_x.store import MODE_CHECKPOINT, Store
+from valshi_x.x.filters import PostFilter
 from valshi_x.x.poster import DryRunTransport, Poster, Render, Transport, XTransport, post_renderer
 
 if TYPE_CHECKING:  # the live side's libraries load only when a live run starts: a replay needs none (issue 11)
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # the live side's libraries load only when a live run starts:
 
     from aiohttp.client_middlewares import ClientMiddlewareType
 
-    from valshi_x.x.poster import LookupLabel
+    from valshi_x.x.poster import LookupLabel, PeekLabel
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,12 @@ async def open_resources(
     if not mode.max_alert_age_applies:
         overrides["max_alert_age_s"] = None
     poster = poster_from_settings(
-        settings, store, transport, lookup_label=titles.label_for if mode.lookup_titles else None, **overrides
+        settings,
+        store,
+        transport,
+        lookup_label=titles.label_for if mode.lookup_titles else None,
+        peek_label=titles.cached_label if mode.lookup_titles else None,  # the filters' category, when cached
+        **overrides,
     )
     return Resources(store, rest, titles, poster)
 
@@ -118,18 +124,26 @@ def poster_from_settings(
     *,
     render: Render | None = None,
     lookup_label: LookupLabel | None = None,
+    peek_label: PeekLabel | None = None,
     **overrides: Any,
 ) -> Poster:
-    """A poster with the caps, the age limit and the text settings of `settings`; `overrides` win (replay)."""
+    """A poster with the caps, the age limit, the filters and the text settings of `settings`; `overrides` win."""
     kwargs: dict[str, Any] = {
         "posts_per_15min": settings.x_posts_per_15min,
         "posts_per_24h": settings.x_posts_per_24h,
         "max_alert_age_s": settings.max_alert_age_s,
+        "post_filter": PostFilter.of(
+            post_categories=settings.post_categories,
+            skip_categories=settings.skip_categories,
+            post_series=settings.post_series,
+            skip_series=settings.skip_series,
+            post_combos=settings.post_combos,
+        ),
         **overrides,
     }
     if render is None:
         render = post_renderer(settings.post_template, post_links=settings.post_links)
-    return Poster(store, transport, render=render, lookup_label=lookup_label, **kwargs)
+    return Poster(store, transport, render=render, lookup_label=lookup_label, peek_label=peek_label, **kwargs)
 
 
 def _http_session() -> Any:

@@ -16,12 +16,15 @@ circuit breaker pauses them while Kalshi keeps failing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 import structlog
@@ -29,8 +32,8 @@ import structlog
 from valshi_x.backoff import capped_step_s, equal_jitter
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
 from valshi_x.errors import ValshiError
+from valshi_x.markets import MarketLabel, is_combo
 from valshi_x.sanitize import MAX_POST_TEXT
-from valshi_x.x.text import MarketLabel
 
 if TYPE_CHECKING:  # aiohttp is imported where a request is made: a replay never loads it (issue 11)
     import aiohttp
@@ -146,6 +149,7 @@ class _Event:
     sub_title: str
     series_ticker: str | None
     markets: int | None  # markets in the event, when the answer said
+    category: str | None = None
 
 
 def _text_field(obj: dict[str, Any], key: str) -> str:
@@ -154,11 +158,68 @@ def _text_field(obj: dict[str, Any], key: str) -> str:
     return value[:MAX_POST_TEXT].strip() if isinstance(value, str) else ""
 
 
+# A category is a short name ("Climate and Weather"); anything else is not used (it reaches posts and filters).
+_CATEGORY_RE = re.compile(r"[A-Za-z][A-Za-z &,/-]{0,39}")
+# An RFC 3339 UTC time as Kalshi writes them (2026-09-13T20:00:00Z, fractions allowed); nothing longer is read.
+_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]00:00)")
+# A contract count: plain digits, at most two decimals (Kalshi's fixed-point), below 10^15.
+_VOLUME_RE = re.compile(r"\d{1,15}(?:\.\d{1,6})?")
+
+
+def _category(raw: object) -> str | None:
+    if isinstance(raw, str) and _CATEGORY_RE.fullmatch(raw.strip()):
+        return raw.strip()
+    return None
+
+
+def _utc_time(raw: object) -> datetime | None:
+    """An RFC 3339 UTC time from a REST answer, tz-aware; None for anything else (absent, odd, out of range)."""
+    if not isinstance(raw, str) or not _TIME_RE.fullmatch(raw):
+        return None
+    text = raw[:19]  # whole seconds are all a post shows
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _volume(market: dict[str, Any]) -> Decimal | None:
+    """Contracts traded in 24 h: `volume_24h_fp` (fixed-point text) or, older, `volume_24h` (an integer)."""
+    for key in ("volume_24h_fp", "volume_24h"):
+        raw = market.get(key)
+        if isinstance(raw, bool):
+            continue
+        if isinstance(raw, int) and 0 <= raw < 10**15:
+            return Decimal(raw)
+        if isinstance(raw, str) and _VOLUME_RE.fullmatch(raw):
+            try:
+                return Decimal(raw)
+            except InvalidOperation:  # cannot happen after the pattern; kept so odd input never raises
+                continue
+    return None
+
+
+def _with_context(label: MarketLabel, market: dict[str, Any], event: _Event | None) -> MarketLabel:
+    """The label with what the same answers say about the market: category, close times, 24 h volume."""
+    return dataclasses.replace(
+        label,
+        category=event.category if event is not None else _category(market.get("category")),
+        close_time=_utc_time(market.get("close_time")),
+        expected_expiration_time=_utc_time(market.get("expected_expiration_time")),
+        volume_24h=_volume(market),
+    )
+
+
 def _is_combo(ticker: str, event: _Event | None) -> bool:
-    return ticker.upper().startswith("KXMVE") or (event is not None and event.sub_title == "MVE")
+    return is_combo(ticker) or (event is not None and event.sub_title == "MVE")
 
 
 def label_from(ticker: str, market: dict[str, Any], event: _Event | None) -> MarketLabel:
+    """A readable label (`_title_label`), with the market's context from the same answers (`_with_context`)."""
+    return _with_context(_title_label(ticker, market, event), market, event)
+
+
+def _title_label(ticker: str, market: dict[str, Any], event: _Event | None) -> MarketLabel:
     """A readable label: the event's title plus the market's yes_sub_title when that says more.
 
     In an event of several markets the sub-title is what tells them apart, even when its words are already in
@@ -282,6 +343,11 @@ class KalshiRest:
         """Whether the cache answers for this market now (its label, or a failure that is not asked again yet)."""
         return self._labels.get(ticker) is not None
 
+    def peek_label(self, ticker: str) -> MarketLabel | None:
+        """The cached label of a market, if any, without asking Kalshi."""
+        cached = self._labels.get(ticker)
+        return cached if isinstance(cached, MarketLabel) else None
+
     async def market_label(self, ticker: str) -> MarketLabel:
         """The label of a market (cached); raises KalshiRestError, also for a market that failed for good lately.
 
@@ -353,6 +419,7 @@ class KalshiRest:
             sub_title=_text_field(raw, "sub_title"),
             series_ticker=series or None,
             markets=len(markets) if isinstance(markets, list) else None,
+            category=_category(raw.get("category")),
         )
         self._events.put(event_ticker, event, self._label_ttl_s)
         if isinstance(markets, list):
@@ -509,6 +576,12 @@ class TitleLookup:
         if len(self._running) >= self.max_running or not self.breaker.allow():
             return
         self._start(self._rest, ticker)
+
+    def cached_label(self, ticker: str) -> MarketLabel | None:
+        """The label if the cache holds it now (a prefetch finished): no request, no wait. For the filters."""
+        if self._rest is None:
+            return None
+        return self._rest.peek_label(ticker)
 
     async def label_for(self, ticker: str) -> MarketLabel | None:
         """The label, or None when there is none to be had; the caller bounds the wait (the poster's budget).

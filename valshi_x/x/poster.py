@@ -38,9 +38,11 @@ import structlog
 
 from valshi_x.backoff import capped_step_s
 from valshi_x.decode import MAX_REST_BODY_BYTES, DecodeRefused, decode_json
+from valshi_x.markets import MarketLabel, category_of, market_link, series_of
 from valshi_x.store import Attempt, OutboxItem, RateLimitWindow, Store, utc_iso, wall_ms
 from valshi_x.whales import Alert, alert_log_fields
-from valshi_x.x.text import MarketLabel, market_link, render_post, series_of
+from valshi_x.x.filters import PostFilter, judge
+from valshi_x.x.text import render_post
 
 if TYPE_CHECKING:  # aiohttp and tweepy are imported when X is really used: a dry run never loads them (issue 11)
     import aiohttp
@@ -50,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 Render = Callable[[Alert, MarketLabel | None], str]
 LookupLabel = Callable[[str], Awaitable[MarketLabel | None]]
+PeekLabel = Callable[[str], MarketLabel | None]
 Sleep = Callable[[float], Awaitable[None]]
 
 # What a post waits for its market's title at most, whatever the lookup does; then it goes out with the ticker.
@@ -59,6 +62,7 @@ TITLE_BUDGET_S: Final = 0.5
 _MINUTE_MS = 60 * 1000
 _WINDOW_15MIN_MS = 15 * _MINUTE_MS
 _WINDOW_24H_MS = 24 * 60 * _MINUTE_MS
+MARKET_WHALES_WINDOW_MS = _WINDOW_24H_MS  # "the Nth whale on this market in 24 h"
 # Header name prefixes of the limits X reports, by the family name kept in the store.
 RATE_LIMIT_HEADERS = {
     "15min": "x-rate-limit",
@@ -380,6 +384,7 @@ class PosterStats:
     rejected: int = 0
     failed: int = 0
     skipped: int = 0
+    filtered: int = 0  # whales the operator's filters left out (issue 18): `would_skip` / `skipped` lines
     rate_limited: int = 0
     transient: int = 0
     paused: bool = False
@@ -392,8 +397,13 @@ class PosterStats:
 
     def lost_fields(self) -> dict[str, int]:
         """Whales that will not go out, for the stats and stop lines: too old when their turn came (`alerts_stale`),
-        refused by X or given up after retries (`alerts_failed`); each also has its own log line with the reason."""
-        return {"alerts_stale": self.skipped, "alerts_failed": self.rejected + self.failed}
+        refused by X or given up after retries (`alerts_failed`), left out by the filters (`alerts_filtered`); each
+        also has its own log line with the reason."""
+        return {
+            "alerts_stale": self.skipped,
+            "alerts_failed": self.rejected + self.failed,
+            "alerts_filtered": self.filtered,
+        }
 
 
 def _seconds(ms: int) -> float:
@@ -408,7 +418,7 @@ def post_renderer(template: str, *, post_links: bool) -> Render:
         if post_links:
             series = label.series_ticker if label is not None and label.series_ticker else series_of(alert.ticker)
             link = market_link(series)
-        return render_post(alert, title=None if label is None else label.title, template=template, link=link)
+        return render_post(alert, label=label, template=template, link=link)
 
     return render
 
@@ -429,6 +439,8 @@ class Poster:
         *,
         render: Render,
         lookup_label: LookupLabel | None = None,
+        peek_label: PeekLabel | None = None,
+        post_filter: PostFilter | None = None,
         posts_per_15min: int,
         posts_per_24h: int,
         max_alert_age_s: float | None,
@@ -443,6 +455,8 @@ class Poster:
         self._transport = transport
         self._render = render
         self._lookup_label = lookup_label
+        self._peek_label = peek_label
+        self._filter = post_filter or PostFilter()
         self._per_15min = posts_per_15min
         self._per_24h = posts_per_24h
         self._max_age_ms = None if max_alert_age_s is None else int(max_alert_age_s * 1000)
@@ -475,8 +489,24 @@ class Poster:
         """Enqueue `alert` (False if its trades already belong to an alert) and wake the poster."""
         queued = await self._store.enqueue(alert)
         if queued:
-            self.nudge()
+            # The filters decide here, before the whale can spend any budget (issue 18); a category not known
+            # yet is asked about again after the title lookup (`_compose`).
+            label = self._peek_label(alert.ticker) if self._peek_label is not None else None
+            final = label is not None or self._lookup_label is None
+            if not await self._filtered(alert, label, category_final=final):
+                self.nudge()
         return queued
+
+    async def _filtered(self, alert: Alert, label: MarketLabel | None, *, category_final: bool) -> bool:
+        """Apply the filters; a whale they leave out is marked skipped and logged with the reason. True if so."""
+        verdict = judge(self._filter, alert.ticker, category_of(alert.ticker, label), category_final=category_final)
+        if verdict.action != "skip":
+            return False
+        await self._store.mark_skipped(alert.alert_id, f"filtered: {verdict.reason}")
+        self.stats.filtered += 1
+        event = "would_skip" if self._transport.dry_run else "skipped"
+        log.info(event, **alert_log_fields(alert), reason=verdict.reason)
+        return True
 
     async def run(self) -> None:
         """Post until cancelled (or until `drain` is called and nothing is in flight)."""
@@ -597,7 +627,8 @@ class Poster:
         low_s, high_s = RESET_JITTER_S
         return int((low_s + (high_s - low_s) * self._rand()) * 1000)
 
-    async def _compose(self, alert: Alert) -> str:
+    async def _compose(self, alert: Alert) -> str | None:
+        """The post's text; None when the filters, asked again with the looked-up category, leave it out."""
         label: MarketLabel | None = None
         if self._lookup_label is not None:
             try:
@@ -608,7 +639,11 @@ class Poster:
             except Exception as exc:
                 # The title is a nicety: whatever goes wrong finding it, the whale is posted with its ticker.
                 log.warning("title_lookup_failed", ticker=alert.ticker, error=_describe(exc))
-        return self._render(alert, label)
+        if self._filter.uses_category and await self._filtered(alert, label, category_final=True):
+            return None
+        # Context from the outbox: how many whales this market had lately (one indexed count, no request).
+        whales = await self._store.whales_on_market(alert, MARKET_WHALES_WINDOW_MS)
+        return self._render(dataclasses.replace(alert, market_whales_24h=whales), label)
 
     async def _post(self, item: OutboxItem, fields: dict[str, object]) -> None:
         # The text is fixed at the first attempt: only the very same text makes X's duplicate-403 a proof.
@@ -616,12 +651,15 @@ class Poster:
             text = item.text
         else:
             try:
-                text = await self._compose(item.alert)
+                composed = await self._compose(item.alert)
             except ValueError as exc:  # render_post's "cannot make a valid post of this"
                 await self._store.mark_failed(item.alert_id, f"no valid text: {exc}")
                 self.stats.failed += 1
                 log.error("post_failed", **fields, failures=item.failures, reason=f"no valid text: {exc}")
                 return
+            if composed is None:
+                return  # filtered out: marked skipped and logged
+            text = composed
         if self._stopping:
             return  # drain began while the text was being made: leave the alert pending for the next start
         self._idle.clear()

@@ -7,32 +7,49 @@ Template
 --------
 `POST_TEMPLATE` is plain text with `{placeholders}`; empty means `DEFAULT_TEMPLATE`. A literal brace is written
 twice (`{{`, `}}`); the two characters backslash-n start a new line (an environment value cannot easily hold a
-real newline). A line that holds only placeholders which all came out empty (e.g. `{link}` with links off)
-is dropped. The placeholders (`TEMPLATE_FIELDS`):
+real newline). Each line is trimmed; a line that holds only placeholders which all came out empty (e.g.
+`{link}` with links off, `{nth_note}` for a market's first whale) is dropped. The placeholders
+(`TEMPLATE_FIELDS`, each with an example in docs/posting-notes-text.md):
 
+    {emoji}        the category's marker: 🏈 🏀 ⚾ 🏒 ⚽ for known leagues, 🌡️ weather, 🏦 economics, 🪙 crypto ...;
+                   nothing when the category is unknown
+    {category}     Kalshi's category of the market: Sports, Climate and Weather, ...; nothing when unknown
+    {title}        the market's title from Kalshi; when none came in time, a readable stand-in from the ticker
+                   ("NFL game, Sep 13 2026: CHIJAC, outcome CHI"); shortened with "…" if the post would be too long
     {value}        what the taker paid, in whole dollars: $1,234,567
-    {title}        the market's title from Kalshi, or the ticker when there is none; shortened with "…" if
-                   the post would be too long
+    {value_exact}  the same to the cent: $1,234,567.89 (what keeps two similar whales' texts apart)
     {side}         the side bought: YES or NO
     {price_cents}  the average price paid per contract (value ÷ contracts), in cents: 62¢, 60.8¢, 0.35¢
-    {price_range}  lowest and highest fill price, joined by an en dash: 58¢ and 62¢ (62¢ alone when all
-                   fills had one price)
+    {price_range}  lowest and highest fill price, joined by an en dash: 58¢ and 62¢ (62¢ alone when all fills had
+                   one price)
+    {move}         the side's price at the market's last trade before the sweep and at its last fill: "NO 45¢ →
+                   47¢"; on a NO buy followed by the market's YES chance after it ("· now 53% YES"); for a block
+                   trade, the book's last price before it ("NO last traded at 9¢ before the block"); without a
+                   trade before the sweep, the fills' range ("NO 45¢ to 47¢ in 7 fills", with an en dash), or
+                   nothing for one fill
     {odds_pct}     the chance the price gives the side bought (NO's chance on a NO buy), which is the average
-                   price: 62%. Next to a title it reads as the event's chance; {yes_pct} cannot be misread
+                   price: 62%
     {yes_pct}      the market's YES probability at this trade: the average price on a YES buy, 100 minus it on
-                   a NO buy (NO at 8¢ → 92%); always about YES, so a post never leaves the reader to guess
-    {contracts}    contracts bought: 1,991,237 or 147.53
+                   a NO buy (NO at 8¢ → 92%)
+    {contracts}    contracts bought, whole: 1,991,237
     {payout}       what the contracts pay if the side bought wins ($1 each), whole dollars: $1,991,237
     {fills}        how many fills (trades) the order was made of: 3
     {fills_note}   " · block trade", " · 3 fills", or nothing for a single fill
+    {volume_note}  the size against the market's 24 h volume (contracts, as of the title lookup):
+                   " · 38% of 24h volume", " · 2.4x its 24h volume", or nothing when unknown
+    {nth}          how many whales this market had in the 24 h up to this one, this one included: 3
+    {nth_note}     "3rd whale on this market in 24h", or nothing for the first
+    {closes}       when the market closes, or when Kalshi expects the outcome if that is earlier:
+                   "Closes Sep 13, 20:00 UTC" / "Outcome expected Sep 13, 23:00 UTC"; nothing when unknown
     {time}         time of the (first) trade: 14:03:27 UTC
     {date}         date of the trade, UTC: 2026-09-01
     {ticker}       the market ticker: KXNFLGAME-26NOV01KCBUF-KC
+    {ref}          a short reference of the whale (its first trade id, 8 characters): 7e91a7fe
     {link}         the market's kalshi.com page, only when links are on (POST_LINKS); otherwise nothing
 
-A template must contain `{time}`: X rejects a text identical to an earlier post, and the trade's time is what
-keeps two similar whales apart. When links are on and the template has no `{link}`, the link goes on a last
-line of its own.
+A template must contain one of `{value_exact}`, `{time}` or `{ref}`: X rejects a text identical to an earlier
+post, and these are what keep two similar whales apart. When links are on and the template has no `{link}`,
+the link goes on a last line of its own.
 
 Rules every post keeps
 ----------------------
@@ -53,23 +70,27 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
+from valshi_x.markets import MarketLabel, category_emoji, category_of, fallback_title
 from valshi_x.sanitize import clean_post_text, find_link
 from valshi_x.whales import Alert
 
 MAX_WEIGHTED_LENGTH = 280
 URL_WEIGHT = 23  # X counts every link as 23, whatever its length (t.co wrapping)
 
-# The side bought is named beside its price and in the payout line, and the only percentage is the market's
-# chance of YES, labelled so: a reader never has to work out whether "8%" is the event's chance or NO's.
+# Read as a follower would (docs/posting-notes-text.md has twenty examples): what the market is first, then the
+# money, side and price once, how the price moved, what it pays and how big that is for this market, whether
+# the market has seen whales lately, and when it ends. The exact dollar value keeps texts unique; X stamps the
+# time itself.
 DEFAULT_TEMPLATE = (
-    "🐋 {value} on {side}\n"
-    "{title}\n"
-    "Bought {side} at {price_cents} · market says {yes_pct} YES\n"
-    "{contracts} contracts{fills_note}\n"
-    "Pays {payout} if {side} wins · {time}"
+    "{emoji} {title}\n"
+    "🐋 {value_exact} on {side} at {price_cents}{fills_note}\n"
+    "{move}\n"
+    "Pays {payout} if {side} wins{volume_note}\n"
+    "{nth_note}\n"
+    "{closes}"
 )
 
 TEMPLATE_FIELDS: tuple[str, ...] = (
@@ -88,7 +109,18 @@ TEMPLATE_FIELDS: tuple[str, ...] = (
     "ticker",
     "link",
     "yes_pct",
+    "emoji",
+    "category",
+    "value_exact",
+    "move",
+    "volume_note",
+    "nth",
+    "nth_note",
+    "closes",
+    "ref",
 )
+# One of these makes two posts' texts differ (see the module docstring).
+UNIQUE_FIELDS: tuple[str, ...] = ("value_exact", "time", "ref")
 
 ELLIPSIS = "…"
 _EN_DASH = "\u2013"
@@ -96,14 +128,6 @@ _WHOLE = Decimal(1)
 _HUNDRED = Decimal(100)
 _ONE_DECIMAL = Decimal("0.1")
 _TWO_DECIMALS = Decimal("0.01")
-
-
-@dataclass(frozen=True, slots=True)
-class MarketLabel:
-    """What a post says about its market: a readable title and, when known, the series (for the link)."""
-
-    title: str
-    series_ticker: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,8 +312,13 @@ def _usd(amount: Decimal) -> str:
     return f"${amount.quantize(_WHOLE, rounding=ROUND_HALF_UP):,}"
 
 
+def _usd_exact(amount: Decimal) -> str:
+    return f"${amount.quantize(_TWO_DECIMALS, rounding=ROUND_HALF_UP):,}"
+
+
 def _contracts(count: Decimal) -> str:
-    return _strip_zeros(count.quantize(_TWO_DECIMALS, rounding=ROUND_HALF_UP))
+    """Whole contracts: a fraction of a contract says nothing next to a whale's hundreds of thousands."""
+    return f"{count.quantize(_WHOLE, rounding=ROUND_HALF_UP):,}"
 
 
 def _cents(price_dollars: Decimal) -> str:
@@ -304,7 +333,72 @@ def _complement_cents(shown: str) -> str:
     return _strip_zeros(_HUNDRED - Decimal(shown.replace(",", "")))
 
 
-def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _side_price(yes_price: Decimal, side: str) -> Decimal:
+    return yes_price if side == "yes" else 1 - yes_price
+
+
+def _move(alert: Alert) -> str:
+    """How the side's price moved: from the market's last trade before the sweep to the sweep's last fill."""
+    side = alert.side.upper()
+    if alert.is_block_trade:
+        # Negotiated off the book: its price moved nothing, so the book's last price is what compares.
+        if alert.yes_before is None:
+            return ""
+        return f"{side} last traded at {_cents(_side_price(alert.yes_before, alert.side))}¢ before the block"
+    if alert.yes_after is not None and alert.yes_before is not None:
+        before = _cents(_side_price(alert.yes_before, alert.side))
+        after = _cents(_side_price(alert.yes_after, alert.side))
+        moved = f"{side} steady at {after}¢" if before == after else f"{side} {before}¢ → {after}¢"
+    else:
+        low, high = _cents(alert.price_low), _cents(alert.price_high)
+        if low == high:
+            return "" if alert.side == "yes" else f"Market now {_complement_cents(low)}% YES"
+        moved = f"{side} {low}¢{_EN_DASH}{high}¢ in {alert.fills} fills"
+        after = _cents(_side_price(alert.yes_after, alert.side)) if alert.yes_after is not None else high
+    if alert.side == "no":
+        # A NO price leaves the reader to work out what the market now says about YES: say it.
+        moved += f" · now {_complement_cents(after)}% YES"
+    return moved
+
+
+def _volume_note(contracts: Decimal, volume_24h: Decimal | None) -> str:
+    if volume_24h is None or volume_24h <= 0:
+        return ""
+    share = contracts / volume_24h
+    if share >= 1:
+        return f" · {share.quantize(_ONE_DECIMAL, rounding=ROUND_HALF_UP)}x its 24h volume"
+    pct = (share * _HUNDRED).quantize(_WHOLE, rounding=ROUND_HALF_UP)
+    return f" · {pct}% of 24h volume" if pct >= 1 else " · <1% of 24h volume"
+
+
+def _when(moment: datetime, trade_year: int) -> str:
+    text = f"{moment:%b} {moment.day}"
+    if moment.year != trade_year:
+        text += f" {moment.year}"
+    return f"{text}, {moment:%H:%M} UTC"
+
+
+def _closes(label: MarketLabel | None, traded: datetime) -> str:
+    """When the market ends, as far as Kalshi said: the expected outcome when earlier than the close."""
+    if label is None:
+        return ""
+    close, expected = label.close_time, label.expected_expiration_time
+    if expected is not None and expected > traded and (close is None or expected < close):
+        return f"Outcome expected {_when(expected, traded.year)}"
+    if close is not None and close > traded:
+        return f"Closes {_when(close, traded.year)}"
+    return ""
+
+
+_REF_CHARS = re.compile(r"[^A-Za-z0-9]")
+
+
+def _fields(alert: Alert, title: str, link: str, label: MarketLabel | None) -> dict[str, str]:
     avg_price = alert.value_usd / alert.contracts
     avg_cents = _cents(avg_price)
     # From the shown price, not recomputed from 1 - price: rounding both could make them add to 100.1.
@@ -317,6 +411,8 @@ def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
     else:
         fills_note = ""
     when = alert.created_time
+    category = category_of(alert.ticker, label)
+    nth = alert.market_whales_24h
     return {
         "value": _usd(alert.value_usd),
         "title": title,
@@ -333,6 +429,15 @@ def _fields(alert: Alert, title: str, link: str) -> dict[str, str]:
         "ticker": _clean(alert.ticker),
         "link": link,
         "yes_pct": f"{yes_cents}%",
+        "emoji": category_emoji(alert.ticker, category),
+        "category": _clean(category or ""),
+        "value_exact": _usd_exact(alert.value_usd),
+        "move": _move(alert),
+        "volume_note": _volume_note(alert.contracts, label.volume_24h if label is not None else None),
+        "nth": "" if nth is None else str(nth),
+        "nth_note": f"{_ordinal(nth)} whale on this market in 24h" if nth is not None and nth >= 2 else "",
+        "closes": _closes(label, when),
+        "ref": _REF_CHARS.sub("", alert.alert_id)[:8],
     }
 
 
@@ -373,7 +478,7 @@ def _fill(lines: list[list[tuple[str, str | None]]], fields: dict[str, str]) -> 
         only_fields = has_fields and not "".join(literal for literal, _ in parts).strip()
         if only_fields and not rendered.strip():
             continue
-        out.append(rendered.rstrip())
+        out.append(rendered.strip())
     return unicodedata.normalize("NFC", "\n".join(out).strip())
 
 
@@ -382,8 +487,10 @@ def validate_template(template: str) -> None:
     lines = _lines(template)
     names = {name for parts in lines for _, name in parts if name}
     literal = "\n".join(lit for parts in lines for lit, _ in parts)
-    if "time" not in names:
-        raise ValueError("must contain {time}: X rejects a post whose text repeats an earlier one")
+    if not names.intersection(UNIQUE_FIELDS):
+        raise ValueError(
+            "must contain {value_exact}, {time} or {ref}: X rejects a post whose text repeats an earlier one"
+        )
     if "@" in literal or "\uff20" in literal:
         raise ValueError("must not contain '@': X treats @name as a mention, and automated mentions are banned")
     if len(CASHTAG_RE.findall(literal)) > 1:
@@ -400,7 +507,7 @@ _SAMPLE_FIELDS: dict[str, str] = {
     "price_cents": "99.96¢",
     "price_range": f"99.94¢{_EN_DASH}99.99¢",
     "odds_pct": "99.96%",
-    "contracts": "999,999,999.99",
+    "contracts": "999,999,999",
     "payout": "$999,999,999",
     "fills": "999",
     "fills_note": " · 999 fills",
@@ -409,38 +516,41 @@ _SAMPLE_FIELDS: dict[str, str] = {
     "ticker": "KXMVESPORTSMULTIGAMEEXTENDED-S2026ABCDEF12345-ABCDEF12345",
     "link": "",
     "yes_pct": "99.96%",
+    "emoji": "🌡️",
+    "category": "Science and Technology",
+    "value_exact": "$999,999,999.99",
+    "move": "NO 99.94¢ → 99.96¢ · now 0.04% YES",
+    "volume_note": " · 999.9x its 24h volume",
+    "nth": "999",
+    "nth_note": "999th whale on this market in 24h",
+    "closes": "Outcome expected Sep 30 2027, 23:59 UTC",
+    "ref": "abcdef12",
 }
 
 
-def market_link(series_ticker: str) -> str | None:
-    """The market's page on kalshi.com (by series: the form that keeps working as markets come and go).
-
-    None for a series ticker that cannot make a safe link (odd characters, too long): the whale is then posted
-    without a link, never failed for want of one.
-    """
-    slug = series_ticker.strip().lower()
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", slug):
-        return None
-    return f"https://kalshi.com/markets/{slug}"
-
-
-def series_of(ticker: str) -> str:
-    """The series part of a market ticker (before the first '-'); a fallback when the lookup found no series."""
-    return ticker.split("-", 1)[0]
-
-
-def render_post(alert: Alert, *, title: str | None, template: str = "", link: str | None = None) -> str:
+def render_post(
+    alert: Alert,
+    *,
+    title: str | None = None,
+    template: str = "",
+    link: str | None = None,
+    label: MarketLabel | None = None,
+) -> str:
     """The post for `alert`: `template` (empty → DEFAULT_TEMPLATE) filled in, within X's rules.
 
-    `title` is the market's title (None or empty → the ticker); `link` is added only when given. Raises
-    ValueError for a template that is invalid or cannot fit in 280 even with the title cut to "…".
+    `label` is what the lookup found about the market (None: nothing in time); `title` overrides its title.
+    Without either, the title is `fallback_title(ticker)`: a ticker is never the headline. `link` is added
+    only when given. Raises ValueError for a template that is invalid or cannot fit in 280 even with the
+    title cut to "…".
     """
+    if title is None and label is not None:
+        title = label.title
     lines = _lines(template)
     names = {name for parts in lines for _, name in parts if name}
     if link and "link" not in names:
         lines.append([("", "link")])
-    full_title = _clean(title or "") or _clean(alert.ticker) or alert.ticker
-    fields = _fields(alert, full_title, link or "")
+    full_title = _clean(title or "") or _clean(fallback_title(alert.ticker)) or "Kalshi market"
+    fields = _fields(alert, full_title, link or "", label)
 
     text = _fill(lines, fields)
     if _safe_length(text) <= MAX_WEIGHTED_LENGTH:
